@@ -1,0 +1,1 @@
+"""SR-3D service: talks (HTTP, Redis, media); never does tensor math."""

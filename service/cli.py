@@ -1,0 +1,35 @@
+"""`sr3d` console script. Each subcommand lives in its own module under `service/commands/`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> module exposing `add(subparsers)`; imported lazily so `sr3d ask` never loads torch.
+COMMANDS = {
+    "serve": "service.commands.serve",
+    "gateway": "service.commands.gateway",
+    "worker": "service.commands.worker",
+    "ask": "service.commands.ask",
+    "pointmaps": "service.commands.pointmaps",
+    "tiny-checkpoint": "service.commands.tiny_checkpoint",
+    "bench": "service.commands.bench",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="sr3d", description="Serve and query SR-3D, the 3D-aware region VLM.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = argv[0] if argv and argv[0] in COMMANDS else None
+    for name, module in COMMANDS.items():
+        if wanted is None or name == wanted:
+            importlib.import_module(module).add(sub)
+        else:
+            sub.add_parser(name, add_help=False)  # listed in --help without importing its module
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
