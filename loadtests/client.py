@@ -116,7 +116,14 @@ class JobResult:
 
     @property
     def answer_from_tokens(self) -> str:
-        return "".join(str(e.data.get("text", "")) for e in self.events if e.type == "token" and isinstance(e.data, dict))
+        """Concatenated `token` texts; a `progress` {stage: "restream"} tells the client to start over."""
+        parts: list[str] = []
+        for e in self.events:
+            if e.type == "token" and isinstance(e.data, dict):
+                parts.append(str(e.data.get("text", "")))
+            elif e.type == "progress" and isinstance(e.data, dict) and e.data.get("stage") == "restream":
+                parts.clear()
+        return "".join(parts)
 
     @property
     def completion_tokens(self) -> int:

@@ -1,0 +1,49 @@
+"""EchoEngine: a real `Engine` that streams a fixed answer without a model. For benchmarks only.
+
+It exists so `sr3d bench queue` can measure what the service itself costs (gateway, Redis queue,
+worker, SSE) with the model taken out: every other part of the path is the production code. It
+is constructed in-process by the benchmark and deliberately not selectable through SR3D_ENGINE,
+so no deployment can serve it by accident.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from model.inputs import TokenDelta
+from service.engines.protocol import EngineRequest
+
+ANSWER_WORDS = ("The", " region", " is", " about", " one", " metre", " away", ".")
+
+
+class EchoEngine:
+    name = "echo"
+
+    def __init__(self, token_delay_s: float = 0.0) -> None:
+        self.token_delay_s = token_delay_s
+        self.ready = False
+        self._aborted: set[str] = set()
+
+    async def start(self) -> None:
+        self.ready = True
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
+        n = max(1, request.params.max_tokens)
+        prompt = len(request.query.question.split())
+        for i in range(n):
+            if request.request_id in self._aborted:
+                self._aborted.discard(request.request_id)
+                yield TokenDelta("", [], True, "abort", prompt, i)
+                return
+            if self.token_delay_s:
+                await asyncio.sleep(self.token_delay_s)
+            else:
+                await asyncio.sleep(0)  # yield to the loop like a real engine's queue hand-off
+            last = i == n - 1
+            yield TokenDelta(ANSWER_WORDS[i % len(ANSWER_WORDS)], [i], last, "length" if last else None, prompt, i + 1)
+
+    async def abort(self, request_id: str) -> None:
+        self._aborted.add(request_id)
+
+    async def close(self) -> None:
+        self.ready = False
