@@ -1,0 +1,242 @@
+"""Wire types: what the gateway validates a request into, what the worker reads back from Redis,
+and what clients get from the API. Pydantic v2; no Redis, no HTTP here.
+"""
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+from service.errors import ApiError
+from service.settings import Settings
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation options
+
+
+class GenerationOptions(_Strict):
+    """Client-tunable generation knobs. Absolute bounds here; deployment caps in `check_caps`."""
+
+    max_tokens: int | None = Field(None, ge=1, description="None = SR3D_... default_max_tokens")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    num_frames: int | None = Field(None, ge=1, description="frames sampled from a video; None = SR3D_NUM_FRAMES")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    cancel_on_disconnect: bool = Field(False, description="cancel the job when the streaming client goes away")
+
+    def check_caps(self, settings: Settings) -> GenerationOptions:
+        """Raise 422 with a specific code when over a deployment cap; return a copy with defaults filled."""
+        if self.max_tokens is not None and self.max_tokens > settings.max_tokens:
+            raise ApiError(422, "max_tokens_over_cap", f"max_tokens {self.max_tokens} > cap {settings.max_tokens}")
+        if self.num_frames is not None and self.num_frames > settings.max_frames:
+            raise ApiError(422, "num_frames_over_cap", f"num_frames {self.num_frames} > cap {settings.max_frames}")
+        return self.model_copy(
+            update={
+                "max_tokens": self.max_tokens or min(settings.default_max_tokens, settings.max_tokens),
+                "num_frames": self.num_frames or min(settings.num_frames, settings.max_frames),
+            }
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Regions: a region is one or more annotations (box or mask), each on one frame.
+
+
+def _check_box(box: list[float]) -> list[float]:
+    x0, y0, x1, y1 = box
+    if min(box) < 0:
+        raise ValueError("box coordinates must be >= 0 (pixels)")
+    if not (x1 > x0 and y1 > y0):
+        raise ValueError("box must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0")
+    return box
+
+
+class BoxRegion(_Strict):
+    """A box in pixel coordinates of frame `frame` of the upload (0-based; 0 for an image)."""
+
+    frame: int = Field(ge=0)
+    box: list[float] = Field(min_length=4, max_length=4)
+
+    _box = field_validator("box")(classmethod(lambda cls, v: _check_box(v)))
+
+
+class MaskRegion(_Strict):
+    """A mask given as a PNG multipart part named `mask`; non-zero pixels are inside the region."""
+
+    frame: int = Field(ge=0)
+    mask: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
+
+
+class MaskRef(_Strict):
+    """A mask as stored for the worker: the PNG lives in the blob store under `mask_blob`."""
+
+    frame: int = Field(ge=0)
+    mask_blob: str
+
+
+def _annotation_kind(value: Any) -> str:
+    # Pick the model by its distinguishing key so errors name one shape, not every union member.
+    get = value.get if isinstance(value, dict) else lambda k: getattr(value, k, None)
+    if get("box") is not None:
+        return "box"
+    return "mask_blob" if get("mask_blob") is not None else "mask"
+
+
+Annotation = Annotated[
+    Annotated[BoxRegion, Tag("box")] | Annotated[MaskRegion, Tag("mask")], Discriminator(_annotation_kind)
+]
+StoredAnnotation = Annotated[
+    Annotated[BoxRegion, Tag("box")] | Annotated[MaskRef, Tag("mask_blob")], Discriminator(_annotation_kind)
+]
+RegionSpec = list[Annotation]  # one region, as the client sends it
+StoredRegion = list[StoredAnnotation]  # one region, as the worker reads it
+
+
+class RegionsInput(BaseModel):
+    """The `regions` form field: a JSON list; each item is one region, either a single annotation
+    object or a list of annotations (the same object seen on several frames)."""
+
+    regions: list[RegionSpec]
+
+    @field_validator("regions", mode="before")
+    @classmethod
+    def _wrap_single(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [[item] if isinstance(item, dict) else item for item in value]
+        return value
+
+    @field_validator("regions")
+    @classmethod
+    def _non_empty(cls, value: list[RegionSpec]) -> list[RegionSpec]:
+        if any(len(region) == 0 for region in value):
+            raise ValueError("a region needs at least one annotation")
+        return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Questions
+
+# Placeholder tokens the model's prompt builder owns; a user typing them could inject media slots.
+_FORBIDDEN_TOKENS = re.compile(r"<\|[^|>]*\|>|<\s*(image|video|region|mask|depth|vila/[^>]*)\s*>", re.IGNORECASE)
+REGION_REF = re.compile(r"<region(\d+)>")
+
+
+def check_question(question: str, n_regions: int, settings: Settings) -> str:
+    """Validate the user question; region references are written <region0>, <region1>, ..."""
+    question = question.strip()
+    if not question:
+        raise ApiError(422, "question_empty", "question must not be empty")
+    if len(question) > settings.max_question_chars:
+        raise ApiError(422, "question_too_long", f"question is {len(question)} chars > cap {settings.max_question_chars}")
+    bad = _FORBIDDEN_TOKENS.search(question)
+    if bad:
+        raise ApiError(422, "placeholder_in_question", f"question must not contain the reserved token {bad.group(0)!r}")
+    for match in REGION_REF.finditer(question):
+        if int(match.group(1)) >= n_regions:
+            raise ApiError(
+                422, "region_reference_out_of_range", f"{match.group(0)} refers to a region that was not given ({n_regions} regions)"
+            )
+    return question
+
+
+# --------------------------------------------------------------------------------------------------
+# Jobs
+
+
+class JobStatus(str, Enum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.done, JobStatus.failed, JobStatus.cancelled)
+
+
+class JobSpec(_Strict):
+    """Everything a worker needs for one job. Lives in the jobs-stream entry and the job hash."""
+
+    job_id: str
+    media_kind: Literal["video", "image"]
+    media_blob: str  # blob-store key of the upload
+    media_hash: str  # sha256 hex of the upload bytes (cache key for decoded frames / point maps)
+    media_filename: str
+    question: str
+    regions: list[StoredRegion] = Field(default_factory=list)
+    scene_blob: str | None = None  # optional RGB-D scene npz, blob-store key
+    options: GenerationOptions = Field(default_factory=GenerationOptions)
+    created_at: float
+    api_key_id: str | None = None  # short non-secret id of the API key (hash prefix), for rate limits and logs
+
+    def blob_keys(self) -> list[str]:
+        keys = [self.media_blob] + [a.mask_blob for region in self.regions for a in region if isinstance(a, MaskRef)]
+        return keys + ([self.scene_blob] if self.scene_blob else [])
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorInfo
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class JobView(BaseModel):
+    """GET /v1/spatial-qa/{id}."""
+
+    id: str
+    status: JobStatus
+    question: str | None = None
+    media_kind: str | None = None
+    answer: str | None = None
+    finish_reason: str | None = None
+    error: ErrorInfo | None = None
+    usage: Usage | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    progress: dict[str, Any] = Field(default_factory=dict)
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0  # times a worker started it (>1 after a worker died mid-job)
+    cancel_requested: bool = False
+
+
+class SubmitResponse(BaseModel):
+    job_id: str
+    status: JobStatus = JobStatus.queued
+    status_url: str
+    events_url: str
+
+
+# Event types written to `sr3d:job:{id}:events` (the SSE `event:` field); data is a JSON object:
+#   queued   {}                                   written by the gateway at submit
+#   progress {stage: str, ...timings}             worker: "decode", "depth", "encode", "generate", ...
+#   token    {text: str}                          worker: one delta of the answer
+#   done     {answer, usage, timings, finish_reason}   terminal
+#   error    {code, message}                      terminal (also cancellation: code "cancelled")
+EVENT_TYPES = ("queued", "progress", "token", "done", "error")
+TERMINAL_EVENTS = ("done", "error")
+
+
+class DoneData(BaseModel):
+    """Payload of the terminal `done` event (and what `JobQueue.finish` stores for GET)."""
+
+    answer: str
+    usage: Usage
+    timings: dict[str, float] = Field(default_factory=dict)
+    finish_reason: str | None = None

@@ -1,0 +1,88 @@
+"""Every knob of the service, read from the environment (SR3D_* and REDIS_URL).
+
+One `Settings` object is built at process start and passed down; nothing else reads os.environ.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_csv(value: object) -> object:
+    # Env lists are written "a,b,c" by operators; JSON lists would be surprising in a shell.
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SR3D_", extra="ignore", frozen=True)
+
+    # --- model / worker -------------------------------------------------------------------------
+    model: str | None = Field(None, description="checkpoint dir; unset = tiny demo checkpoint under data_dir")
+    engine: Literal["torch", "vllm"] = "torch"
+    depth_model: str | None = Field(None, description="Depth Anything V2 dir; unset = tiny random demo depth model")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    worker_concurrency: int = Field(4, ge=1, le=256)
+    worker_metrics_port: int = 9100
+
+    # --- storage ----------------------------------------------------------------------------------
+    redis_url: str | None = Field(None, validation_alias=AliasChoices("REDIS_URL", "SR3D_REDIS_URL"))
+    data_dir: Path = Path("./var")
+    blob_store: Literal["redis", "dir"] = "redis"
+    blob_dir: Path | None = Field(None, description="shared directory for SR3D_BLOB_STORE=dir; default data_dir/blobs")
+    # Redis values of many MB stall the server; blobs are stored as chunks of this size.
+    blob_chunk_bytes: int = Field(1 << 20, ge=4096)
+
+    # --- caps (checked by the gateway before anything expensive) --------------------------------
+    max_upload_mb: float = Field(64, gt=0)
+    max_frames: int = Field(64, ge=1)
+    num_frames: int = Field(16, ge=1)
+    max_regions: int = Field(8, ge=1)
+    max_masks_per_region: int = Field(8, ge=1)
+    max_tokens: int = Field(512, ge=1)
+    default_max_tokens: int = Field(128, ge=1)
+    max_question_chars: int = Field(2000, ge=1)
+    queue_max: int = Field(256, ge=1)
+    rate_limit_per_min: float = Field(0, ge=0, description="per API key (or client IP); 0 = off")
+    rate_limit_burst: int = Field(0, ge=0, description="bucket size; 0 = same as the per-minute rate")
+
+    # --- HTTP -------------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: CsvList = Field(default_factory=list)
+    cors_origins: CsvList = Field(default_factory=list)
+    sse_ping_s: float = Field(15, gt=0)
+    wait_timeout_s: float = Field(60, gt=0, description="?wait=true gives up with 202 after this long")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 429 at the queue cap and 503")
+
+    # --- queue behaviour --------------------------------------------------------------------------
+    job_ttl_s: int = Field(3600, ge=1, description="job hash, events and blobs live this long after a terminal state")
+    job_max_age_s: int = Field(86400, ge=60, description="safety TTL on a job that never finishes")
+    idempotency_ttl_s: int = Field(86400, ge=1)
+    claim_idle_ms: int = Field(60000, ge=100, description="a pending job idle this long is reclaimed by another worker")
+    heartbeat_s: float = Field(10, gt=0, description="workers refresh in-flight jobs this often (< claim_idle_ms)")
+    max_deliveries: int = Field(3, ge=1, description="deliveries beyond this dead-letter the job")
+    jobs_maxlen: int = Field(100000, ge=100, description="approximate MAXLEN of the jobs stream")
+
+    log_level: str = "INFO"
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @cached_property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @cached_property
+    def resolved_blob_dir(self) -> Path:
+        return self.blob_dir if self.blob_dir is not None else self.data_dir / "blobs"
