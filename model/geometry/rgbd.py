@@ -1,0 +1,162 @@
+"""Exact point maps from client-supplied RGB-D (depth + intrinsics + camera-to-world poses): no model."""
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.geometry.intrinsics import broadcast_intrinsics
+from model.geometry.project import backproject, finalize
+from model.geometry.types import PointMaps
+
+MAX_SCENE_FRAMES = 64
+MAX_SCENE_PIXELS = 3840 * 2160
+_DEPTH_DTYPES = {np.dtype(t) for t in ("uint16", "float16", "float32", "float64")}
+
+
+class SceneError(ValueError):
+    """Invalid RGB-D scene upload; `code` is stable, answered as 422 (400 when not an npz at all)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.http_status = 400 if code == "invalid_scene_file" else 422
+
+
+@dataclass
+class RGBDScene:
+    depth: np.ndarray  # float32 [F, H, W] metres, 0 = no measurement
+    intrinsics: np.ndarray  # float64 [F, 3, 3]
+    poses: np.ndarray  # float64 [F, 4, 4] camera-to-world, OpenCV camera axes
+    frame_indices: np.ndarray | None = None  # int64 [F]: which video frames the depth maps belong to
+
+
+def _headers(zf: zipfile.ZipFile) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every array from its .npy header, before reading any data (zip-bomb safe)."""
+    out = {}
+    for info in zf.infolist():
+        if not info.filename.endswith(".npy"):
+            continue
+        with zf.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        out[info.filename[:-4]] = (shape, dtype)
+    return out
+
+
+def load_scene_npz(data: bytes, max_frames: int = MAX_SCENE_FRAMES, max_pixels: int = MAX_SCENE_PIXELS) -> RGBDScene:
+    """Validate and load an RGB-D scene npz. Keys: depth [F,H,W] (uint16 with depth_scale, or float
+    metres), intrinsics [3,3] | [F,3,3], poses [F,4,4] camera-to-world; optional depth_scale (units per
+    metre, e.g. 5000 for TUM), frame_indices [F] (original video frame of each depth map)."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        headers = _headers(zf)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise SceneError("invalid_scene_file", f"not a numpy .npz file ({e})") from None
+    for key in ("depth", "intrinsics", "poses"):
+        if key not in headers:
+            raise SceneError("scene_missing_key", f"scene npz needs key {key!r}")
+    shape, dtype = headers["depth"]
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3:
+        raise SceneError("scene_bad_shape", f"depth must be [F,H,W], got {list(shape)}")
+    f, h, w = shape
+    if not (1 <= f <= max_frames) or h * w > max_pixels or h < 1 or w < 1:
+        raise SceneError("scene_too_large", f"depth {list(shape)} exceeds {max_frames} frames / {max_pixels} px")
+    if dtype not in _DEPTH_DTYPES:
+        raise SceneError("scene_bad_dtype", f"depth dtype {dtype} not in uint16/float16/float32/float64")
+    for key, (s, d) in headers.items():
+        if d.hasobject:
+            raise SceneError("scene_bad_dtype", f"{key} holds Python objects")
+        if key != "depth" and int(np.prod(s)) > 16 * max_frames:
+            raise SceneError("scene_bad_shape", f"{key} is too large: {list(s)}")
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in headers}
+
+    depth = arrays["depth"].reshape(f, h, w)
+    if "depth_scale" in arrays:
+        ds = float(np.asarray(arrays["depth_scale"], dtype=np.float64).reshape(-1)[0])
+        if not np.isfinite(ds) or ds <= 0:
+            raise SceneError("scene_bad_value", f"depth_scale must be > 0, got {ds}")
+        depth = depth.astype(np.float32) / np.float32(ds)
+    elif depth.dtype == np.uint16:
+        raise SceneError("scene_missing_key", "uint16 depth needs depth_scale (units per metre, e.g. 5000)")
+    depth = depth.astype(np.float32)
+    if not np.isfinite(depth).all() or (depth < 0).any():
+        raise SceneError("scene_bad_value", "depth must be finite and >= 0 (0 = no measurement)")
+
+    try:
+        K = broadcast_intrinsics(arrays["intrinsics"], f)
+    except ValueError as e:
+        raise SceneError("scene_bad_shape", str(e)) from None
+    if not np.isfinite(K).all() or (K[:, 0, 0] <= 0).any() or (K[:, 1, 1] <= 0).any():
+        raise SceneError("scene_bad_value", "intrinsics need finite, positive focal lengths")
+    if not np.allclose(K[:, 2], [0.0, 0.0, 1.0]):
+        raise SceneError("scene_bad_value", "intrinsics' last row must be [0, 0, 1]")
+
+    poses = np.asarray(arrays["poses"], dtype=np.float64)
+    if poses.shape == (4, 4) and f == 1:
+        poses = poses[None]
+    if poses.shape != (f, 4, 4):
+        raise SceneError("scene_bad_shape", f"poses must be [{f},4,4], got {list(poses.shape)}")
+    if not np.isfinite(poses).all() or not np.allclose(poses[:, 3], [0.0, 0.0, 0.0, 1.0]):
+        raise SceneError("scene_bad_value", "poses must be finite with last row [0, 0, 0, 1]")
+    R = poses[:, :3, :3]
+    if not np.allclose(R @ R.transpose(0, 2, 1), np.eye(3), atol=1e-3) or not np.allclose(
+        np.linalg.det(R), 1.0, atol=1e-3
+    ):
+        raise SceneError("scene_bad_value", "pose rotations must be proper rotations (R R^T = I, det 1)")
+
+    frame_indices = None
+    if "frame_indices" in arrays:
+        fi = np.asarray(arrays["frame_indices"]).reshape(-1)
+        if fi.shape != (f,) or not np.issubdtype(fi.dtype, np.integer) or (fi < 0).any():
+            raise SceneError("scene_bad_value", f"frame_indices must be {f} non-negative integers")
+        if len(np.unique(fi)) != f or (np.diff(fi) <= 0).any():
+            raise SceneError("scene_bad_value", "frame_indices must be strictly increasing")
+        frame_indices = fi.astype(np.int64)
+    return RGBDScene(depth=depth, intrinsics=K, poses=poses, frame_indices=frame_indices)
+
+
+def pointmaps_from_rgbd(
+    depth: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray, reference_frame: int = 0
+) -> PointMaps:
+    """Metric depth [F,H,W] (0 = hole) + K [3,3]|[F,3,3] + camera-to-world poses [F,4,4] -> PointMaps
+    in the reference camera's frame, normalised; `scale` = metres per unit, `metric` True."""
+    depth = np.asarray(depth, dtype=np.float64)
+    if depth.ndim == 2:
+        depth = depth[None]
+    K = broadcast_intrinsics(intrinsics, depth.shape[0])
+    valid = np.isfinite(depth) & (depth > 0)
+    points = backproject(np.where(valid, depth, 0.0), K)
+    return finalize(points, valid, K, poses, metric=True, source="rgbd", reference_frame=reference_frame)
+
+
+class RGBDBackend:
+    """Backend over one uploaded scene: the frames only supply colour; geometry is exact."""
+
+    name = "rgbd"
+
+    def __init__(self, scene: RGBDScene, reference_frame: int = 0) -> None:
+        self.scene = scene
+        self.reference_frame = reference_frame
+
+    def compute(self, frames: np.ndarray, intrinsics: np.ndarray | None = None) -> PointMaps:
+        f, h, w = self.scene.depth.shape
+        if frames.shape[:3] != (f, h, w):
+            raise SceneError(
+                "scene_size_mismatch",
+                f"scene depth is {f}x{h}x{w} (frames x H x W) but the frames are {'x'.join(map(str, frames.shape[:3]))}",
+            )
+        K = self.scene.intrinsics if intrinsics is None else intrinsics
+        return pointmaps_from_rgbd(self.scene.depth, K, self.scene.poses, self.reference_frame)
+
+    def compute_many(self, frames: list[np.ndarray], intrinsics: list[np.ndarray | None]) -> list[PointMaps]:
+        return [self.compute(fr, k) for fr, k in zip(frames, intrinsics, strict=True)]
