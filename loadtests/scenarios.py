@@ -24,6 +24,7 @@ from loadtests.client import JobRequest, JobResult, Media, SR3DClient
 FIXTURES = Path(os.environ.get("SR3D_FIXTURES", "/work/shared/fixtures"))
 VIDEO = FIXTURES / "video" / "intel_bottles_tabletop_8s.mp4"
 VIDEO_SIZE = (640, 360)  # w, h of the clip above
+VIDEO_FRAMES = 250  # region `frame` indexes the upload's own frames (the worker samples around them)
 IMAGE_SRC = FIXTURES / "rgbd" / "color" / "0000.png"
 
 QUESTIONS = (
@@ -87,7 +88,7 @@ def _opts(cfg: LoadConfig, **extra: object) -> dict[str, object]:
 
 def _video_request(rng: random.Random, cfg: LoadConfig, n_regions: int) -> JobRequest:
     w, h = VIDEO_SIZE
-    regions = [[{"frame": rng.randrange(cfg.num_frames), "box": random_box(rng, w, h)}] for _ in range(n_regions)]
+    regions = [[{"frame": rng.randrange(VIDEO_FRAMES), "box": random_box(rng, w, h)}] for _ in range(n_regions)]
     return JobRequest(video_media(), question_for(n_regions, rng), regions, options=_opts(cfg))
 
 

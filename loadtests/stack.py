@@ -152,6 +152,10 @@ class Stack:
                         {**self._service_env(), "SR3D_WORKER_METRICS_PORT": str(port), **(env or {})})
         return p, f"http://{LOOPBACK}:{port}"
 
+    def start_module(self, name: str, module: str, env: dict[str, str] | None = None) -> Proc:
+        """`python -m module` with the service environment (e.g. loadtests.echo_worker)."""
+        return self._spawn(name, [sys.executable, "-m", module], {**self._service_env(), **(env or {})})
+
     def start_serve(self, port: int | None = None) -> tuple[Proc, str]:
         port = port or free_port()
         p = self._spawn("serve", [sys.executable, "-m", "service.cli", "serve", "--host", LOOPBACK, "--port", str(port)],
