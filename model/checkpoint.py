@@ -1,0 +1,288 @@
+"""Checkpoint I/O: NVILA layout in and out, the flat layout vLLM loads, and the tiny demo checkpoint.
+
+NVILA layout (what `Efficient-Large-Model/NVILA-Lite-8B` ships, plus SR-3D's optional extras):
+    config.json          model_type "llava_llama", architectures ["LlavaLlamaModel"], llm_cfg,
+                         vision_tower_cfg, mm_projector_cfg (+ pos3d_cfg, region_cfg, tiling fields)
+    llm/                 HF Qwen2ForCausalLM: config.json, *.safetensors (sharded + index), tokenizer files
+    vision_tower/        HF SiglipVisionModel: config.json, *.safetensors
+    mm_projector/        config.json, model.safetensors with keys layers.{1,2,4,5,7}.{weight,bias}
+    sr3d/                optional: model.safetensors with pos3d.* and region_extractor.* keys.
+                         Absent -> 3D-PE zero-initialised (2D behaviour), region projector random (warning).
+
+Flat layout (`convert_to_flat`; one directory vLLM's default loader reads without secondary sources):
+    config.json          model_type "sr3d", architectures ["SR3DForConditionalGeneration"], same fields
+    tokenizer files      from llm/ (with <image>, <region>, ... as single tokens) + chat template
+    *.safetensors        one state dict, keys prefixed by submodule:
+                           llm.model.embed_tokens.weight, llm.model.layers.N.…, llm.model.norm.weight, llm.lm_head.weight
+                           vision_tower.vision_model.embeddings.…, vision_tower.vision_model.encoder.layers.N.…,
+                           vision_tower.vision_model.post_layernorm.…
+                           mm_projector.layers.{1,2,4,5,7}.{weight,bias}
+                           pos3d.mlp.{0,2}.{weight,bias}
+                           region_extractor.region_projector.{0,2}.{weight,bias}
+`load_model` reads both layouts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from huggingface_hub import save_torch_state_dict
+from safetensors import safe_open
+from transformers import AutoTokenizer
+
+from model.config import NVILAConfig, SR3DConfig, config_from_dict
+from model.errors import CheckpointError
+from model.modeling import SR3DForConditionalGeneration
+
+log = logging.getLogger(__name__)
+
+PARTS = {"llm": "llm", "vision_tower": "vision_tower", "mm_projector": "mm_projector"}
+EXTRAS = ("pos3d", "region_extractor")
+EXTRAS_DIR = "sr3d"
+MAX_SHARD = "5GB"
+
+
+# ------------------------------------------------------------------ reading
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError("missing_file", f"{path} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError("bad_config", f"{path}: {e}") from e
+
+
+def _shards(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+        shards = [folder / f for f in files]
+    else:
+        shards = sorted(folder.glob("*.safetensors"))
+    missing = [s for s in shards if not s.is_file()]
+    if not shards or missing:
+        raise CheckpointError("missing_file", f"no safetensors weights in {folder}" + (f" (missing {missing})" if missing else ""))
+    return shards
+
+
+def _read_tensors(folder: Path, device: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for shard in _shards(folder):
+        with safe_open(str(shard), framework="pt", device=str(device)) as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+    return out
+
+
+def _load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str, strict: bool = True) -> set[str]:
+    """Copy tensors into `module`; CheckpointError on unknown keys or shape mismatch. Returns missing keys."""
+    expected = module.state_dict()
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise CheckpointError("unknown_keys", f"{where}: {len(unknown)} unexpected keys, e.g. {unknown[:5]}")
+    for k, t in tensors.items():
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise CheckpointError("wrong_shape", f"{where}: {k} has shape {tuple(t.shape)}, model expects {tuple(expected[k].shape)}")
+    missing = set(expected) - set(tensors)
+    if getattr(module, "config", None) is not None and getattr(module.config, "tie_word_embeddings", False):
+        missing.discard("lm_head.weight")
+    if strict and missing:
+        raise CheckpointError("missing_keys", f"{where}: {len(missing)} keys absent, e.g. {sorted(missing)[:5]}")
+    with torch.no_grad():
+        for k, t in tensors.items():
+            expected[k].copy_(t)
+    return missing
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(config: SR3DConfig, tokenizer, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> SR3DForConditionalGeneration:  # type: ignore[no-untyped-def]
+    """Allocate (random init) directly on `device` in `dtype`: an 8B model never passes through CPU memory."""
+    with torch.device(device), _default_dtype(dtype):
+        model = SR3DForConditionalGeneration(config, tokenizer)
+    model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def _check_tokenizer(tokenizer, config: SR3DConfig, where: Path) -> None:  # type: ignore[no-untyped-def]
+    vocab = tokenizer.get_vocab()
+    if config.image_token not in vocab:
+        raise CheckpointError("bad_config", f"tokenizer in {where} has no {config.image_token!r} token")
+    if config.region_token not in vocab:
+        # NVILA's tokenizer predates SR-3D: add the placeholder. Its id may exceed the embedding table; that is
+        # fine, region slots are filled by region vectors and never looked up.
+        tokenizer.add_special_tokens({"additional_special_tokens": [config.region_token]})
+
+
+def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> SR3DForConditionalGeneration:
+    root = Path(path)
+    raw = _read_json(root / "config.json")
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    flat = not (root / "llm").is_dir()
+    try:
+        if not flat:
+            raw.setdefault("llm_cfg", {})
+            raw.setdefault("vision_tower_cfg", {})
+            if not raw["llm_cfg"]:
+                raw["llm_cfg"] = _read_json(root / "llm" / "config.json")
+            if not raw["vision_tower_cfg"]:
+                raw["vision_tower_cfg"] = _read_json(root / "vision_tower" / "config.json")
+        config = config_from_dict(raw)
+        _ = config.text_config, config.vision_config
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any malformed config is a checkpoint problem, reported as such
+        raise CheckpointError("bad_config", f"{root / 'config.json'}: {e}") from e
+    tok_dir = root if flat else root / "llm"
+    if not any((tok_dir / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+        raise CheckpointError("missing_file", f"no tokenizer files in {tok_dir}")
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    _check_tokenizer(tokenizer, config, tok_dir)
+
+    model = build_model(config, tokenizer, device, dtype)
+    if flat:
+        tensors = _read_tensors(root, "cpu")
+        for name in (*PARTS, *EXTRAS):
+            part = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            _load_into(getattr(model, name), part, f"{root} [{name}.]")
+        stray = [k for k in tensors if k.split(".", 1)[0] not in (*PARTS, *EXTRAS)]
+        if stray:
+            raise CheckpointError("unknown_keys", f"{root}: keys outside known submodules, e.g. {stray[:5]}")
+        return model
+
+    for name, sub in PARTS.items():
+        _load_into(getattr(model, name), _read_tensors(root / sub, "cpu"), str(root / sub))
+    extras_dir = root / EXTRAS_DIR
+    if extras_dir.is_dir() and _shards_exist(extras_dir):
+        tensors = _read_tensors(extras_dir, "cpu")
+        for name in EXTRAS:
+            part = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            _load_into(getattr(model, name), part, f"{extras_dir} [{name}.]")
+        stray = [k for k in tensors if k.split(".", 1)[0] not in EXTRAS]
+        if stray:
+            raise CheckpointError("unknown_keys", f"{extras_dir}: unexpected keys, e.g. {stray[:5]}")
+    else:
+        model.pos3d.reset_output()
+        log.warning("%s has no %s/ weights: 3D positional encoding is zero (2D behaviour) and the region "
+                    "projector is untrained", root, EXTRAS_DIR)
+    return model
+
+
+def _shards_exist(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors"))
+
+
+# ------------------------------------------------------------------ writing
+def _save_tensors(module_or_sd: torch.nn.Module | dict[str, torch.Tensor], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = module_or_sd.state_dict() if isinstance(module_or_sd, torch.nn.Module) else module_or_sd
+    sd = {k: v.detach().contiguous() for k, v in sd.items()}
+    save_torch_state_dict(sd, str(folder), max_shard_size=MAX_SHARD)
+
+
+def _config_dict(config: SR3DConfig, model_type: str, architectures: list[str]) -> dict[str, Any]:
+    d = config.to_dict()
+    d["model_type"] = model_type
+    d["architectures"] = architectures
+    d["llm_cfg"] = {**config.llm_cfg, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}
+    d["vision_tower_cfg"] = {**config.vision_tower_cfg, "model_type": "siglip_vision_model",
+                             "architectures": ["SiglipVisionModel"]}
+    d.pop("dtype", None)
+    return d
+
+
+def save_model(model: SR3DForConditionalGeneration, path: str | Path) -> None:
+    """Write the NVILA layout (+ sr3d/ extras)."""
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    (root / "config.json").write_text(json.dumps(_config_dict(cfg, NVILAConfig.model_type, ["LlavaLlamaModel"]), indent=2))
+    _save_tensors(model.llm, root / "llm")
+    model.llm.config.save_pretrained(str(root / "llm"))
+    model.tokenizer.save_pretrained(str(root / "llm"))
+    _save_tensors(model.vision_tower, root / "vision_tower")
+    model.vision_tower.config.save_pretrained(str(root / "vision_tower"))
+    _save_tensors(model.mm_projector, root / "mm_projector")
+    (root / "mm_projector" / "config.json").write_text(json.dumps(
+        {"model_type": "v2l_projector", "architectures": ["MultimodalProjector"], **cfg.mm_projector_cfg}, indent=2))
+    extras = {f"{n}.{k}": v for n in EXTRAS for k, v in getattr(model, n).state_dict().items()}
+    _save_tensors(extras, root / EXTRAS_DIR)
+    (root / EXTRAS_DIR / "config.json").write_text(json.dumps({"pos3d_cfg": cfg.pos3d_cfg, "region_cfg": cfg.region_cfg}, indent=2))
+
+
+def save_flat(model: SR3DForConditionalGeneration, path: str | Path) -> None:
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    d = _config_dict(model.config, SR3DConfig.model_type, ["SR3DForConditionalGeneration"])
+    # vLLM reads these at top level of the model config.
+    d["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    (root / "config.json").write_text(json.dumps(d, indent=2))
+    model.tokenizer.save_pretrained(str(root))
+    sd = {k: v for k, v in model.state_dict().items() if k.split(".", 1)[0] in (*PARTS, *EXTRAS)}
+    _save_tensors(sd, root)
+
+
+def convert_to_flat(src: str | Path, dst: str | Path) -> None:
+    """NVILA layout -> flat layout, tensors copied unchanged (dtype kept as stored in bf16 checkpoints)."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise CheckpointError("bad_config", f"{dst} exists and is not empty")
+    stored = _stored_dtype(src)
+    model = load_model(src, device="cpu", dtype=stored)
+    save_flat(model, dst)
+    gen = src / "llm" / "generation_config.json"
+    if gen.is_file():
+        shutil.copy(gen, dst / "generation_config.json")
+
+
+def _stored_dtype(src: Path) -> torch.dtype:
+    shard = _shards(src / "llm")[0]
+    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    with safe_open(str(shard), framework="pt") as f:
+        stored = f.get_slice(next(iter(f.keys()))).get_dtype()
+    return names.get(stored, torch.float32)
+
+
+# ------------------------------------------------------------------ tiny demo checkpoint
+def tiny_config(vocab_size: int) -> SR3DConfig:
+    return SR3DConfig(
+        llm_cfg=dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                     rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.5),
+        vision_tower_cfg=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              patch_size=14, image_size=448, hidden_act="gelu_pytorch_tanh",
+                              layer_norm_eps=1e-6, vision_use_head=False),
+        mm_projector_cfg={"mm_projector_type": "mlp_downsample_3x3_fix"},
+        pos3d_cfg={"num_freqs": 8, "mlp_hidden": 32},
+        region_cfg={"max_regions": 8, "mlp_hidden": 64},
+    )
+
+
+def build_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
+    """A complete NVILA-layout checkpoint with random weights and a real (small) BPE tokenizer."""
+    from model.tokenizer_build import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = tiny_config(len(tokenizer))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(config, tokenizer, "cpu", torch.float32)
+        with torch.no_grad():
+            # A trained SR-3D has a non-zero 3D-PE; give the demo one so the 3D path visibly matters.
+            for p in model.pos3d.mlp[2].parameters():
+                p.normal_(0.0, 0.5)
+    save_model(model, path)
+    return Path(path)
