@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,6 +206,11 @@ class SR3DClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The underlying httpx client (base URL and auth headers set), for requests this class lacks."""
+        return self._http
+
     async def submit(self, req: JobRequest, *, params: Mapping[str, str] | None = None) -> httpx.Response:
         """POST without streaming: 202 + SubmitResponse, or a 4xx error body."""
         data, files = req.multipart()
@@ -222,17 +227,21 @@ class SR3DClient:
         return await self._http.get(path)
 
     async def run(self, req: JobRequest, *, stream_submit: bool = True, drop_after: int | None = None,
-                  read_delay: float = 0.0, cancel_after_tokens: int | None = None, max_resumes: int = 20) -> JobResult:
+                  read_delay: float = 0.0, cancel_after_tokens: int | None = None,
+                  on_event: Callable[[JobResult, SSEEvent], None] | None = None,
+                  resume_timeout_s: float = 60.0) -> JobResult:
         """Submit a job and follow its events to the terminal one, resuming after any disconnect.
 
         drop_after: close the connection after this many events (a simulated network drop), then resume.
         read_delay: sleep between events (a slow reader; the server must not drop or reorder anything).
         cancel_after_tokens: DELETE the job once this many token events arrived.
+        on_event: called with each event as it arrives (fault tests use it to time their faults).
+        resume_timeout_s: keep retrying resumes (gateway restarting, Redis away) for this long.
         """
         res = JobResult(t_submit=time.perf_counter())
         data, files = req.multipart()
         headers = {"Idempotency-Key": req.idempotency_key} if req.idempotency_key else {}
-        state = _Follow(res, drop_after, read_delay, cancel_after_tokens, self)
+        state = _Follow(res, drop_after, read_delay, cancel_after_tokens, self, on_event)
         try:
             if stream_submit:
                 headers["Accept"] = "text/event-stream"
@@ -255,15 +264,19 @@ class SR3DClient:
             if res.http_status is None:  # never got a response: the submit itself failed
                 res.client_error = f"submit: {type(e).__name__}: {e}"
                 return res
+        give_up = time.perf_counter() + resume_timeout_s
         while res.terminal is None and res.client_error is None:
             if res.job_id is None:
                 res.client_error = "stream ended before the job id was known"
                 break
-            if res.resumes >= max_resumes:
-                res.client_error = f"gave up after {res.resumes} resumes"
+            if time.perf_counter() > give_up:
+                res.client_error = f"gave up after {res.resumes} resumes in {resume_timeout_s} s"
                 break
             res.resumes += 1
+            n_before = len(res.events)
             await self._resume(res, state)
+            if len(res.events) > n_before:
+                give_up = time.perf_counter() + resume_timeout_s  # progress: the clock restarts
         return res
 
     async def _resume(self, res: JobResult, state: _Follow) -> None:
@@ -288,10 +301,10 @@ class SR3DClient:
 class _Follow:
     """Per-job reading state shared between the first stream and its resumes."""
 
-    def __init__(self, res: JobResult, drop_after: int | None, read_delay: float,
-                 cancel_after_tokens: int | None, client: SR3DClient) -> None:
+    def __init__(self, res: JobResult, drop_after: int | None, read_delay: float, cancel_after_tokens: int | None,
+                 client: SR3DClient, on_event: Callable[[JobResult, SSEEvent], None] | None = None) -> None:
         self.res, self.drop_after, self.read_delay = res, drop_after, read_delay
-        self.cancel_after_tokens, self.client = cancel_after_tokens, client
+        self.cancel_after_tokens, self.client, self.on_event = cancel_after_tokens, client, on_event
         self.cancelled = False
 
     async def consume(self, r: httpx.Response) -> None:
@@ -299,6 +312,8 @@ class _Follow:
             if self.res.job_id is None and isinstance(ev.data, dict) and ev.data.get("job_id"):
                 self.res.job_id = str(ev.data["job_id"])
             self.res.events.append(ev)
+            if self.on_event is not None:
+                self.on_event(self.res, ev)
             if ev.type in TERMINAL:
                 return
             n_tokens = sum(1 for e in self.res.events if e.type == "token")

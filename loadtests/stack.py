@@ -87,6 +87,7 @@ class Stack:
     procs: list[Proc] = field(default_factory=list)
     redis_port: int | None = None
     _seen_pids: set[int] = field(default_factory=set)
+    leaked: list[int] = field(default_factory=list)  # set by close(): pids alive after a graceful stop
 
     def __enter__(self) -> Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -186,9 +187,15 @@ class Stack:
         return rc
 
     def close(self) -> None:
+        """SIGTERM every process (newest first), record what outlived that in `leaked`, then sweep."""
+        self.track_descendants()
         for p in reversed(self.procs):
             if p.alive():
                 self.stop(p, signal.SIGTERM, timeout=20)
+        deadline = time.monotonic() + 5  # children get a moment to notice their parent is gone
+        while self.leaked_pids() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.leaked = self.leaked_pids()
         # sweep the groups: pools or servers a process started and failed to reap
         for p in self.procs:
             with contextlib.suppress(ProcessLookupError, PermissionError):
