@@ -30,11 +30,7 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-try:  # geometry's scene parser raises its own ValueError subclass with a .code
-    from model.geometry import SceneError
-except ImportError:  # pragma: no cover - only while the geometry package is incomplete
-    class SceneError(ValueError):  # type: ignore[no-redef]
-        code = "bad_scene"
+from model.geometry import SceneError, cache_key
 
 # Client errors: reported as an `error` event with the exception's code; never retried.
 INPUT_ERRORS: tuple[type[Exception], ...] = (MediaError, ModelInputError, SceneError)
@@ -203,7 +199,7 @@ class Pipeline:
         if job.scene_blob:
             return await self._scene_pointmaps(job, decoded)
         f, h, w, _ = decoded.frames.shape
-        key = (job.media_hash, decoded.indices, (w, h), getattr(self.backend, "name", type(self.backend).__name__))
+        key = cache_key(job.media_hash, (decoded.indices, (w, h)), getattr(self.backend, "name", type(self.backend).__name__))
         hit = self.cache.get(key)
         if hit is not None:
             metrics.POINTMAP_CACHE.labels("hit").inc()
@@ -224,19 +220,22 @@ class Pipeline:
 
         def compute() -> Any:
             scene = load_scene_npz(data)
-            depth = np.asarray(scene.depth)
-            n = depth.shape[0]
-            if n == len(decoded.indices):
+            n = scene.depth.shape[0]
+            if scene.frame_indices is not None:  # depth maps labelled with their video frames
+                where = {int(v): k for k, v in enumerate(scene.frame_indices)}
+                missing = [i for i in decoded.indices if i not in where]
+                if missing:
+                    raise SceneError("scene_frame_mismatch", f"the scene has no depth for sampled frames {missing[:8]}")
+                sel = np.asarray([where[i] for i in decoded.indices])
+            elif n == len(decoded.indices):  # one depth map per sampled frame
                 sel = np.arange(n)
-            elif decoded.is_video and n > max(decoded.indices):
+            elif decoded.is_video and n > max(decoded.indices):  # one per source frame
                 sel = np.asarray(decoded.indices)
             else:
                 raise SceneError("scene_frame_mismatch", f"scene has {n} depth frames; the job samples {len(decoded.indices)} "
-                                 f"frames (original indices up to {max(decoded.indices)})")
-            intr = np.asarray(scene.intrinsics)
-            intr = intr[sel] if intr.ndim == 3 else intr
-            pm = pointmaps_from_rgbd(depth[sel], intr, np.asarray(scene.poses)[sel])
-            return pm
+                                 f"frames (original indices up to {max(decoded.indices)}); add frame_indices")
+            intr = scene.intrinsics[sel] if scene.intrinsics.ndim == 3 else scene.intrinsics
+            return pointmaps_from_rgbd(scene.depth[sel], intr, scene.poses[sel])
 
         pm = await asyncio.to_thread(compute)
         points, valid = pm.points, pm.valid

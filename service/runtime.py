@@ -55,19 +55,13 @@ async def build_worker(settings: Settings, redis: Any, *, consumer: str | None =
     backend_task = asyncio.create_task(asyncio.to_thread(make_pointmap_backend, settings))
     await engine.start()
     backend = await backend_task
-    blobs = make_blob_store(settings, redis) if _takes_redis(make_blob_store) else make_blob_store(settings)
+    blobs = make_blob_store(settings, redis)
     pipeline = Pipeline(settings, blobs, backend)
     config = WorkerConfig.from_settings(settings)
     if drain_timeout_s is not None:
         config.drain_timeout_s = drain_timeout_s
-    worker = Worker(JobQueue(redis, settings), engine, pipeline, config, consumer=consumer)
+    worker = Worker(JobQueue(redis, settings, blobs), engine, pipeline, config, consumer=consumer)
     return WorkerRuntime(worker, engine)
-
-
-def _takes_redis(factory: Callable[..., Any]) -> bool:
-    import inspect
-
-    return len(inspect.signature(factory).parameters) > 1
 
 
 def banner_if_demo(settings: Settings) -> None:

@@ -187,24 +187,34 @@ class Worker:
         while True:
             await asyncio.sleep(period)
             ids = [eid for eid, r in self._running.items() if r.heartbeat]
-            if ids:
-                try:
-                    await self.queue.heartbeat(self.consumer, ids)
-                except Exception:
-                    log.warning("heartbeat failed", exc_info=True)
+            if not ids:
+                continue
+            try:
+                lost = await self.queue.heartbeat(self.consumer, ids)
+            except Exception:
+                log.warning("heartbeat failed", exc_info=True)
+                continue
+            for eid in lost:
+                # Another worker reclaimed it (we stalled past claim_idle_ms): it owns the job now.
+                r = self._running.get(eid)
+                if r is not None:
+                    log.warning("lost ownership of job %s; stopping it here", r.delivery.job.job_id)
+                    r.task.cancel()
 
     # ---- one job ---------------------------------------------------------------------------
     async def _run_job(self, d: Delivery) -> None:
         job = d.job
         jid = job.job_id
         try:
-            if await self.queue.terminal_event(jid) is not None or not await self.queue.try_start(jid, self.consumer):
-                await self.queue.ack(d.entry_id)  # already answered (at-least-once redelivery)
+            # CAS queued|running -> running; False when a terminal event already exists (a
+            # redelivery after the answer was written) or a cancel came first: just ack.
+            if not await self.queue.try_start(jid, self.consumer):
+                await self.queue.ack(d.entry_id)
                 return
             await self._execute(d)
             await self.queue.ack(d.entry_id)
         except asyncio.CancelledError:
-            raise  # drain timeout: leave it pending for another worker
+            raise  # drain timeout or lost ownership: leave it pending for another worker
         except Exception:
             metrics.ENGINE_ERRORS.inc()
             log.exception("job %s failed (delivery %d); leaving it for redelivery", jid, d.deliveries)
@@ -216,8 +226,7 @@ class Worker:
         job = d.job
         jid = job.job_id
         t_start = time.time()
-        queue_wait = max(0.0, t_start - job.created_at)
-        metrics.QUEUE_WAIT.observe(queue_wait)
+        queue_wait = max(0.0, t_start - job.created_at)  # the queue observes QUEUE_WAIT on delivery
         timings: dict[str, float] = {"queue_wait_s": round(queue_wait, 4)}
         await self.queue.append_event(jid, "progress", {"stage": "started", "worker": self.consumer, "attempt": d.deliveries, "queue_wait_s": timings["queue_wait_s"]})
         cancelled = asyncio.Event()
@@ -237,7 +246,6 @@ class Worker:
                 err = {"code": getattr(e, "code", "bad_input"), "message": getattr(e, "message", None) or str(e)}
                 await self.queue.append_event(jid, "error", err)
                 await self.queue.finish(jid, JobStatus.failed, error=err, timings=timings)
-                metrics.JOBS_FINISHED.labels("failed").inc()
                 return
         finally:
             poller.cancel()
@@ -250,8 +258,7 @@ class Worker:
         answer = stream.text
         timings["total_s"] = round(time.time() - job.created_at, 4)
         await self.queue.append_event(jid, "done", {"answer": answer, "usage": usage, "timings": timings, "finish_reason": finish_reason})
-        await self.queue.finish(jid, JobStatus.done, answer=answer, usage=usage, timings=timings)
-        metrics.JOBS_FINISHED.labels("done").inc()
+        await self.queue.finish(jid, JobStatus.done, answer=answer, usage=usage, timings=timings, finish_reason=finish_reason)
         metrics.JOB_SECONDS.observe(time.time() - job.created_at)
 
     async def _stage_done(self, jid: str, stage: str, info: dict[str, Any], timings: dict[str, float]) -> None:
@@ -291,7 +298,7 @@ class Worker:
     async def _generate(self, job: JobSpec, query: Any, stream: _Stream, cancelled: asyncio.Event, timings: dict[str, float]) -> tuple[str, dict[str, int]]:
         opts = job.options
         params = GenerationParams(
-            max_tokens=int(opts.max_tokens),
+            max_tokens=int(opts.max_tokens or 128),  # the gateway fills it; 128 = settings' default
             temperature=float(opts.temperature),
             top_p=float(opts.top_p),
             seed=job_seed(job),
@@ -337,5 +344,5 @@ class Worker:
         err = {"code": "cancelled", "message": "the job was cancelled by the client"}
         usage = usage or {"prompt_tokens": 0, "completion_tokens": 0}
         await self.queue.append_event(job.job_id, "error", {**err, "answer": partial, "usage": usage})
-        await self.queue.finish(job.job_id, JobStatus.cancelled, answer=partial, error=err, usage=usage, timings=timings)
-        metrics.JOBS_FINISHED.labels("cancelled").inc()
+        await self.queue.finish(job.job_id, JobStatus.cancelled, answer=partial, error=err, usage=usage, timings=timings,
+                                finish_reason="abort")

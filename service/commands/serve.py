@@ -39,7 +39,7 @@ async def serve(settings: Settings, host: str, port: int, drain_timeout_s: float
     import uvicorn
 
     from service.gateway import create_app
-    from service.redis_conn import connect, start_embedded_redis
+    from service.redis_conn import redis_client, start_embedded_redis
     from service.runtime import QuietServer, banner_if_demo, build_worker, install_stop_handlers
 
     handle = None
@@ -50,7 +50,7 @@ async def serve(settings: Settings, host: str, port: int, drain_timeout_s: float
     banner_if_demo(settings)
     stopping = asyncio.Event()
     install_stop_handlers(stopping.set)
-    redis = connect(settings.redis_url)
+    redis = redis_client(settings.redis_url)
     http = QuietServer(uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5))
     http_task = asyncio.create_task(http.serve())
     runtime = None
@@ -75,4 +75,4 @@ async def serve(settings: Settings, host: str, port: int, drain_timeout_s: float
         await http_task
         await redis.aclose()
         if handle is not None:
-            handle.shutdown() if hasattr(handle, "shutdown") else handle.close()
+            handle.stop()

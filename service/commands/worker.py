@@ -47,11 +47,11 @@ def _setup_logging(settings: Settings) -> None:
 async def run_worker(settings: Settings, host: str, port: int, consumer: str | None, drain_timeout_s: float) -> None:
     import uvicorn
 
-    from service.redis_conn import connect
+    from service.redis_conn import redis_client
     from service.runtime import QuietServer, build_worker, install_stop_handlers
     from service.worker_http import create_worker_app
 
-    redis = connect(settings.redis_url)
+    redis = redis_client(settings.redis_url)
     runtime = None
     stopping = asyncio.Event()
     install_stop_handlers(stopping.set)
