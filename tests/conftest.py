@@ -31,3 +31,60 @@ def redis_url(redis_server_url: str) -> str:
         client.close()
     return redis_server_url
 # ==== end gateway/queue section ===================================================================
+
+
+# ==== model section (model helper): one tiny SR-3D checkpoint per session ============================
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete tiny NVILA-layout checkpoint (random weights, real BPE tokenizer), built once."""
+    from model.checkpoint import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-sr3d") / "ckpt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint: Path):  # type: ignore[no-untyped-def]
+    """The tiny checkpoint loaded on CPU in float32 (shared: tests must not mutate its weights)."""
+    import torch
+
+    from model.checkpoint import load_model
+
+    torch.set_num_threads(1)
+    return load_model(tiny_checkpoint, device="cpu", dtype=torch.float32)
+# ==== end model section ===========================================================================
+
+
+# ==== gateway/queue section, part 2: a real gateway on a loopback port ============================
+import contextlib as _contextlib
+import socket as _socket
+import threading as _threading
+import time as _time
+
+
+@_contextlib.contextmanager
+def run_gateway(redis_url: str, **overrides: object) -> Iterator[str]:
+    """Start `create_app(Settings(REDIS_URL=redis_url, **overrides))` under uvicorn in a thread on a
+    free loopback port; yields the base URL and stops the server afterwards."""
+    import uvicorn
+
+    from service.gateway import create_app
+    from service.settings import Settings
+
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = Settings(redis_url=redis_url, **overrides)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = _threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = _time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or _time.monotonic() > deadline:
+            raise RuntimeError("gateway did not start")
+        _time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+# ==== end gateway/queue section, part 2 ===========================================================
