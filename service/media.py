@@ -533,7 +533,12 @@ def mask_from_png(data: bytes, size: tuple[int, int], rotation: int = 0) -> np.n
     coded (unrotated) frame, i.e. its size is (H, W) for 90/270, and is rotated like the frames.
     """
     expect = _coded_size(size, rotation)
-    img = _open_image(data, MediaLimits(max_pixels=max(1, expect[0] * expect[1])))
+    try:  # the exact-size check below is the pixel cap; a header over any cap is simply the wrong size
+        img = _open_image(data, MediaLimits(max_pixels=max(1, expect[0] * expect[1])))
+    except MediaError as e:
+        if e.code != "resolution_too_large":
+            raise
+        raise MediaError("mask_size_mismatch", f"mask is larger than the {expect[0]}x{expect[1]} frame") from None
     if img.format != "PNG":
         raise MediaError("invalid_mask", "masks must be PNG")
     if img.size != expect:

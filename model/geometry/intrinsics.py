@@ -33,12 +33,14 @@ def scale_intrinsics(K: np.ndarray, sx: float, sy: float) -> np.ndarray:
 
 
 def rotate_intrinsics(K: np.ndarray, rotation: int, size: tuple[int, int]) -> np.ndarray:
-    """Intrinsics after `np.rot90(image, k=rotation // 90)` (CCW) of an image of size (W, H)."""
-    K = np.asarray(K, dtype=np.float64)
+    """Intrinsics of `np.rot90(image, k=rotation // 90)` (CCW) of an image of size (W, H), as a
+    standard pinhole K (no skew). The rotated image is a camera rolled about its optical axis: per
+    90 deg CCW, x_new = y_old and y_new = -x_old (rotate poses by the same roll if you have them)."""
+    K = np.asarray(K, dtype=np.float64).copy()
     w, h = size
     for _ in range((rotation // 90) % 4):
-        # CCW by 90: new u = v, new v = (W - 1) - u; the image becomes H wide, W high.
-        R = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, w - 1.0], [0.0, 0.0, 1.0]])
-        K = R @ K
+        fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+        # New pixel (u', v') = (v, W - 1 - u): the old row axis becomes the new column axis.
+        K = np.array([[fy, 0.0, cy], [0.0, fx, w - 1.0 - cx], [0.0, 0.0, 1.0]])
         w, h = h, w
     return K
