@@ -264,6 +264,22 @@ class SR3DClient:
             if res.http_status is None:  # never got a response: the submit itself failed
                 res.client_error = f"submit: {type(e).__name__}: {e}"
                 return res
+        await self._follow_to_end(res, state, resume_timeout_s)
+        return res
+
+    async def follow(self, job_id: str, *, last_event_id: str | None = None, read_delay: float = 0.0,
+                     on_event: Callable[[JobResult, SSEEvent], None] | None = None,
+                     resume_timeout_s: float = 60.0) -> JobResult:
+        """Read an existing job's events (after `last_event_id`) to the terminal one, resuming as needed."""
+        res = JobResult(job_id=job_id, http_status=200, t_submit=time.perf_counter())
+        if last_event_id:  # a synthetic marker so the first request already carries Last-Event-ID
+            res.events.append(SSEEvent(last_event_id, "_resume_marker", None, res.t_submit))
+        await self._follow_to_end(res, _Follow(res, None, read_delay, None, self, on_event), resume_timeout_s)
+        res.events = [e for e in res.events if e.type != "_resume_marker"]
+        res.resumes = max(0, res.resumes - 1)  # the first read is not a resume
+        return res
+
+    async def _follow_to_end(self, res: JobResult, state: _Follow, resume_timeout_s: float) -> None:
         give_up = time.perf_counter() + resume_timeout_s
         while res.terminal is None and res.client_error is None:
             if res.job_id is None:
@@ -277,7 +293,6 @@ class SR3DClient:
             await self._resume(res, state)
             if len(res.events) > n_before:
                 give_up = time.perf_counter() + resume_timeout_s  # progress: the clock restarts
-        return res
 
     async def _resume(self, res: JobResult, state: _Follow) -> None:
         last = next((e.id for e in reversed(res.events) if e.id), None)
