@@ -1,0 +1,96 @@
+"""`sr3d pointmaps INPUT --out scene.npz`: decode -> point maps -> canonical frame, as the worker does."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from service.media import MediaError, MediaLimits, decode_image, decode_video
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pointmaps", help="compute canonical 3D point maps of a video or image (npz, optional PLY)")
+    p.add_argument("input", help="video (mp4/mov/webm/mkv) or image (png/jpeg)")
+    p.add_argument("--out", required=True, help="output .npz (frames, points, valid, intrinsics, poses, scale, ...)")
+    p.add_argument("--ply", help="also write a coloured point cloud (binary PLY)")
+    p.add_argument("--frames", type=int, default=int(os.environ.get("SR3D_NUM_FRAMES", 16)), help="frames to sample")
+    p.add_argument("--max-side", type=int, default=640, help="downscale frames so the long side is at most this")
+    p.add_argument("--depth-model", default=os.environ.get("SR3D_DEPTH_MODEL"),
+                   help="Depth Anything V2 directory (default: SR3D_DEPTH_MODEL, else the tiny random demo model)")
+    p.add_argument("--rgbd", help="RGB-D scene npz (depth, intrinsics, poses[, depth_scale, frame_indices]): exact geometry")
+    p.add_argument("--device", default=os.environ.get("SR3D_DEVICE", "auto"))
+    p.add_argument("--ply-points", type=int, default=200_000, help="PLY subsample size")
+    p.set_defaults(func=run)
+
+
+def compute(args: argparse.Namespace):
+    """The worker's path: frames (rotation applied) -> backend -> canonical, normalised point maps."""
+    from model.geometry import RGBDBackend, load_scene_npz
+
+    limits = MediaLimits()
+    scene = load_scene_npz(Path(args.rgbd).read_bytes()) if args.rgbd else None
+    if Path(args.input).suffix.lower() in _IMAGE_SUFFIXES:
+        frames = decode_image(args.input, limits)[None]
+        indices, timestamps = np.zeros(1, np.int64), np.zeros(1)
+    else:
+        if scene is not None:  # the depth maps fix which frames are used, at full resolution
+            wanted = scene.frame_indices if scene.frame_indices is not None else np.arange(len(scene.depth))
+            video = decode_video(args.input, 0, limits, must_include=wanted.tolist())
+        else:
+            video = decode_video(args.input, args.frames, limits, max_side=args.max_side)
+        frames, indices, timestamps = video.frames, video.indices, video.timestamps
+    if scene is not None:
+        backend = RGBDBackend(scene)
+    else:
+        from model.geometry import DepthAnythingBackend
+
+        backend = DepthAnythingBackend(args.depth_model, device=args.device)
+    return frames, indices, timestamps, backend.compute(frames)
+
+
+def write_ply(path: str, points: np.ndarray, colors: np.ndarray, valid: np.ndarray, limit: int, seed: int = 0) -> int:
+    """Binary little-endian PLY of a random subsample of the valid points, coloured by their pixels."""
+    idx = np.flatnonzero(valid.reshape(-1))
+    if len(idx) > limit:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, size=limit, replace=False))
+    xyz = points.reshape(-1, 3)[idx].astype("<f4")
+    rgb = colors.reshape(-1, 3)[idx].astype(np.uint8)
+    rec = np.empty(len(idx), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("r", "u1"), ("g", "u1"), ("b", "u1")])
+    rec["x"], rec["y"], rec["z"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+    rec["r"], rec["g"], rec["b"] = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+    header = (
+        "ply\nformat binary_little_endian 1.0\ncomment sr3d pointmaps (canonical frame, normalised units)\n"
+        f"element vertex {len(idx)}\nproperty float x\nproperty float y\nproperty float z\n"
+        "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n"
+    )
+    with open(path, "wb") as f:
+        f.write(header.encode("ascii"))
+        f.write(rec.tobytes())
+    return len(idx)
+
+
+def run(args: argparse.Namespace) -> int:
+    from model.geometry import SceneError
+
+    try:
+        frames, indices, timestamps, pm = compute(args)
+    except (MediaError, SceneError) as e:
+        print(f"error: {e.code}: {e.message}", file=sys.stderr)
+        return 2
+    np.savez_compressed(
+        args.out, frames=frames, points=pm.points, valid=pm.valid, intrinsics=pm.intrinsics, poses=pm.poses,
+        scale=np.float64(pm.scale), metric=np.bool_(pm.metric), source=np.str_(pm.source),
+        frame_indices=indices, timestamps=timestamps,
+    )
+    n = write_ply(args.ply, pm.points, frames, pm.valid, args.ply_points) if args.ply else 0
+    print(
+        f"{len(frames)} frames {frames.shape[2]}x{frames.shape[1]}, {int(pm.valid.sum())} valid points, "
+        f"backend {pm.source}, scale {pm.scale:.4g}{' m/unit' if pm.metric else ' (relative)'} -> {args.out}"
+        + (f", {n} points -> {args.ply}" if args.ply else "")
+    )
+    return 0
