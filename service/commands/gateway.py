@@ -1,0 +1,32 @@
+"""`sr3d gateway`: the HTTP gateway alone (workers run elsewhere: `sr3d worker`)."""
+from __future__ import annotations
+
+import argparse
+
+from service.settings import Settings
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gateway", help="run the HTTP gateway (REDIS_URL, or the embedded Redis under SR3D_DATA_DIR)")
+    p.add_argument("--host", default=None, help="bind address (default SR3D_HOST, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default SR3D_PORT, 8000)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.gateway import create_app
+    from service.logging import setup_logging
+
+    settings = Settings()
+    setup_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=args.host or settings.host,
+        port=args.port if args.port is not None else settings.port,
+        log_config=None,  # keep our JSON logging
+        timeout_graceful_shutdown=10,
+        proxy_headers=True,
+    )
+    return 0
