@@ -131,6 +131,8 @@ class Worker:
         self._stopping.set()
 
     async def run(self) -> None:
+        """Claim and run jobs until `stop()`; then drain and return."""
+        self._stopping.clear()
         await self.queue.ensure_group()
         self.ready = True
         metrics.WORKER_READY.set(1)

@@ -22,7 +22,7 @@ import pytest
 
 from loadtests.client import SR3DClient, iter_sse
 from loadtests.stack import Stack
-from e2e_helpers import bottle_request, follow, wait_terminal
+from tests.e2e_helpers import bottle_request, follow, wait_terminal
 
 pytestmark = pytest.mark.timeout(400)
 
