@@ -271,6 +271,19 @@ def tiny_config(vocab_size: int) -> SR3DConfig:
     )
 
 
+def nvila_lite_8b_config(vocab_size: int = 152064) -> SR3DConfig:
+    """NVILA-Lite-8B shapes (SigLIP-so400m-448 + 3x3 projector + Qwen2-7B) with SR-3D's default extras."""
+    return SR3DConfig(
+        llm_cfg=dict(vocab_size=vocab_size, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                     rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False),
+        vision_tower_cfg=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                              patch_size=14, image_size=448, hidden_act="gelu_pytorch_tanh",
+                              layer_norm_eps=1e-6, vision_use_head=False),
+        mm_projector_cfg={"mm_projector_type": "mlp_downsample_3x3_fix"},
+    )
+
+
 def build_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
     """A complete NVILA-layout checkpoint with random weights and a real (small) BPE tokenizer."""
     from model.tokenizer_build import build_tokenizer
