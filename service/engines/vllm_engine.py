@@ -1,0 +1,284 @@
+"""VLLMEngine: SR-3D on vLLM 0.24's AsyncLLM (continuous batching, paged KV, prefix + encoder caches).
+
+Per request: the model core validates the query and lays out the prompt (`build_prompt`: visual prefix first,
+so prefix caching shares the KV of the `<image>` block across questions on the same media); the SR-3D
+plugin's processor tiles the media in vLLM's renderer thread (off the event loop); AsyncLLM streams
+`RequestOutputKind.DELTA` outputs, which become TokenDeltas. `abort()` aborts the vLLM request; its stream
+ends with finish_reason "abort".
+
+`multi_modal_uuids` = media_key + a digest of the regions and their slot order: a second question on the
+same video with the same regions skips hashing and reuses the processor cache, the encoder cache and the
+prefix cache; different regions on the same media get a different uuid (their embeddings differ).
+
+Knobs: SR3D_MODEL (flat dir, or an NVILA-layout dir converted once to DATA_DIR/vllm-flat/<digest>; unset =
+the tiny demo checkpoint) and SR3D_VLLM_* (see VLLMSettings). Selected with SR3D_ENGINE=vllm.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.config import SR3DConfig, config_from_dict
+from model.errors import ModelInputError
+from model.inputs import GenerationParams, SpatialQuery, TokenDelta
+from service import metrics
+from service.engines.protocol import EngineRequest
+
+log = logging.getLogger(__name__)
+
+
+class VLLMSettings(BaseSettings):
+    """SR3D_VLLM_* environment knobs (engine internals; the service's Settings stays engine-agnostic)."""
+
+    model_config = SettingsConfigDict(env_prefix="SR3D_VLLM_", extra="ignore", frozen=True)
+
+    max_model_len: int = Field(8192, ge=256)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    enforce_eager: bool = False
+    dtype: str = "auto"
+    load_format: str = "auto"  # "dummy" = random weights (benchmarks)
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int | None = None
+    mm_processor_cache_gb: float = Field(4, ge=0)
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+
+class EngineError(RuntimeError):
+    """vLLM failed (not the caller's input). The worker retries these."""
+
+
+# ------------------------------------------------------------------------------ checkpoint
+def resolve_flat_checkpoint(model: str | None, data_dir: str | os.PathLike[str]) -> Path:
+    """A directory vLLM loads directly. NVILA-layout (or unset -> tiny demo) checkpoints are converted once,
+    under an flock, into DATA_DIR/vllm-flat/<digest of the source path and config>."""
+    from model.checkpoint import convert_to_flat
+
+    if model is None:
+        from service.engines.torch_engine import ensure_tiny_checkpoint
+
+        src = ensure_tiny_checkpoint(data_dir)
+    else:
+        src = Path(model)
+    cfg = json.loads((src / "config.json").read_text())
+    if "SR3DForConditionalGeneration" in (cfg.get("architectures") or []) and not (src / "llm").is_dir():
+        return src  # already flat
+    digest = hashlib.sha256(f"{src.resolve()}\n{(src / 'config.json').stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(data_dir) / "vllm-flat"
+    root.mkdir(parents=True, exist_ok=True)
+    dst = root / digest
+    with open(root / f".{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (dst / "config.json").exists():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=root))
+            try:
+                shutil.rmtree(tmp)
+                convert_to_flat(src, tmp)
+                os.replace(tmp, dst)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            log.info("converted checkpoint to the flat vLLM layout", extra={"src": str(src), "dst": str(dst)})
+    return dst
+
+
+def region_digest(query: SpatialQuery, region_order: list[int]) -> str:
+    """What besides the media determines the item's embeddings: masks, their frames, slot order, 3D or 2D."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update(json.dumps([region_order, query.is_video, query.pointmaps is not None]).encode())
+    for k, masks in enumerate(query.regions):
+        for m in masks:
+            h.update(f"{k}:{m.frame}:{m.mask.shape}".encode())
+            h.update(m.mask.astype(bool).tobytes())
+    return h.hexdigest()
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The core's stop rule: EOS, <|im_end|>, <|endoftext|> (whichever the tokenizer has)."""
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    for tok in ("<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(ids)
+
+
+# ------------------------------------------------------------------------------ engine
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, settings: Any, *, engine_args: dict[str, Any] | None = None, warmup: bool = True) -> None:
+        self.settings = settings
+        self.vllm_settings = VLLMSettings()
+        self.extra_args = dict(engine_args or {})
+        self.warmup = warmup
+        self.llm: Any = None
+        self.config: SR3DConfig | None = None
+        self.tokenizer: Any = None
+        self.model_dir: Path | None = None
+        self.ready = False
+        self._stop_ids: list[int] = []
+        self._live: set[str] = set()
+        self._aborted: set[str] = set()
+
+    def engine_args(self, model_dir: Path) -> dict[str, Any]:
+        v = self.vllm_settings
+        args: dict[str, Any] = dict(
+            model=str(model_dir),
+            tokenizer=str(model_dir),
+            max_model_len=v.max_model_len,
+            gpu_memory_utilization=v.gpu_memory_utilization,
+            enforce_eager=v.enforce_eager,
+            dtype=v.dtype,
+            load_format=v.load_format,
+            max_num_seqs=v.max_num_seqs,
+            limit_mm_per_prompt={"image": 1},
+            mm_processor_cache_gb=v.mm_processor_cache_gb,
+            enable_prefix_caching=v.enable_prefix_caching,
+            seed=v.seed,
+            disable_log_stats=False,
+        )
+        if v.max_num_batched_tokens:
+            args["max_num_batched_tokens"] = v.max_num_batched_tokens
+        args.update(self.extra_args)
+        return args
+
+    async def start(self) -> None:
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        loop = asyncio.get_running_loop()
+        data_dir = str(getattr(self.settings, "data_dir", "./var"))
+        model_dir = await loop.run_in_executor(None, resolve_flat_checkpoint, getattr(self.settings, "model", None), data_dir)
+        self.model_dir = model_dir
+        self.config = config_from_dict(json.loads((model_dir / "config.json").read_text()))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self._stop_ids = stop_token_ids(self.tokenizer)
+        args = AsyncEngineArgs(**self.engine_args(model_dir))
+        t0 = time.perf_counter()
+        # Engine start spawns the engine-core process and compiles; keep the event loop (health checks) alive.
+        self.llm = await loop.run_in_executor(None, lambda: AsyncLLM.from_engine_args(args))
+        log.info("vLLM engine started", extra={"path": str(model_dir), "seconds": round(time.perf_counter() - t0, 1)})
+        if self.warmup:
+            from service.engines.torch_engine import warmup_query
+
+            req = EngineRequest("warmup", warmup_query(), GenerationParams(max_tokens=2, ignore_eos=True))
+            async for _ in self.generate(req):
+                pass
+        self.ready = True
+
+    async def close(self) -> None:
+        self.ready = False
+        for rid in list(self._live):
+            await self.abort(rid)
+        if self.llm is not None:
+            llm, self.llm = self.llm, None
+            await asyncio.get_running_loop().run_in_executor(None, llm.shutdown)
+
+    # ---- requests
+    def build_inputs(self, query: SpatialQuery) -> tuple[dict[str, Any], int]:
+        """-> (vLLM token prompt with multi_modal_data/uuids, expanded prompt length). Cheap checks only:
+        the tiling itself runs in the renderer's thread."""
+        from model.prompt import build_prompt
+        from model.tiling import frame_grid, tiles_for_grid, validate_query
+        from model.vllm_plugin.processing import make_item
+
+        cfg = self.config
+        assert cfg is not None
+        validate_query(query, cfg)
+        n, h, w = query.frames.shape[:3]
+        per_frame = tiles_for_grid(frame_grid(w, h, query.is_video, cfg))
+        layout = build_prompt(query.question, [per_frame] * n, len(query.regions), self.tokenizer, cfg)
+        prompt: dict[str, Any] = {
+            "prompt_token_ids": layout.input_ids,
+            "multi_modal_data": {"image": make_item(query, layout.region_order)},
+        }
+        if query.media_key:
+            prompt["multi_modal_uuids"] = {"image": [f"{query.media_key}/{region_digest(query, layout.region_order)}"]}
+        return prompt, layout.num_tokens
+
+    def sampling_params(self, params: GenerationParams) -> Any:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        return SamplingParams(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+            ignore_eos=params.ignore_eos,
+            stop_token_ids=[] if params.ignore_eos else self._stop_ids,
+            skip_special_tokens=True,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
+        if self.llm is None:
+            raise EngineError("engine not started")
+        rid = request.request_id
+        if rid in self._live:
+            raise ValueError(f"request id {rid!r} is already running")
+        self._live.add(rid)
+        try:
+            prompt, num_tokens = self.build_inputs(request.query)
+            limit = self.vllm_settings.max_model_len
+            if num_tokens + request.params.max_tokens > limit:
+                raise ModelInputError(
+                    "prompt_too_long", f"prompt {num_tokens} + max_tokens {request.params.max_tokens} > context {limit}"
+                )
+            try:
+                (engine_input,) = await self.llm.renderer.render_cmpl_async([prompt])
+            except ModelInputError:
+                raise
+            except ValueError as e:  # the processor's own checks (e.g. prompt/item mismatch)
+                raise ModelInputError("bad_request", str(e)) from e
+            if rid in self._aborted:
+                yield TokenDelta("", [], finished=True, finish_reason="abort")
+                return
+            completion = 0
+            prompt_tokens = num_tokens
+            async for out in self.llm.generate(engine_input, self.sampling_params(request.params), rid):
+                c = out.outputs[0]
+                completion += len(c.token_ids)
+                prompt_tokens = len(out.prompt_token_ids or []) or prompt_tokens
+                if out.finished:
+                    reason = c.finish_reason if c.finish_reason in ("stop", "length", "abort") else "stop"
+                    if rid in self._aborted and reason != "length":
+                        reason = "abort"
+                    metrics.PROMPT_TOKENS.inc(prompt_tokens)
+                    metrics.GENERATION_TOKENS.inc(completion)
+                    yield TokenDelta(
+                        c.text, list(c.token_ids), finished=True, finish_reason=reason,
+                        prompt_tokens=prompt_tokens, completion_tokens=completion,
+                    )
+                    return
+                if c.text or c.token_ids:
+                    yield TokenDelta(c.text, list(c.token_ids))
+        except (ModelInputError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:
+            raise EngineError(f"{type(e).__name__}: {e}") from e
+        finally:
+            self._live.discard(rid)
+            self._aborted.discard(rid)
+
+    async def abort(self, request_id: str) -> None:
+        if request_id not in self._live:
+            return
+        self._aborted.add(request_id)
+        if self.llm is not None:
+            with contextlib.suppress(Exception):
+                await self.llm.abort(request_id)
