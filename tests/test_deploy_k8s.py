@@ -302,3 +302,49 @@ def test_network_policies_allow_only_the_intended_paths(rendered):
                      for r in p["spec"].get("egress", [])]
     assert worker_egress and all(r.get("to") for r in worker_egress)
     assert sorted({port["port"] for r in worker_egress for port in r["ports"]}) == [53, 6379]
+
+
+# ------------------------------------------------------------------ against the real service code
+def _parse_cli(argv: list[str]):
+    import argparse
+    import importlib
+
+    from service.cli import COMMANDS
+
+    parser = argparse.ArgumentParser()
+    importlib.import_module(COMMANDS[argv[0]]).add(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+def test_container_args_parse_and_drain_fits_the_grace_period(rendered):
+    _, objs = rendered
+    for w in by_kind(objs, "Deployment"):
+        spec = pod_spec(w)
+        (c,) = spec["containers"]
+        args = _parse_cli(c["args"])
+        if args.command == "worker":
+            # SIGTERM -> finish in-flight jobs for at most drain_timeout, then exit before SIGKILL.
+            assert args.drain_timeout + 30 <= spec["terminationGracePeriodSeconds"]
+            assert (args.metrics_port or 9100) == 9100 and args.metrics_host == "0.0.0.0"
+        else:
+            assert (args.command, args.host, args.port) == ("gateway", "0.0.0.0", 8000)
+
+
+def test_settings_load_from_the_rendered_environment(rendered, monkeypatch):
+    """Every SR3D_* variable we set is a real setting, and its value passes the service's validation."""
+    from service.settings import Settings
+
+    _, objs = rendered
+    cm = one(objs, "ConfigMap", "sr3d-settings")["data"]
+    fields = {f"SR3D_{name.upper()}" for name in Settings.model_fields} | {"REDIS_URL"}
+    for w in by_kind(objs, "Deployment"):
+        (c,) = pod_spec(w)["containers"]
+        env = {**cm, **{e["name"]: e.get("value", "from-secret") for e in c.get("env", [])}}
+        assert {k for k in env if k.startswith("SR3D_") or k == "REDIS_URL"} <= fields
+        with monkeypatch.context() as m:
+            for k in [k for k in __import__("os").environ if k.startswith("SR3D_") or k == "REDIS_URL"]:
+                m.delenv(k)
+            for k, v in env.items():
+                m.setenv(k, v)
+            settings = Settings()
+        assert settings.redis_url == cm["REDIS_URL"]
