@@ -529,12 +529,15 @@ async def _wait_for(queue: JobQueue, job_id: str, timeout_s: float) -> JobView |
 
 
 def _view_from_event(view: JobView, type_: str, data: dict[str, Any]) -> JobView:
+    update: dict[str, Any] = {"timings": data.get("timings") or view.timings}
+    if data.get("usage"):
+        update["usage"] = data["usage"]
     if type_ == "done":
-        return view.model_copy(update={"status": JobStatus.done, "answer": data.get("answer"),
-                                       "finish_reason": data.get("finish_reason")})
-    status = JobStatus.cancelled if data.get("code") == "cancelled" else JobStatus.failed
-    return JobView.model_validate({**view.model_dump(), "status": status,
-                                   "error": {"code": str(data.get("code")), "message": str(data.get("message"))}})
+        update.update(status=JobStatus.done, answer=data.get("answer"), finish_reason=data.get("finish_reason"))
+    else:
+        update.update(status=JobStatus.cancelled if data.get("code") == "cancelled" else JobStatus.failed,
+                      error={"code": str(data.get("code")), "message": str(data.get("message"))})
+    return JobView.model_validate({**view.model_dump(), **update})
 
 
 @router.get("/spatial-qa/{job_id}", response_model=JobView, responses=ERROR_RESPONSES, summary="Job status and answer")
