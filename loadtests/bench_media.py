@@ -1,0 +1,157 @@
+"""Media + depth benchmark: decode time (32 frames of generated 720p/1080p H.264) and depth frames/s.
+
+Compares, within one run: isolated (killable child process) vs in-process decode, full size vs
+`max_side=640`, and depth batch size 1 vs N. `--real-shapes` uses random weights in the
+Depth-Anything-V2-Large shape (meant for the GPU machine; on CPU use `--frames 2`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="directory for media.json + media.png")
+    p.add_argument("--frames", type=int, default=32, help="frames sampled per decode / depth run")
+    p.add_argument("--source-seconds", type=float, default=5.0, help="length of the generated clips (30 fps)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--real-shapes", action="store_true", help="Depth-Anything-V2-Large-shaped random weights")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8, help="depth batch size compared against 1")
+
+
+def make_clip(path: Path, width: int, height: int, seconds: float, fps: int = 30) -> Path:
+    """Moving gradient + noise, libx264 ultrafast, keyframe every second (a typical phone-ish GOP)."""
+    out = av.open(str(path), "w")
+    s = out.add_stream("libx264", rate=fps)
+    s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+    s.options = {"preset": "ultrafast", "g": str(fps), "crf": "23"}
+    s.codec_context.time_base = Fraction(1, fps)
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 32, (height, width, 1), dtype=np.uint8)
+    for i in range(int(seconds * fps)):
+        img = ((x + y * 0.5 + i * 4) % 256).astype(np.uint8) + noise
+        frame = av.VideoFrame.from_ndarray(np.broadcast_to(img, (height, width, 3)).copy(), format="rgb24")
+        for p in s.encode(frame):
+            out.mux(p)
+    for p in s.encode():
+        out.mux(p)
+    out.close()
+    return path
+
+
+def _time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_decode(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from service.media import MediaLimits, decode_video
+
+    limits = MediaLimits(max_frames=max(64, args.frames))
+    result: dict[str, Any] = {}
+    for name, (w, h) in {"720p": (1280, 720), "1080p": (1920, 1080)}.items():
+        t = time.perf_counter()
+        clip = make_clip(tmp / f"{name}.mp4", w, h, args.source_seconds)
+        encode_s = time.perf_counter() - t
+        decode_video(clip, 2, limits)  # warm the forkserver
+        row = {
+            "source_frames": int(args.source_seconds * 30),
+            "encode_s": round(encode_s, 3),
+            "isolated_s": _time(lambda: decode_video(clip, args.frames, limits), args.repeats),
+            "in_process_s": _time(lambda: decode_video(clip, args.frames, limits, isolate=False), args.repeats),
+            "isolated_max_side_640_s": _time(lambda: decode_video(clip, args.frames, limits, max_side=640), args.repeats),
+        }
+        row["isolation_overhead_ratio"] = round(row["isolated_s"] / row["in_process_s"], 3)
+        row["max_side_640_speedup"] = round(row["isolated_s"] / row["isolated_max_side_640_s"], 3)
+        row["frames_per_s_isolated"] = round(args.frames / row["isolated_s"], 1)
+        result[name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+    return result
+
+
+def bench_depth(tmp: Path, frames: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from model.geometry.depth_anything import (
+        DepthAnythingBackend,
+        build_large_shaped_depth_model,
+        build_tiny_depth_model,
+    )
+
+    model_dir = str(tmp / "depth")
+    (build_large_shaped_depth_model if args.real_shapes else build_tiny_depth_model)(model_dir)
+    out: dict[str, Any] = {"model": "da-v2-large-shaped" if args.real_shapes else "tiny", "frames": len(frames),
+                           "frame_size": list(frames.shape[1:3])}
+    for bs in (1, args.batch_size):
+        backend = DepthAnythingBackend(model_dir, device=args.device, batch_size=bs)
+        backend.predict([frames[:1]])  # warm-up (allocator, cuDNN autotune)
+
+        def once() -> None:
+            backend.compute(frames)
+            if backend.device.type == "cuda":
+                torch.cuda.synchronize()
+
+        seconds = _time(once, args.repeats)
+        out[f"batch_{bs}"] = {"seconds": round(seconds, 4), "frames_per_s": round(len(frames) / seconds, 2)}
+        out["device"] = str(backend.device)
+        del backend
+    out["batching_speedup"] = round(out[f"batch_{args.batch_size}"]["frames_per_s"] / out["batch_1"]["frames_per_s"], 3)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.media import MediaLimits, decode_video
+
+    with tempfile.TemporaryDirectory(prefix="sr3d-bench-media-") as d:
+        tmp = Path(d)
+        report: dict[str, Any] = {"frames": args.frames, "decode": bench_decode(tmp, args)}
+        frames = decode_video(tmp / "720p.mp4", args.frames, MediaLimits(max_frames=max(64, args.frames)),
+                              max_side=640).frames
+        report["depth"] = bench_depth(tmp, frames, args)
+    print(json.dumps(report, indent=2))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "media.json").write_text(json.dumps(report, indent=2))
+        _plot(report, out / "media.png")
+    return 0
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    names = list(report["decode"])
+    kinds = ["isolated_s", "in_process_s", "isolated_max_side_640_s"]
+    for i, k in enumerate(kinds):
+        a.bar(np.arange(len(names)) + i * 0.27, [report["decode"][n][k] for n in names], width=0.27, label=k)
+    a.set_xticks(np.arange(len(names)) + 0.27, names)
+    a.set_ylabel(f"seconds for {report['frames']} frames")
+    a.set_title("decode")
+    a.legend(fontsize=8)
+    depth = report["depth"]
+    keys = [k for k in depth if k.startswith("batch_") and isinstance(depth[k], dict)]
+    b.bar(keys, [depth[k]["frames_per_s"] for k in keys])
+    b.set_ylabel("frames/s")
+    b.set_title(f"depth ({depth['model']}, {depth['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
