@@ -155,3 +155,33 @@ def test_wait_true_returns_the_answer_or_202_after_the_timeout(env: tuple[str, D
     body = result["r"].json()
     assert result["r"].status_code == 200 and body["status"] == "done" and body["answer"] == "ok"
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 1}
+
+
+def test_sr3d_ask_streams_the_answer(env: tuple[str, Driver], tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import main as sr3d
+
+    from tests.test_gateway_api import IMG
+
+    base, driver = env
+    image = tmp_path / "room.png"
+    image.write_bytes(IMG)
+    mask = tmp_path / "m.png"
+    mask.write_bytes(IMG)
+
+    def play_worker() -> None:
+        for _ in range(1000):
+            [d] = driver.call(driver.queue.claim("w-ask", 1, 100)) or [None]
+            if d is not None:
+                assert len(d.job.regions) == 2 and d.job.options.max_tokens == 5
+                answer(driver, d.job.job_id, ["About ", "2 m."])
+                return
+
+    t = threading.Thread(target=play_worker, daemon=True)
+    t.start()
+    rc = sr3d(["ask", str(image), "How far is <region0> from <region1>?", "--region", "0:1,1,5,5",
+               "--mask", f"0:{mask}", "--max-tokens", "5", "--url", base])
+    t.join(10)
+    assert rc == 0
+    assert capsys.readouterr().out == "About 2 m.\n"
+    assert sr3d(["ask", str(image), "<image> hi", "--url", base]) == 1
+    assert "placeholder_in_question" in capsys.readouterr().err
