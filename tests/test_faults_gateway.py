@@ -85,7 +85,8 @@ def test_slow_reader_gets_everything_and_does_not_hold_back_the_worker(stack: di
     async def scenario() -> tuple[JobResult, JobResult, dict[str, Any]]:
         async with SR3DClient(url) as c:
             slow_req, fast_req = mixed_requests(2, max_tokens=48, seed=5)
-            slow = asyncio.create_task(c.run(slow_req, read_delay=0.25, on_event=on_event))
+            slow_req.options["max_tokens"] = 400  # ~30 coalesced token events: the reader falls seconds behind
+            slow = asyncio.create_task(c.run(slow_req, read_delay=0.5, on_event=on_event))
             fast = await c.run(fast_req)
             slow_res = await slow
             view = (await c.get(str(slow_res.job_id))).json()

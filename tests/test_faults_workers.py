@@ -52,7 +52,7 @@ def test_sigkill_one_of_two_workers_under_load(tmp_path: Path, env: dict[str, st
 
         async def load() -> list[JobResult]:
             async with SR3DClient(url) as c:
-                reqs = mixed_requests(8, max_tokens=48, seed=1)
+                reqs = mixed_requests(8, max_tokens=400, seed=1)  # long answers: the kill lands mid-generation
                 return list(await asyncio.gather(*(c.run(r, on_event=on_event, resume_timeout_s=180) for r in reqs)))
 
         results = asyncio.run(load())
