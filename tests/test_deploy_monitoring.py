@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -141,6 +142,10 @@ def test_alert_rules_are_complete():
         assert r["labels"]["severity"] in {"warning", "critical"}
         assert r["annotations"]["summary"] and r["annotations"]["description"]
         assert promql_metric_names(r["expr"])  # every rule looks at something
+    from service.schemas import JobStatus
+
+    statuses = set(re.findall(r'sr3d_jobs_finished_total\{status="(\w+)"\}', "".join(alert_exprs().values())))
+    assert statuses and statuses <= {s.value for s in JobStatus}
 
 
 def test_prometheus_rule_crd_carries_the_same_groups():
