@@ -59,7 +59,12 @@ async def follow(client: SR3DClient, job_id: str, last_event_id: str | None = No
 async def wait_terminal(client: SR3DClient, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        view = (await client.get(job_id)).json()
+        r = await client.get(job_id)
+        if r.status_code in (502, 503):  # Redis briefly away (the restart test): retry
+            await asyncio.sleep(0.2)
+            continue
+        assert r.status_code == 200, r.text
+        view = r.json()
         if view["status"] in ("done", "failed", "cancelled"):
             return view
         await asyncio.sleep(0.2)

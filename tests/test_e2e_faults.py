@@ -80,22 +80,29 @@ def test_queue_cap_redis_restart_and_worker_kill(tmp_path: Path) -> None:
 
         async def phase3() -> None:
             async with SR3DClient(url) as c:
-                headers = {"Accept": "text/event-stream"}
+                # A client retries 503 (Retry-After) with the same Idempotency-Key: one job.
+                headers = {"Accept": "text/event-stream", "Idempotency-Key": "e2e-kill-1"}
                 data, files = bottle_request(max_tokens=3000).multipart()
                 events = []
                 killed_pid = None
-                async with c._http.stream("POST", "/v1/spatial-qa", data=data, files=files, headers=headers) as r:
-                    assert r.status_code == 200
-                    async for ev in iter_sse(r):
-                        events.append(ev)
-                        if killed_pid is None and ev.type == "token":
-                            started = [e for e in events if e.type == "progress" and e.data.get("stage") == "started"]
-                            consumer = started[-1].data["worker"]
-                            victim = next(p for p, _ in workers if consumer.endswith(f"-{p.pid}"))
-                            killed_pid = victim.pid
-                            st.stop(victim, signal.SIGKILL, timeout=10)
-                        if ev.type in ("done", "error"):
-                            break
+                for _ in range(20):
+                    async with c._http.stream("POST", "/v1/spatial-qa", data=data, files=files, headers=headers) as r:
+                        if r.status_code == 503:
+                            await r.aread()
+                            await asyncio.sleep(0.2)
+                            continue
+                        assert r.status_code == 200, (r.status_code, await r.aread())
+                        async for ev in iter_sse(r):
+                            events.append(ev)
+                            if killed_pid is None and ev.type == "token":
+                                started = [e for e in events if e.type == "progress" and e.data.get("stage") == "started"]
+                                consumer = started[-1].data["worker"]
+                                victim = next(p for p, _ in workers if consumer.endswith(f"-{p.pid}"))
+                                killed_pid = victim.pid
+                                st.stop(victim, signal.SIGKILL, timeout=10)
+                            if ev.type in ("done", "error"):
+                                break
+                    break
                 assert killed_pid is not None, "job finished before a token arrived"
                 types = [e.type for e in events]
                 assert types.count("done") == 1 and types[-1] == "done", types

@@ -113,10 +113,14 @@ def test_second_question_on_same_video_hits_the_pointmap_cache(service: str) -> 
 
 
 def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims width x height; no pixel data (decoding it must never be tried)."""
+    """A valid-looking PNG whose IHDR claims width x height, with one tiny IDAT: a few hundred
+    bytes that would need width*height*3 bytes if anyone decoded it."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = b"IHDR" + ihdr
-    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def _png(w: int, h: int) -> bytes:
@@ -132,7 +136,7 @@ def _bad_cases() -> dict[str, tuple[JobRequest, set[str]]]:
     video = Media("video", "clip.mp4", clip, "video/mp4")
     q1 = QUESTION
     return {
-        "truncated_video": (JobRequest(Media("video", "cut.mp4", clip[: len(clip) // 3], "video/mp4"), q1, box_regions([BOX])),
+        "truncated_video": (JobRequest(Media("video", "cut.mp4", clip[: len(clip) // 10], "video/mp4"), q1, box_regions([BOX])),
                             {"corrupt_media", "no_video_stream"}),
         "text_named_mp4": (JobRequest(Media("video", "notes.mp4", b"just some text, not a video\n" * 20, "video/mp4"), q1,
                                       box_regions([BOX])), {"unsupported_container", "unsupported_media_type"}),
