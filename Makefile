@@ -31,7 +31,7 @@ test: install-test
 	$(BIN)/python -m pytest -q -ra
 
 ## A short load run against a service started for it (JSON + PNG under bench-out/)
-loadtest: install
+loadtest: install-test
 	$(BIN)/sr3d bench service --out bench-out/service
 
 clean:
