@@ -59,21 +59,19 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 TEXT_FIELDS = {"question", "regions", "options"}
 FILE_FIELDS = {"video", "image", "scene"}
 
-# Container allowlist: extension and magic bytes must agree. (PyAV probing happens in the worker.)
-VIDEO_EXT = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"}
-IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp"}
+# Container allowlist: extension and magic bytes must agree, and both must be formats the worker's
+# decoder accepts (service/media.py), so an upload is never queued only to fail there.
+# (PyAV probing of codecs, sizes and durations happens in the worker.)
+VIDEO_EXT = {".mp4", ".m4v", ".mov", ".webm", ".mkv"}
+IMAGE_EXT = {".png", ".jpg", ".jpeg"}
 
 
 def sniff(head: bytes) -> str | None:
-    """Container family from the first bytes: mp4 | matroska | avi | png | jpeg | webp | npz."""
+    """Container family from the first bytes: mp4 | matroska | png | jpeg | npz."""
     if head[4:8] == b"ftyp":
         return "mp4"
     if head[:4] == b"\x1a\x45\xdf\xa3":
         return "matroska"
-    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
-        return "avi"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
     if head[:8] == b"\x89PNG\r\n\x1a\n":
         return "png"
     if head[:3] == b"\xff\xd8\xff":
@@ -86,10 +84,8 @@ def sniff(head: bytes) -> str | None:
 _FAMILY_EXT = {
     "mp4": {".mp4", ".m4v", ".mov"},
     "matroska": {".webm", ".mkv"},
-    "avi": {".avi"},
     "png": {".png"},
     "jpeg": {".jpg", ".jpeg"},
-    "webp": {".webp"},
     "npz": {".npz"},
 }
 
@@ -396,8 +392,8 @@ _SUBMIT_BODY = {
                     "type": "object",
                     "required": ["question"],
                     "properties": {
-                        "video": {"type": "string", "format": "binary", "description": "mp4/mov/webm/mkv/avi"},
-                        "image": {"type": "string", "format": "binary", "description": "png/jpeg/webp"},
+                        "video": {"type": "string", "format": "binary", "description": "mp4/mov/webm/mkv"},
+                        "image": {"type": "string", "format": "binary", "description": "png/jpeg"},
                         "question": {"type": "string", "description": "refer to regions as <region0>, <region1>, ..."},
                         "regions": {"type": "string", "description": 'JSON list; item = {"frame":0,"box":[x0,y0,x1,y1]} '
                                     'or {"frame":0,"mask":"PART"} or a list of those (one region on several frames)'},

@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp"}
+IMAGE_EXT = {".png", ".jpg", ".jpeg"}
 
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ask", help="ask a spatial question about regions of a video/image; streams the answer")
-    p.add_argument("file", type=Path, help="video (mp4/webm/...) or image (png/jpg/webp)")
+    p.add_argument("file", type=Path, help="video (mp4/webm/...) or image (png/jpg)")
     p.add_argument("question", help='e.g. "How far is <region0> from <region1>?"')
     p.add_argument("--region", action="append", default=[], metavar="FRAME:x0,y0,x1,y1",
                    help="a box region (repeat for <region1>, ...)")
