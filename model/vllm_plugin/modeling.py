@@ -2,7 +2,7 @@
 extractor + vLLM's Qwen2, loaded from the flat layout (`model.checkpoint.convert_to_flat`).
 
 The submodule names are the flat layout's key prefixes (`vision_tower.`, `mm_projector.`, `pos3d.`,
-`region_extractor.`, `llm.`), so AutoWeightsLoader loads the flat layout without renaming.
+`region_extractor.`, `llm.`); the WeightsMapper only re-inserts SigLIP's `vision_model.` level.
 `embed_multimodal` mirrors `model.modeling.SR3DForConditionalGeneration.embed_batch` step for step, with the
 geometry pre-reduced by the processor (see processing.py).
 """
@@ -18,6 +18,7 @@ from vllm.model_executor.models.interfaces import MultiModalEmbeddings, Supports
 from vllm.model_executor.models.siglip import SiglipVisionModel
 from vllm.model_executor.models.utils import (
     AutoWeightsLoader,
+    WeightsMapper,
     init_vllm_registered_model,
     maybe_prefix,
 )
@@ -35,6 +36,15 @@ from model.vllm_plugin.processing import SR3DDummyInputsBuilder, SR3DMultiModalP
     SR3DMultiModalProcessor, info=SR3DProcessingInfo, dummy_inputs=SR3DDummyInputsBuilder
 )
 class SR3DForConditionalGeneration(nn.Module, SupportsMultiModal):
+    # transformers 5 saves SiglipVisionModel without its `vision_model.` level (NVILA's v4-era shards have
+    # it); vLLM's SiglipVisionModel wants it. Accept both.
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_prefix={
+            f"vision_tower.{part}.": f"vision_tower.vision_model.{part}."
+            for part in ("embeddings", "encoder", "post_layernorm", "head")
+        }
+    )
+
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
         if modality.startswith("image"):
@@ -121,6 +131,5 @@ class SR3DForConditionalGeneration(nn.Module, SupportsMultiModal):
         return self.llm.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        # The flat layout's keys are already our module paths (no WeightsMapper needed); the SigLIP loader
-        # skips the unused last layer, post-layernorm and pooling head, the Qwen2 loader a tied lm_head.
-        return AutoWeightsLoader(self).load_weights(weights)
+        # The SigLIP loader skips the unused last layer, post-layernorm and pooling head; Qwen2 a tied lm_head.
+        return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)

@@ -1,0 +1,345 @@
+"""vLLM engine vs the model core's generate: requests/s, TTFT, cache hits, GPU memory, whole pipeline.
+
+`sr3d bench engine --out DIR [--config nvila-lite-8b|tiny] [--concurrency 1,8,32,64] [--requests N]`
+One run, one GPU, the same workload everywhere: N requests of --frames frames (--height x --width), one
+region, point maps, a ~25-token question, exactly --max-tokens new tokens (ignore_eos), distinct media per
+request (no cross-request cache hits in the throughput phases).
+1. reference: the model core (`prepare` + `generate`, transformers) one request at a time;
+2. VLLMEngine (AsyncLLM + the SR-3D plugin) at each concurrency: requests/s, output tokens/s, TTFT p50/p99,
+   and the throughput ratio vs the reference;
+3. cache hit: TTFT of a second question on the same media + regions vs a cold first question;
+4. whole pipeline: point maps from a depth backend (Depth-Anything-V2-L shape with random weights, or the
+   tiny one) + the vLLM engine, at one concurrency;
+GPU memory is read device-wide (vLLM's engine core is another process). nvila-lite-8b uses random weights
+(vLLM load_format=dummy; the core allocated on the device in bf16) and the tiny tokenizer: speed only.
+Prints JSON; writes DIR/engine.json (updated after every phase, so a cut-off run keeps what it measured)
+and DIR/engine.png.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--config", choices=["nvila-lite-8b", "tiny"], default="nvila-lite-8b")
+    p.add_argument("--concurrency", default="1,8,32,64", help="comma-separated concurrency levels")
+    p.add_argument("--requests", type=int, default=64, help="requests per concurrency level (level 1: at most 16)")
+    p.add_argument("--reference-requests", type=int, default=4)
+    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--eager", action="store_true", help="vLLM enforce_eager (no torch.compile/CUDA graphs)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.8)
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--depth", choices=["large", "tiny", "none"], default="large")
+    p.add_argument("--pipeline-concurrency", type=int, default=8)
+    p.add_argument("--work-dir", type=Path, default=None)
+
+
+# ----------------------------------------------------------------------------- workload
+def _media(args: argparse.Namespace, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    f, h, w = args.frames, args.height, args.width
+    mask = np.zeros((h, w), bool)
+    mask[h // 4:h // 2, w // 3:w // 2] = True
+    return {
+        "frames": rng.integers(0, 255, (f, h, w, 3), dtype=np.uint8),
+        "points": rng.standard_normal((f, h, w, 3)).astype(np.float32),
+        "mask": mask,
+    }
+
+
+def _query(media: dict[str, np.ndarray], i: int, key: str, with_points: bool = True, question: str | None = None):  # type: ignore[no-untyped-def]
+    from model.inputs import RegionMask, SpatialQuery
+
+    f = media["frames"].shape[0]
+    return SpatialQuery(
+        frames=media["frames"],
+        question=question or f"Request {i}: how far is <region0> from the camera? Answer with one number in metres.",
+        regions=[[RegionMask(f // 2, media["mask"])]],
+        pointmaps=media["points"] if with_points else None,
+        is_video=f > 1,
+        media_key=key,
+    )
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    return float(np.percentile(xs, q)) if xs else None
+
+
+def _gpu_used_gb() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return round((total - free) / 2**30, 2)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _model_dir(args: argparse.Namespace, work: Path) -> tuple[Path, Path | None, str]:
+    """-> (flat dir for vLLM, NVILA dir for the core or None, vLLM load_format)."""
+    from model.checkpoint import build_tiny_checkpoint, convert_to_flat
+
+    if args.config == "tiny":
+        nvila, flat = work / "tiny", work / "tiny-flat"
+        if not (nvila / "config.json").exists():
+            build_tiny_checkpoint(nvila)
+        if not (flat / "config.json").exists():
+            convert_to_flat(nvila, flat)
+        return flat, nvila, "auto"
+    from model.checkpoint import _config_dict, nvila_lite_8b_config  # the core's own flat config writer
+    from model.config import SR3DConfig
+    from model.tokenizer_build import build_tokenizer
+
+    flat = work / "nvila-lite-8b-flat"
+    flat.mkdir(parents=True, exist_ok=True)
+    cfg = nvila_lite_8b_config()
+    d = _config_dict(cfg, SR3DConfig.model_type, ["SR3DForConditionalGeneration"])
+    d["torch_dtype"] = "bfloat16"
+    (flat / "config.json").write_text(json.dumps(d, indent=2))
+    build_tokenizer().save_pretrained(str(flat))
+    return flat, None, "dummy"
+
+
+# ----------------------------------------------------------------------------- phases
+def reference(args: argparse.Namespace, nvila: Path | None, media: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The model core, one request at a time (what the torch engine does at concurrency 1)."""
+    import torch
+
+    from model.inputs import GenerationParams
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if nvila is not None:
+        from model.checkpoint import load_model
+
+        model = load_model(nvila, device=dev, dtype=torch.float32)
+    else:
+        from model.checkpoint import build_model, nvila_lite_8b_config
+        from model.tokenizer_build import build_tokenizer
+
+        torch.manual_seed(0)
+        model = build_model(nvila_lite_8b_config(), build_tokenizer(), dev, torch.bfloat16)
+    params = GenerationParams(max_tokens=args.max_tokens, ignore_eos=True)
+    ttfts, lat = [], []
+    for i in range(args.reference_requests + 1):  # request 0 warms up
+        q = _query(media, i, f"ref-{i}")
+        t0 = time.perf_counter()
+        first: list[float] = []
+
+        def on_delta(row: int, delta: Any) -> None:
+            if not first and delta.token_ids:
+                first.append(time.perf_counter() - t0)
+
+        res = model.generate([model.prepare(q)], [params], on_delta)[0]
+        if i:
+            lat.append(time.perf_counter() - t0)
+            ttfts.append(first[0] if first else lat[-1])
+    out = {
+        "requests": len(lat),
+        "requests_per_s": len(lat) / sum(lat),
+        "latency_s_p50": _pct(lat, 50),
+        "ttft_s_p50": _pct(ttfts, 50),
+        "prompt_tokens": res.prompt_tokens,
+        "completion_tokens": res.completion_tokens,
+        "gpu_peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None,
+    }
+    del model
+    gc.collect()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+async def _one(engine: Any, q: Any, rid: str, max_tokens: int) -> dict[str, float]:
+    from model.inputs import GenerationParams
+    from service.engines.protocol import EngineRequest
+
+    t0 = time.perf_counter()
+    ttft, toks, prompt = None, 0, 0
+    async for d in engine.generate(EngineRequest(rid, q, GenerationParams(max_tokens=max_tokens, ignore_eos=True))):
+        if ttft is None and d.token_ids:
+            ttft = time.perf_counter() - t0
+        toks += len(d.token_ids)
+        prompt = d.prompt_tokens or prompt
+    e2e = time.perf_counter() - t0
+    return {"ttft": ttft if ttft is not None else e2e, "e2e": e2e, "tokens": toks, "prompt_tokens": prompt}
+
+
+async def sweep(engine: Any, args: argparse.Namespace, media: dict[str, np.ndarray], level: int, tag: str) -> dict[str, Any]:
+    n = min(args.requests, 16) if level == 1 else args.requests
+    sem = asyncio.Semaphore(level)
+
+    async def run(i: int) -> dict[str, float]:
+        async with sem:
+            return await _one(engine, _query(media, i, f"{tag}-c{level}-{i}"), f"{tag}-c{level}-{i}", args.max_tokens)
+
+    t0 = time.perf_counter()
+    rs = await asyncio.gather(*(run(i) for i in range(n)))
+    wall = time.perf_counter() - t0
+    ttft = [r["ttft"] for r in rs]
+    return {
+        "concurrency": level, "requests": n, "wall_s": wall, "requests_per_s": n / wall,
+        "output_tokens_per_s": sum(r["tokens"] for r in rs) / wall,
+        "ttft_s_p50": _pct(ttft, 50), "ttft_s_p99": _pct(ttft, 99),
+        "e2e_s_p50": _pct([r["e2e"] for r in rs], 50), "prompt_tokens": rs[0]["prompt_tokens"],
+    }
+
+
+async def cache_hit(engine: Any, args: argparse.Namespace, repeats: int = 3) -> dict[str, Any]:
+    """Cold first question on new media vs a second question on the same media and regions."""
+    cold, hit = [], []
+    for r in range(repeats):
+        media = _media(args, seed=100 + r)
+        key = f"cache-{r}"
+        a = await _one(engine, _query(media, 0, key, question="How far is <region0> from the camera?"), f"{key}-a", args.max_tokens)
+        b = await _one(engine, _query(media, 1, key, question="What colour is <region0>? One word."), f"{key}-b", args.max_tokens)
+        cold.append(a["ttft"])
+        hit.append(b["ttft"])
+    return {"repeats": repeats, "ttft_cold_s_p50": _pct(cold, 50), "ttft_hit_s_p50": _pct(hit, 50),
+            "speedup": _pct(cold, 50) / _pct(hit, 50)}
+
+
+async def pipeline(engine: Any, args: argparse.Namespace, media: dict[str, np.ndarray], work: Path) -> dict[str, Any]:
+    """Point maps (depth backend on this GPU, one batch at a time) + the vLLM engine, requests overlapping."""
+    from model.geometry import DepthAnythingBackend
+    from model.geometry.depth_anything import build_large_shaped_depth_model, build_tiny_depth_model
+
+    depth_dir = work / f"depth-{args.depth}"
+    if not (depth_dir / "config.json").exists():
+        (build_large_shaped_depth_model if args.depth == "large" else build_tiny_depth_model)(str(depth_dir))
+    backend = DepthAnythingBackend(str(depth_dir), device="auto", batch_size=32)
+    backend.compute(media["frames"][:2])  # warm-up
+    lock = asyncio.Lock()  # one depth batch on the GPU at a time, like the worker's PointMapBatcher
+    depth_s: list[float] = []
+    sem = asyncio.Semaphore(args.pipeline_concurrency)
+    n = args.requests
+
+    async def run(i: int) -> dict[str, float]:
+        async with sem:
+            t0 = time.perf_counter()
+            async with lock:
+                td = time.perf_counter()
+                pm = await asyncio.to_thread(backend.compute, media["frames"])
+                depth_s.append(time.perf_counter() - td)
+            q = _query({**media, "points": pm.points}, i, f"pipe-{i}")
+            q.pointmap_valid = pm.valid
+            r = await _one(engine, q, f"pipe-{i}", args.max_tokens)
+            return {**r, "e2e": time.perf_counter() - t0}
+
+    t0 = time.perf_counter()
+    rs = await asyncio.gather(*(run(i) for i in range(n)))
+    wall = time.perf_counter() - t0
+    return {"depth": args.depth, "concurrency": args.pipeline_concurrency, "requests": n, "requests_per_s": n / wall,
+            "depth_s_per_request_p50": _pct(depth_s, 50), "e2e_s_p50": _pct([r["e2e"] for r in rs], 50),
+            "gpu_used_gb": _gpu_used_gb()}
+
+
+# ----------------------------------------------------------------------------- main
+def _save(report: dict[str, Any], out: Path | None) -> None:
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "engine.json").write_text(json.dumps(report, indent=2))
+
+
+async def _vllm_phases(args: argparse.Namespace, flat: Path, load_format: str, media: dict[str, np.ndarray],
+                       work: Path, report: dict[str, Any]) -> None:
+    from service.engines.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(
+        SimpleNamespace(model=str(flat), data_dir=str(work)),
+        engine_args=dict(load_format=load_format, enforce_eager=args.eager, max_model_len=args.max_model_len,
+                         gpu_memory_utilization=args.gpu_memory_utilization,
+                         max_num_seqs=max(int(c) for c in args.concurrency.split(","))),
+    )
+    t0 = time.perf_counter()
+    await engine.start()
+    report["vllm"] = {"start_s": time.perf_counter() - t0, "enforce_eager": args.eager, "gpu_used_gb": _gpu_used_gb(),
+                      "levels": []}
+    _save(report, args.out)
+    try:
+        for level in (int(c) for c in args.concurrency.split(",")):
+            report["vllm"]["levels"].append(await sweep(engine, args, media, level, "tput"))
+            _save(report, args.out)
+        ref = report.get("reference", {}).get("requests_per_s")
+        if ref:
+            report["throughput_ratio_vs_reference"] = {
+                str(lv["concurrency"]): lv["requests_per_s"] / ref for lv in report["vllm"]["levels"]}
+        report["cache_hit"] = await cache_hit(engine, args)
+        _save(report, args.out)
+        if args.depth != "none":
+            report["pipeline"] = await pipeline(engine, args, media, work)
+            _save(report, args.out)
+    finally:
+        await engine.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="sr3d-bench-engine-"))
+    work.mkdir(parents=True, exist_ok=True)
+    flat, nvila, load_format = _model_dir(args, work)
+    media = _media(args)
+    report: dict[str, Any] = {
+        "config": args.config, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "workload": {"frames": args.frames, "height": args.height, "width": args.width, "regions": 1,
+                     "max_tokens": args.max_tokens, "requests_per_level": args.requests},
+    }
+    report["reference"] = reference(args, nvila, media)
+    _save(report, args.out)
+    asyncio.run(_vllm_phases(args, flat, load_format, media, work, report))
+    _save(report, args.out)
+    if args.out is not None:
+        _plot(report, args.out / "engine.png")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = report.get("vllm", {}).get("levels", [])
+    if not levels:
+        return
+    c = [lv["concurrency"] for lv in levels]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(c, [lv["requests_per_s"] for lv in levels], "o-", label="vLLM engine")
+    ref = report.get("reference", {}).get("requests_per_s")
+    if ref:
+        a.axhline(ref, color="gray", ls="--", label="model core, one at a time")
+    a.set_xscale("log", base=2)
+    a.set_xlabel("concurrency")
+    a.set_ylabel("requests/s")
+    a.legend()
+    a.set_title(f"SR-3D {report['config']} ({report['device']})")
+    b.plot(c, [lv["ttft_s_p50"] for lv in levels], "o-", label="TTFT p50")
+    b.plot(c, [lv["ttft_s_p99"] for lv in levels], "s--", label="TTFT p99")
+    b.set_xscale("log", base=2)
+    b.set_xlabel("concurrency")
+    b.set_ylabel("seconds")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))
