@@ -1,0 +1,85 @@
+"""VLLMEngine's CPU side (no engine start): checkpoint resolution and what it sends to vLLM per request."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vllm", reason="vllm (extra `vllm`) is not installed: the vLLM engine cannot be exercised")
+pytestmark = pytest.mark.vllm
+
+from model.inputs import GenerationParams, RegionMask, SpatialQuery  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    import json
+
+    from transformers import AutoTokenizer
+
+    from model.config import config_from_dict
+    from service.engines.vllm_engine import VLLMEngine, resolve_flat_checkpoint, stop_token_ids
+
+    data = tmp_path_factory.mktemp("vllm-data")
+    flat = resolve_flat_checkpoint(str(tiny_checkpoint), data)
+    assert resolve_flat_checkpoint(str(tiny_checkpoint), data) == flat  # converted once, then reused
+    assert resolve_flat_checkpoint(str(flat), data) == flat  # a flat dir is used as is
+    eng = VLLMEngine(SimpleNamespace(model=str(tiny_checkpoint), data_dir=str(data)))
+    eng.config = config_from_dict(json.loads((flat / "config.json").read_text()))
+    eng.tokenizer = AutoTokenizer.from_pretrained(str(flat))
+    eng._stop_ids = stop_token_ids(eng.tokenizer)
+    return eng
+
+
+def _query(question: str, boxes: list[tuple[int, int]], key: str | None = "clip-1") -> SpatialQuery:
+    frames = np.zeros((4, 64, 96, 3), np.uint8)
+    regions = []
+    for frame, x in boxes:
+        m = np.zeros((64, 96), bool)
+        m[10:30, x:x + 20] = True
+        regions.append([RegionMask(frame, m)])
+    return SpatialQuery(frames, question, regions, is_video=True, media_key=key)
+
+
+def test_prompt_and_uuid(engine) -> None:  # type: ignore[no-untyped-def]
+    a, n = engine.build_inputs(_query("Is <region1> left of <region0>?", [(0, 10), (2, 50)]))
+    ids = a["prompt_token_ids"]
+    image_id = engine.tokenizer.convert_tokens_to_ids("<image>")
+    region_id = engine.tokenizer.convert_tokens_to_ids("<region>")
+    assert ids.count(image_id) == 4 and ids.count(region_id) == 2
+    assert ids.index(image_id) < ids.index(region_id)  # visual prefix first (prefix caching)
+    assert a["multi_modal_data"]["image"]["region_order"] == [1, 0]
+    assert n == len(ids) + 4 * 121  # expanded length: each <image> -> 121 slots + newline
+    (uuid,) = a["multi_modal_uuids"]["image"]
+    assert uuid.startswith("clip-1/")
+    # same media + same regions + same slot order -> same uuid (a second question reuses the caches)
+    b, _ = engine.build_inputs(_query("Which is closer, <region1> or <region0>?", [(0, 10), (2, 50)]))
+    assert b["multi_modal_uuids"]["image"] == [uuid]
+    # a different slot order or different masks change the item's embeddings -> a different uuid
+    c, _ = engine.build_inputs(_query("Is <region0> left of <region1>?", [(0, 10), (2, 50)]))
+    d, _ = engine.build_inputs(_query("Is <region1> left of <region0>?", [(0, 12), (2, 50)]))
+    assert len({uuid, c["multi_modal_uuids"]["image"][0], d["multi_modal_uuids"]["image"][0]}) == 3
+    e, _ = engine.build_inputs(_query("Describe.", [], key=None))
+    assert "multi_modal_uuids" not in e  # no media key: vLLM hashes the item's content
+
+
+def test_bad_input_fails_before_vllm(engine) -> None:  # type: ignore[no-untyped-def]
+    from model.errors import ModelInputError
+
+    with pytest.raises(ModelInputError) as e:
+        engine.build_inputs(_query("Where is <region3>?", [(0, 10)]))
+    assert e.value.code == "region_out_of_range"
+    with pytest.raises(ModelInputError) as e:
+        engine.build_inputs(_query("Where is <image> here?", []))
+    assert e.value.code == "placeholder_in_question"
+
+
+def test_sampling_params_follow_the_core_stop_rule(engine) -> None:  # type: ignore[no-untyped-def]
+    from vllm.sampling_params import RequestOutputKind
+
+    sp = engine.sampling_params(GenerationParams(max_tokens=7, temperature=0.0))
+    assert sp.output_kind == RequestOutputKind.DELTA and sp.max_tokens == 7
+    assert engine.tokenizer.convert_tokens_to_ids("<|im_end|>") in sp.stop_token_ids
+    assert engine.sampling_params(GenerationParams(ignore_eos=True)).stop_token_ids == []
