@@ -135,8 +135,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _own_env() -> dict[str, str]:
-    """Settings for the service this benchmark starts: reuse the tiny checkpoint across runs."""
+    """Settings for the service this benchmark starts: CPU-friendly defaults, overridable from the env.
+
+    Its data dir (embedded Redis, tiny checkpoint) is a fresh temp dir unless SR3D_DATA_DIR is set,
+    so a benchmark never shares Redis state with a `make run` on the same machine."""
     import os
 
-    data = os.environ.get("SR3D_DATA_DIR", str(Path("var").resolve()))
-    return {"SR3D_DATA_DIR": data}
+    env = {"SR3D_LOG_LEVEL": "WARNING"}
+    if os.environ.get("SR3D_DATA_DIR"):
+        env["SR3D_DATA_DIR"] = os.environ["SR3D_DATA_DIR"]
+    return env
