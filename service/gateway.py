@@ -497,7 +497,7 @@ async def _store_and_submit(gw: GatewayState, parsed: ParsedSubmit, caller: Call
         raise
     if not created:  # lost an idempotency race: the other request's job stands
         await _delete(gw.blobs, stored)
-    log.info("job submitted", extra={"job_id": got_id, "media_kind": parsed.media_kind, "created": created,
+    log.info("job submitted", extra={"job_id": got_id, "media_kind": parsed.media_kind, "new_job": created,
                                      "regions": len(parsed.regions.regions), "api_key_id": caller.key_id})
     return got_id, created
 
