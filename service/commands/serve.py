@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from service.settings import Settings
 
@@ -51,9 +53,10 @@ async def serve(settings: Settings, host: str, port: int, drain_timeout_s: float
     stopping = asyncio.Event()
     install_stop_handlers(stopping.set)
     redis = redis_client(settings.redis_url)
-    http = QuietServer(uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5))
-    http_task = asyncio.create_task(http.serve())
     runtime = None
+    app = _gate_readyz(create_app(settings), lambda: runtime is not None and runtime.ready)
+    http = QuietServer(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5))
+    http_task = asyncio.create_task(http.serve())
     try:
         build = asyncio.create_task(build_worker(settings, redis, consumer=None, drain_timeout_s=drain_timeout_s))
         stop_wait = asyncio.create_task(stopping.wait())
@@ -76,3 +79,18 @@ async def serve(settings: Settings, host: str, port: int, drain_timeout_s: float
         await redis.aclose()
         if handle is not None:
             handle.stop()
+
+
+def _gate_readyz(app: Any, is_ready: Callable[[], bool]) -> Any:
+    """In one process, "ready" also means the in-process worker loaded the model and passed its
+    warm-up; the gateway's own /readyz only knows about Redis."""
+    from starlette.responses import JSONResponse
+
+    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path") == "/readyz" and not is_ready():
+            body = {"error": {"code": "worker_not_ready", "message": "model loading or warm-up not passed yet"}}
+            await JSONResponse(body, status_code=503, headers={"Retry-After": "5"})(scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+    return wrapped
