@@ -15,7 +15,7 @@ BOTTLE_NAME = "intel_bottles_tabletop_8s.mp4"  # 640x360, 250 frames (CC BY 4.0,
 
 
 def find_fixture(name: str) -> Path:
-    for d in (HERE / "data", HERE.parent.parent / "shared" / "fixtures" / "video", Path("/work/shared/fixtures/video")):
+    for d in (HERE / "data" / "video", HERE / "data", HERE.parent.parent / "shared" / "fixtures" / "video", Path("/work/shared/fixtures/video")):
         if (d / name).exists():
             return d / name
     pytest.skip(f"fixture clip {name} not found in tests/data or ../shared/fixtures/video")
