@@ -21,6 +21,9 @@ from pathlib import Path
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.settings import Settings
 
@@ -36,6 +39,10 @@ def redis_client(url: str, *, decode: bool = True, blocking: bool = False) -> ai
     return aioredis.Redis.from_url(
         url,
         decode_responses=decode,
+        # After a Redis restart every pooled connection is stale; retry on a fresh one instead of
+        # answering the first requests with 503.
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+        retry_on_error=[RedisConnectionError],
         socket_timeout=None if blocking else 30,
         socket_connect_timeout=5,
         health_check_interval=30,

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     worker_concurrency: int = Field(4, ge=1, le=256)
     worker_metrics_port: int = 9100
+    # The torch engine waits this long for concurrent requests to join one batch.
+    torch_batch_window_ms: float = Field(10, ge=0, le=1000)
 
     # --- storage ----------------------------------------------------------------------------------
     redis_url: str | None = Field(None, validation_alias=AliasChoices("REDIS_URL", "SR3D_REDIS_URL"))

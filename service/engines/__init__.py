@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from service.engines.protocol import Engine
@@ -17,11 +16,11 @@ def make_engine(settings: Any) -> Engine:
         return VLLMEngine(settings)
     from service.engines.torch_engine import TorchEngine
 
-    # Micro-batch knobs are engine internals, not service settings; env overrides for experiments.
+    # A batch can never hold more than the jobs this worker runs at once.
     return TorchEngine(
         settings.model,
         data_dir=str(settings.data_dir),
         device=settings.device,
-        max_batch=int(os.environ.get("SR3D_TORCH_MAX_BATCH", max(settings.worker_concurrency, 1))),
-        batch_window_s=float(os.environ.get("SR3D_TORCH_BATCH_WINDOW_MS", "10")) / 1000.0,
+        max_batch=settings.worker_concurrency,
+        batch_window_s=settings.torch_batch_window_ms / 1000.0,
     )
