@@ -56,7 +56,7 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.pids, self.period = pids, period
         self.series: dict[str, list[tuple[float, int]]] = {n: [] for n in pids}
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self.t0 = time.monotonic()
 
     def sample(self) -> None:
@@ -67,11 +67,11 @@ class RssSampler(threading.Thread):
                 self.series[name].append((round(t, 2), v))
 
     def run(self) -> None:
-        while not self._stop.wait(self.period):
+        while not self._halt.wait(self.period):
             self.sample()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
         self.sample()
 
