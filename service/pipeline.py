@@ -132,7 +132,7 @@ class Pipeline:
         if cache is None:
             from model.geometry import PointMapCache
 
-            cache = PointMapCache()
+            cache = PointMapCache(max_bytes=settings.pointmap_cache_mb << 20)
         self.cache = cache
 
     async def build(self, job: JobSpec, on_stage: StageCallback, cancelled: asyncio.Event | None = None) -> SpatialQuery:
