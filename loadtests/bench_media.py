@@ -1,8 +1,11 @@
 """Media + depth benchmark: decode time (32 frames of generated 720p/1080p H.264) and depth frames/s.
 
 Compares, within one run: isolated (killable child process) vs in-process decode, full size vs
-`max_side=640`, and depth batch size 1 vs N. `--real-shapes` uses random weights in the
-Depth-Anything-V2-Large shape (meant for the GPU machine; on CPU use `--frames 2`).
+`max_side=640`, and depth batch size 1 vs N. The depth run is also split into its stages: network
+forward, resize to the frame size, geometry (disparity -> depth -> points -> canonical -> scaled ->
+host copy); on a GPU the post-processing (resize + geometry) is timed on the CPU too, for the ratio.
+`--real-shapes` uses random weights in the Depth-Anything-V2-Large shape (meant for the GPU
+machine; on CPU use `--frames 2`).
 """
 from __future__ import annotations
 
@@ -109,9 +112,37 @@ def bench_depth(tmp: Path, frames: np.ndarray, args: argparse.Namespace) -> dict
         seconds = _time(once, args.repeats)
         out[f"batch_{bs}"] = {"seconds": round(seconds, 4), "frames_per_s": round(len(frames) / seconds, 2)}
         out["device"] = str(backend.device)
+        if bs == args.batch_size:
+            out["stages"] = bench_stages(backend, frames, args.repeats)
         del backend
     out["batching_speedup"] = round(out[f"batch_{args.batch_size}"]["frames_per_s"] / out["batch_1"]["frames_per_s"], 3)
     return out
+
+
+def bench_stages(backend: Any, frames: np.ndarray, repeats: int) -> dict[str, Any]:
+    """Seconds per stage of `compute` for one request (median of `repeats`, device synchronised)."""
+    import torch
+
+    sync = torch.cuda.synchronize if backend.device.type == "cuda" else (lambda: None)
+    size = tuple(frames.shape[1:3])
+
+    def timed(fn) -> float:
+        return _time(lambda: (fn(), sync()), repeats)
+
+    raw = backend.forward(frames)
+    pred = backend.resize(raw, size)
+    row: dict[str, Any] = {
+        "raw_size": list(raw.shape[1:]),
+        "forward_s": timed(lambda: backend.forward(frames)),
+        "resize_s": timed(lambda: backend.resize(raw, size)),
+        "geometry_s": timed(lambda: backend.pointmaps_from_prediction(pred)),  # ends in the host copy
+    }
+    row["postprocess_s"] = row["resize_s"] + row["geometry_s"]
+    row["postprocess_share"] = row["postprocess_s"] / (row["forward_s"] + row["postprocess_s"])
+    if backend.device.type != "cpu":  # the same torch code on the host, from the raw output
+        row["postprocess_cpu_s"] = timed(lambda: backend.pointmaps_from_prediction(backend.resize(raw.cpu(), size)))
+        row["postprocess_cpu_over_device"] = row["postprocess_cpu_s"] / row["postprocess_s"]
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,7 +169,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
     names = list(report["decode"])
     kinds = ["isolated_s", "in_process_s", "isolated_max_side_640_s"]
     for i, k in enumerate(kinds):
@@ -152,6 +183,12 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     b.bar(keys, [depth[k]["frames_per_s"] for k in keys])
     b.set_ylabel("frames/s")
     b.set_title(f"depth ({depth['model']}, {depth['device']})")
+    stages = depth["stages"]
+    names = [k for k in ("forward_s", "resize_s", "geometry_s", "postprocess_cpu_s") if k in stages]
+    c.bar(names, [stages[k] for k in names])
+    c.set_ylabel(f"seconds for {depth['frames']} frames")
+    c.set_title("depth stages (postprocess_cpu_s = resize + geometry on host)", fontsize=9)
+    c.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

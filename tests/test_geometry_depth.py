@@ -17,7 +17,7 @@ from model.geometry import (
     disparity_to_depth,
     intrinsics_from_fov,
 )
-from model.geometry.project import backproject, finalize
+from model.geometry.project import backproject, finalize, quantile
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,104 @@ def test_disparity_floor_limits_far_depth() -> None:
     d[0, 0, 0] = 1e-9  # "sky"
     depth, valid = disparity_to_depth(d)
     assert depth.max() <= 100.0 + 1e-3 and not valid[0, 0, 0] and valid.sum() == 99
+
+
+# The numpy post-processing this module ran before it moved to torch (commit a336150), frozen here
+# as the oracle the torch path must reproduce.
+def _numpy_reference(pred: np.ndarray, K: np.ndarray, poses: np.ndarray, reference_frame: int = 0):
+    d = np.nan_to_num(pred.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    floor = max(float(np.quantile(d[:, ::4, ::4].ravel(), 0.98)) / 100.0, 1e-6)
+    valid = d > floor
+    depth = (1.0 / np.maximum(d, np.float32(floor))).astype(np.float32)
+    h, w = depth.shape[-2:]
+    Kinv = np.linalg.inv(K).astype(np.float32)
+    u, v = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    pix = np.stack([u, v, np.ones_like(u)], axis=-1)
+    cam = (pix.reshape(-1, 3) @ np.swapaxes(Kinv, -1, -2)).reshape(len(K), h, w, 3) * depth[..., None]
+    poses_w = np.linalg.inv(poses[reference_frame])[None] @ poses
+    T = poses_w.astype(np.float32)
+    world = (cam.reshape(len(K), -1, 3) @ np.swapaxes(T[:, :3, :3], -1, -2) + T[:, None, :3, 3]).reshape(cam.shape)
+    valid = valid & np.isfinite(world).all(axis=-1)
+    world = np.where(valid[..., None], world, np.float32(0))
+    norms = np.sqrt((world[valid].astype(np.float64) ** 2).sum(axis=-1))
+    norms = norms[np.isfinite(norms) & (norms > 0)]
+    scale = float(np.median(norms)) if norms.size else 1.0
+    poses_w[:, :3, 3] /= scale
+    return world / scale, valid, poses_w.astype(np.float32), scale
+
+
+def _disparity(f: int, h: int, w: int, seed: int) -> np.ndarray:
+    d = np.random.default_rng(seed).uniform(0.0, 3.0, (f, h, w)).astype(np.float32)
+    d[0, :3] = 0.0  # "sky": below the floor -> invalid
+    d[-1, 0, :4] = [np.nan, np.inf, -np.inf, 1e-9]
+    return d
+
+
+def _rigid(seed: int, f: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    poses = np.stack([np.eye(4)] * f)
+    for T in poses:
+        q = rng.normal(size=4)
+        q /= np.linalg.norm(q)
+        a, b, c, d = q
+        T[:3, :3] = [[a*a+b*b-c*c-d*d, 2*(b*c-a*d), 2*(b*d+a*c)], [2*(b*c+a*d), a*a-b*b+c*c-d*d, 2*(c*d-a*b)],
+                     [2*(b*d-a*c), 2*(c*d+a*b), a*a-b*b-c*c+d*d]]
+        T[:3, 3] = rng.normal(size=3)
+    return poses
+
+
+@pytest.mark.parametrize("zero", [False, True], ids=["random", "all-zero"])
+def test_torch_postprocessing_matches_the_numpy_reference(backend: DepthAnythingBackend, zero: bool) -> None:
+    pred = np.zeros((3, 20, 30), np.float32) if zero else _disparity(3, 20, 30, seed=4)
+    K = np.stack([intrinsics_from_fov(30, 20)] * 3)
+    want_pts, want_valid, want_poses, want_scale = _numpy_reference(pred, K, np.stack([np.eye(4)] * 3))
+    pm = backend.pointmaps_from_prediction(torch.from_numpy(pred))  # the backend's own device path
+    assert np.isfinite(pm.points).all() and pm.points.dtype == np.float32
+    assert np.array_equal(pm.valid, want_valid) and pm.valid.any() != zero
+    np.testing.assert_allclose(pm.points, want_pts, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pm.poses, want_poses, atol=1e-6)
+    assert pm.scale == pytest.approx(want_scale, rel=1e-6)
+    # Non-identity poses (the canonicalising transform the monocular path skips), numpy in.
+    poses = _rigid(5, 3)
+    depth, valid = disparity_to_depth(pred)
+    assert isinstance(depth, np.ndarray) and isinstance(valid, np.ndarray)
+    got = finalize(backproject(depth, K), valid, K, poses, metric=False, source="x", reference_frame=1)
+    want_pts, want_valid, want_poses, want_scale = _numpy_reference(pred, K, poses, reference_frame=1)
+    assert np.array_equal(got.valid, want_valid)
+    np.testing.assert_allclose(got.points, want_pts, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.poses, want_poses, atol=1e-5)
+    assert got.scale == pytest.approx(want_scale, rel=1e-6)
+
+
+def test_model_path_matches_the_numpy_reference_per_request(backend: DepthAnythingBackend) -> None:
+    """compute_many (network -> one resize per frame size -> torch post-processing) against the
+    reference applied to each request's own prediction."""
+    reqs = [_frames(2, seed=6), _frames(3, 40, 40, seed=7), _frames(1, seed=8)]
+    preds = backend.predict(reqs)
+    for fr, pred, pm in zip(reqs, preds, backend.compute_many(reqs, [None] * 3)):
+        f, h, w = fr.shape[:3]
+        assert pred.shape == (f, h, w) and pred.dtype == np.float32
+        K = np.stack([intrinsics_from_fov(w, h)] * f)
+        want_pts, want_valid, _, want_scale = _numpy_reference(pred, K, np.stack([np.eye(4)] * f))
+        assert np.array_equal(pm.valid, want_valid)
+        np.testing.assert_allclose(pm.points, want_pts, rtol=1e-5, atol=1e-6)
+        assert pm.scale == pytest.approx(want_scale, rel=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 1001])
+def test_quantile_matches_numpy_both_ways(n: int) -> None:
+    x = np.random.default_rng(n).normal(size=n)
+    for q in (0.0, 0.5, 0.98, 1.0):
+        for select in (True, False):
+            assert float(quantile(torch.from_numpy(x), q, select=select)) == pytest.approx(np.quantile(x, q), abs=1e-12)
+
+
+def test_finalize_leaves_the_callers_arrays_alone() -> None:
+    pts = np.full((1, 2, 2, 3), 2.0)
+    pts[0, 0, 0] = np.nan
+    before = pts.copy()
+    pm = finalize(pts, np.ones((1, 2, 2), bool), np.eye(3)[None], np.eye(4)[None], metric=True, source="x")
+    assert np.array_equal(pts, before, equal_nan=True) and (pm.points[0, 0, 0] == 0).all() and not pm.valid[0, 0, 0]
 
 
 def _pm(n_bytes_frames: int) -> PointMaps:

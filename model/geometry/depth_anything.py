@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from model.geometry.intrinsics import DEFAULT_FOV_X_DEG, broadcast_intrinsics, intrinsics_from_fov
-from model.geometry.project import backproject, finalize
+from model.geometry.project import ArrayT, as_tensor, backproject, finalize, like, quantile
 from model.geometry.types import PointMaps
 
 _IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -81,21 +81,29 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def disparity_to_depth(disparity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Relative disparity [F,H,W] of one request -> (depth, valid), finite everywhere.
+def disparity_to_depth(disparity: ArrayT) -> tuple[ArrayT, ArrayT]:
+    """Relative disparity [F,H,W] of one request -> (depth, valid), finite everywhere, on the input's
+    device (numpy in, numpy out).
 
     One floor for the whole request keeps frames mutually consistent. An all-zero map (random or
     blank) gives depth 1/eps everywhere and valid all False rather than inf/NaN.
     """
-    d = np.nan_to_num(disparity.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    sample = d[:, ::4, ::4].ravel()  # quantile on a subsample: same answer, a fraction of the time
-    floor = max(float(np.quantile(sample, 0.98)) / 100.0, 1e-6) if sample.size else 1e-6
+    d = torch.nan_to_num(as_tensor(disparity).to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    sample = d[:, ::4, ::4].reshape(-1)  # quantile on a subsample: same answer, a fraction of the time
+    if sample.numel():  # the floor stays a device tensor: no host round trip
+        floor = (quantile(sample, 0.98).to(torch.float64) / 100.0).clamp_min(1e-6).to(torch.float32)
+    else:
+        floor = torch.tensor(1e-6, dtype=torch.float32, device=d.device)
     valid = d > floor
-    depth = 1.0 / np.maximum(d, np.float32(floor))
-    return depth.astype(np.float32), valid
+    depth = torch.reciprocal(torch.maximum(d, floor))
+    return like(depth, disparity), like(valid, disparity)
 
 
 class DepthAnythingBackend:
+    """`compute_many` = `forward` (network, per frame size, in chunks of `batch_size`) -> `resize`
+    (one interpolate per frame size) -> `pointmaps_from_prediction` (per request); everything up to
+    the final float32 maps stays on `device`."""
+
     name = "depth-anything"
 
     def __init__(
@@ -125,29 +133,60 @@ class DepthAnythingBackend:
         self.metric = getattr(self.model.config, "depth_estimation_type", "relative") == "metric"
 
     @torch.inference_mode()
-    def predict(self, frames: list[np.ndarray]) -> list[np.ndarray]:
-        """Raw model output (disparity, or metres for metric models) at each frame's resolution.
+    def forward(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 [N, H, W, 3] frames of one size -> raw model output [N, h', w'] float32 on `device`
+        (at the network's resolution), in chunks of `batch_size`."""
+        x = as_tensor(frames).to(self.device).permute(0, 3, 1, 2)  # one host-to-device copy
+        outs = []
+        for start in range(0, len(x), self.batch_size):
+            pixel_values = self.processor(
+                images=x[start : start + self.batch_size], return_tensors="pt", device=self.device
+            )["pixel_values"].to(self.device, self.dtype)
+            outs.append(self.model(pixel_values=pixel_values).predicted_depth.float())
+        return torch.cat(outs)
 
-        Frames of all requests are grouped by size and run in batches of `batch_size`."""
-        flat = [(r, i) for r, fr in enumerate(frames) for i in range(len(fr))]
-        groups: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
-        for r, i in flat:
-            groups[frames[r].shape[1:3]].append((r, i))
-        out = [np.zeros(fr.shape[:3], dtype=np.float32) for fr in frames]
-        for (h, w), members in groups.items():
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start : start + self.batch_size]
-                batch = torch.from_numpy(np.stack([frames[r][i] for r, i in chunk])).to(self.device)
-                pixel_values = self.processor(
-                    images=batch.permute(0, 3, 1, 2), return_tensors="pt", device=self.device
-                )["pixel_values"].to(self.device, self.dtype)
-                pred = self.model(pixel_values=pixel_values).predicted_depth  # [B, h', w']
-                pred = torch.nn.functional.interpolate(
-                    pred[:, None].float(), size=(h, w), mode="bilinear", align_corners=False
-                )[:, 0].cpu().numpy()
-                for (r, i), p in zip(chunk, pred):
-                    out[r][i] = p
+    @torch.inference_mode()
+    def resize(self, raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Raw output [N, h', w'] -> [N, H, W] at the frames' size, one batched interpolate."""
+        return torch.nn.functional.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+    @torch.inference_mode()
+    def predict_tensors(self, frames: list[np.ndarray]) -> list[torch.Tensor]:
+        """Model output (disparity, or metres for metric models) [F, H, W] per request, on `device`.
+
+        Requests of the same frame size share batches: each request has one size, so a size group
+        is a run of whole requests and splitting the result gives each its own frames back."""
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for r, fr in enumerate(frames):
+            groups[tuple(fr.shape[1:3])].append(r)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(frames)
+        for size, members in groups.items():
+            lengths = [len(frames[r]) for r in members]
+            if sum(lengths) == 0:
+                pred = torch.zeros((0, *size), device=self.device)
+            else:
+                pred = self.resize(self.forward(np.concatenate([frames[r] for r in members])), size)
+            for r, part in zip(members, pred.split(lengths)):
+                out[r] = part
         return out
+
+    def predict(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        """`predict_tensors` as numpy arrays (float32 [F, H, W] per request)."""
+        return [p.cpu().numpy() for p in self.predict_tensors(frames)]
+
+    @torch.inference_mode()
+    def pointmaps_from_prediction(self, pred: torch.Tensor, intrinsics: np.ndarray | None = None) -> PointMaps:
+        """One request's model output [F, H, W] (on any device) -> PointMaps, computed on that device."""
+        f, h, w = pred.shape
+        K = broadcast_intrinsics(intrinsics_from_fov(w, h, self.fov_x_deg) if intrinsics is None else intrinsics, f)
+        if self.metric:
+            valid = torch.isfinite(pred) & (pred > 0)
+            depth = torch.where(valid, pred, 0.0)
+        else:
+            depth, valid = disparity_to_depth(pred)
+        points = backproject(depth, K)
+        poses = np.broadcast_to(np.eye(4), (f, 4, 4))
+        return finalize(points, valid, K, poses, metric=self.metric, source=self.name)
 
     def compute(self, frames: np.ndarray, intrinsics: np.ndarray | None = None) -> PointMaps:
         return self.compute_many([frames], [intrinsics])[0]
@@ -155,17 +194,5 @@ class DepthAnythingBackend:
     def compute_many(self, frames: list[np.ndarray], intrinsics: list[np.ndarray | None]) -> list[PointMaps]:
         if len(frames) != len(intrinsics):
             raise ValueError("one intrinsics entry (or None) per request")
-        raw = self.predict(frames)
-        result = []
-        for fr, K, pred in zip(frames, intrinsics, raw):
-            f, h, w = fr.shape[:3]
-            K = broadcast_intrinsics(intrinsics_from_fov(w, h, self.fov_x_deg) if K is None else K, f)
-            if self.metric:
-                valid = np.isfinite(pred) & (pred > 0)
-                depth = np.where(valid, pred, 0.0).astype(np.float32)
-            else:
-                depth, valid = disparity_to_depth(pred)
-            points = backproject(depth, K)
-            poses = np.broadcast_to(np.eye(4), (f, 4, 4)).copy()
-            result.append(finalize(points, valid, K, poses, metric=self.metric, source=self.name))
-        return result
+        preds = self.predict_tensors(frames)
+        return [self.pointmaps_from_prediction(p, K) for p, K in zip(preds, intrinsics)]
