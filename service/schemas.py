@@ -30,6 +30,7 @@ class GenerationOptions(_Strict):
     num_frames: int | None = Field(None, ge=1, description="frames sampled from a video; None = SR3D_NUM_FRAMES")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     cancel_on_disconnect: bool = Field(False, description="cancel the job when the streaming client goes away")
+    ignore_eos: bool = Field(False, description="generate exactly max_tokens (fixed-length benchmarks); still capped")
 
     def check_caps(self, settings: Settings) -> GenerationOptions:
         """Raise 422 with a specific code when over a deployment cap; return a copy with defaults filled."""

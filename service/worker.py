@@ -304,6 +304,7 @@ class Worker:
             temperature=float(opts.temperature),
             top_p=float(opts.top_p),
             seed=job_seed(job),
+            ignore_eos=bool(opts.ignore_eos),
         )
         jid = job.job_id
         t0 = time.monotonic()
