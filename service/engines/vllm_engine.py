@@ -54,6 +54,9 @@ class VLLMSettings(BaseSettings):
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int | None = None
     mm_processor_cache_gb: float = Field(4, ge=0)
+    # The SR-3D processor (tiling 32 frames + point maps, ~0.6 s of CPU per request) runs in vLLM's renderer
+    # pool; vLLM allows more than one renderer thread only without the processor cache. >1 turns the cache off.
+    renderer_num_workers: int = Field(1, ge=1)
     enable_prefix_caching: bool = True
     seed: int = 0
 
@@ -151,6 +154,9 @@ class VLLMEngine:
             seed=v.seed,
             disable_log_stats=False,
         )
+        if v.renderer_num_workers > 1:
+            args["renderer_num_workers"] = v.renderer_num_workers
+            args["mm_processor_cache_gb"] = 0
         if v.max_num_batched_tokens:
             args["max_num_batched_tokens"] = v.max_num_batched_tokens
         args.update(self.extra_args)

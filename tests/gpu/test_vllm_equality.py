@@ -85,8 +85,13 @@ def test_vllm_greedy_tokens_equal_model_core(checkpoint: Path, tmp_path: Path) -
             await engine.close()
 
     got = asyncio.run(vllm_tokens())
+    # Every request is compared before anything is asserted, so one run shows all of them.
+    report = {name: {"prompt_tokens": (got[name][2], ref.prompt_tokens), "same_tokens": got[name][0] == ref.token_ids,
+                     "vllm": got[name][0], "core": ref.token_ids} for name, ref in expected.items()}
+    print(report)
+    assert all(r["prompt_tokens"][0] == r["prompt_tokens"][1] for r in report.values()), report
+    assert all(r["same_tokens"] for r in report.values()), report
     for name, ref in expected.items():
-        ids, text, prompt = got[name]
-        assert prompt == ref.prompt_tokens, name
-        assert ids == ref.token_ids, f"{name}: vLLM {ids} != core {ref.token_ids}"
-        assert text == ref.text, name
+        # Random weights emit byte-level garbage; when max_tokens cuts a multi-byte character, the core
+        # flushes it as U+FFFD and vLLM's detokenizer drops it. Everything before must be identical.
+        assert got[name][1].rstrip("\ufffd") == ref.text.rstrip("\ufffd"), name
