@@ -10,6 +10,9 @@ request (no cross-request cache hits in the throughput phases).
 3. cache hit: TTFT of a second question on the same media + regions vs a cold first question;
 4. whole pipeline: point maps from a depth backend (Depth-Anything-V2-L shape with random weights, or the
    tiny one) + the vLLM engine, at one concurrency;
+`--cpu-preprocess`: no GPU, no engine; the per-request CPU work of the vLLM path on this machine: preparing
+the item (`prepare_item`, the engine's thread pool) one at a time and with --prepare-workers threads, the
+renderer's share (vLLM's processor on the prepared item, processor cache on), and the bytes per request.
 GPU memory is read device-wide (vLLM's engine core is another process). nvila-lite-8b uses random weights
 (vLLM load_format=dummy; the core allocated on the device in bf16) and the tiny tokenizer: speed only.
 Prints JSON; writes DIR/engine.json (updated after every phase, so a cut-off run keeps what it measured)
@@ -46,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", choices=["large", "tiny", "none"], default="large")
     p.add_argument("--pipeline-concurrency", type=int, default=8)
     p.add_argument("--work-dir", type=Path, default=None)
+    p.add_argument("--cpu-preprocess", action="store_true", help="only the CPU preprocessing micro-benchmark")
+    p.add_argument("--prepare-workers", type=int, default=0, help="threads for --cpu-preprocess (0 = CPU count)")
 
 
 # ----------------------------------------------------------------------------- workload
@@ -286,12 +291,77 @@ async def _vllm_phases(args: argparse.Namespace, flat: Path, load_format: str, m
         await engine.close()
 
 
+def cpu_preprocess(args: argparse.Namespace, flat: Path) -> dict[str, Any]:
+    """Per-request CPU cost of the vLLM path, split where it runs: the engine's pool vs vLLM's renderer."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.cache import MultiModalProcessorOnlyCache
+    from vllm.multimodal.processing import ProcessorInputs, TimingContext
+    from vllm.plugins import load_general_plugins
+
+    from model.prompt import build_prompt
+    from model.tiling import frame_grid, tiles_for_grid
+    from model.vllm_plugin.processing import prepare_item
+
+    load_general_plugins()
+    mc = ModelConfig(model=str(flat), tokenizer=str(flat), max_model_len=args.max_model_len, mm_processor_cache_gb=1)
+    proc = MULTIMODAL_REGISTRY.create_processor(mc, cache=MultiModalProcessorOnlyCache(mc))
+    cfg, tok = proc.info.get_hf_config(), proc.info.get_tokenizer()
+    media = [_media(args, seed=s) for s in range(2)]
+    queries = [_query(media[i % 2], i, f"cpu-{i}") for i in range(max(4, args.requests))]
+    n, h, w = args.frames, args.height, args.width
+    layout = build_prompt(queries[0].question, [tiles_for_grid(frame_grid(w, h, n > 1, cfg))] * n, 1, tok, cfg)
+
+    def prepare(q: Any) -> dict[str, Any]:
+        return prepare_item(q, layout.region_order, cfg)
+
+    prepare(queries[0])  # warm-up
+    serial = []
+    for q in queries[:4]:
+        t0 = time.perf_counter()
+        item = prepare(q)
+        serial.append(time.perf_counter() - t0)
+    render = []
+    for i, q in enumerate(queries[:4]):  # distinct uuids: every render is a cache miss (the work is done)
+        items = proc.info.parse_mm_data({"image": prepare(q)})
+        t0 = time.perf_counter()
+        proc.apply(ProcessorInputs(layout.input_ids, items, {"image": [f"cpu-{i}"]}), TimingContext(enabled=False))
+        render.append(time.perf_counter() - t0)
+    workers = args.prepare_workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(workers) as pool:
+        t0 = time.perf_counter()
+        list(pool.map(prepare, queries))
+        wall = time.perf_counter() - t0
+    t = int(item["num_tiles"])
+    arrays = {k: int(v.nbytes) for k, v in item.items() if hasattr(v, "nbytes")}
+    return {
+        "tiles": t, "torch_threads": torch.get_num_threads(),
+        "prepare_s_per_request_p50": _pct(serial, 50),
+        "renderer_s_per_request_p50": _pct(render, 50),
+        "prepare_workers": workers, "prepare_requests_per_s_parallel": len(queries) / wall,
+        "prepare_requests_per_s_serial": 1.0 / _pct(serial, 50),
+        "item_bytes": sum(arrays.values()), "item_arrays_bytes": arrays,
+        # what crossed processes before: bf16 pixel values [T, 3, S, S] instead of uint8 [T, S, S, 3]
+        "item_bytes_with_bf16_pixels": sum(arrays.values()) - arrays["tiles"] + 2 * arrays["tiles"],
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="sr3d-bench-engine-"))
     work.mkdir(parents=True, exist_ok=True)
     flat, nvila, load_format = _model_dir(args, work)
+    if args.cpu_preprocess:
+        report = {"config": args.config, "workload": {"frames": args.frames, "height": args.height,
+                                                      "width": args.width, "regions": 1},
+                  "cpu_preprocess": cpu_preprocess(args, flat)}
+        print(json.dumps(report, indent=2))
+        return 0
     media = _media(args)
     report: dict[str, Any] = {
         "config": args.config, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -25,7 +25,7 @@ from model.pos3d import PositionEncoding3D, pool_points_to_patches
 from model.prompt import PromptLayout, build_prompt, expand_prompt
 from model.projector import MultimodalProjector
 from model.regions import RegionExtractor
-from model.tiling import TiledInputs, frame_grid, tile_query, tiles_for_grid, validate_query
+from model.tiling import TiledInputs, frame_grid, normalize_pixels, tile_query, tiles_for_grid, validate_query
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,8 @@ class SR3DForConditionalGeneration(nn.Module):
         dev, dt = self.device, self.dtype
         counts = [p.tiled.num_tiles for p in batch]
         with times.stage("vision", dev):
-            pixels = torch.cat([p.tiled.pixel_values for p in batch]).to(dev, dt, non_blocking=True)
+            # uint8 to the device, normalised there (a quarter of float32's host-to-device bytes)
+            pixels = normalize_pixels(torch.cat([p.tiled.tiles for p in batch]).to(dev, non_blocking=True)).to(dt)
             feats = self.vision_features(pixels)
         with times.stage("pos3d", dev):
             if self.config.pos3d_cfg.get("enabled", True):

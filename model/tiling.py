@@ -54,7 +54,7 @@ def find_grid(width: int, height: int, max_tiles: int = 12, tile_size: int = 448
 
 @dataclass
 class TiledInputs:
-    pixel_values: torch.Tensor  # float32 [T, 3, S, S], SigLIP-normalised (mean = std = 0.5)
+    tiles: torch.Tensor  # uint8 [T, S, S, 3] (RGB as resized; `normalize_pixels` makes the model input)
     points: torch.Tensor | None  # float32 [T, S, S, 3]
     point_valid: torch.Tensor | None  # bool [T, S, S]
     region_tiles: list[torch.Tensor]  # per region: float32 [T, S, S] soft masks in [0, 1]
@@ -63,8 +63,20 @@ class TiledInputs:
     grids: list[Grid]
 
     @property
+    def pixel_values(self) -> torch.Tensor:
+        """float32 [T, 3, S, S], SigLIP-normalised."""
+        return normalize_pixels(self.tiles)
+
+    @property
     def num_tiles(self) -> int:
-        return int(self.pixel_values.shape[0])
+        return int(self.tiles.shape[0])
+
+
+def normalize_pixels(tiles: torch.Tensor) -> torch.Tensor:
+    """uint8 [T, S, S, 3] -> float32 [T, 3, S, S], SigLIP-normalised (mean = std = 0.5), on the tiles' device:
+    callers move uint8 to the GPU (a quarter of float32's bytes) and normalise there. IEEE division and the
+    exact halvings give the same floats on CPU and GPU."""
+    return tiles.permute(0, 3, 1, 2).float().div_(255.0).sub_(0.5).div_(0.5)
 
 
 def validate_query(query: SpatialQuery, config: SR3DConfig) -> None:
@@ -109,14 +121,25 @@ def _resize_area(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:  # [C,
     return F.interpolate(x[None], size=(size[1], size[0]), mode="area")[0]
 
 
-def _resize_nearest(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:  # [C, H, W] -> [C, h, w]
-    if tuple(x.shape[-2:]) == (size[1], size[0]):
-        return x
-    return F.interpolate(x[None], size=(size[1], size[0]), mode="nearest-exact")[0]
+def _nearest_source(h: int, w: int, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source rows and columns of a "nearest-exact" resize [h, w] -> size (separable), taken from torch's own
+    kernel (resizing the coordinate planes), so selecting them equals the resize bit for bit while touching
+    only the output pixels."""
+    yx = torch.stack(torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                    indexing="ij"))
+    if (h, w) != (size[1], size[0]):
+        yx = F.interpolate(yx[None], size=(size[1], size[0]), mode="nearest-exact")[0]
+    return yx[0, :, 0].long(), yx[1, 0, :].long()
 
 
-def _cut(x: torch.Tensor, cols: int, rows: int, s: int) -> list[torch.Tensor]:  # [C, rows*s, cols*s] -> tiles
-    return [x[:, r * s:(r + 1) * s, c * s:(c + 1) * s] for r in range(rows) for c in range(cols)]
+def _tiles(big: torch.Tensor, thumb: torch.Tensor | None, cols: int, rows: int, s: int) -> torch.Tensor:
+    """[F, rows*s, cols*s, ...] (+ [F, s, s, ...] thumbnails) -> [F * per_frame, s, s, ...], per frame the
+    row-major tiles then its thumbnail."""
+    f, rest = big.shape[0], big.shape[3:]
+    x = big.reshape(f, rows, s, cols, s, *rest).transpose(2, 3).reshape(f, rows * cols, s, s, *rest)
+    if thumb is not None:
+        x = torch.cat([x, thumb[:, None]], dim=1)
+    return x.reshape(-1, s, s, *rest)
 
 
 def frame_grid(width: int, height: int, is_video: bool, config: SR3DConfig) -> Grid:
@@ -138,48 +161,45 @@ def tile_query(query: SpatialQuery, config: SR3DConfig) -> TiledInputs:
     cols, rows, thumb = grid
     big = (cols * s, rows * s)
 
-    # One float "plane stack" per frame: [mask_0..mask_R-1, valid, x, y, z] resized with the right filter.
-    num_regions = len(query.regions)
-    pix, pts, val = [], [], []
-    region_tiles: list[list[torch.Tensor]] = [[] for _ in range(num_regions)]
-    for f in range(n):
-        rgb = query.frames[f]
-        parts = [_resize_rgb(rgb, big)]
-        if thumb:
-            parts.append(_resize_rgb(rgb, (s, s)))
-        for i, part in enumerate(parts):
-            t = torch.from_numpy(part.copy()).permute(2, 0, 1).float().div_(255.0).sub_(0.5).div_(0.5)
-            pix.extend(_cut(t, cols, rows, s) if i == 0 else [t])
-
-        for k, masks in enumerate(query.regions):
-            on_frame = [m.mask for m in masks if m.frame == f]
-            if on_frame:
-                m = torch.from_numpy(np.logical_or.reduce(on_frame).astype(np.float32))[None]
-                tiles = _cut(_resize_area(m, big), cols, rows, s)
-                if thumb:
-                    tiles.append(_resize_area(m, (s, s)))
-                region_tiles[k].extend(t[0] for t in tiles)
-            else:
-                region_tiles[k].extend(torch.zeros(s, s) for _ in range(tiles_for_grid(grid)))
-
-        if query.pointmaps is not None:
-            p = torch.from_numpy(np.ascontiguousarray(query.pointmaps[f], dtype=np.float32)).permute(2, 0, 1)
-            v = (torch.ones(1, h, w) if query.pointmap_valid is None
-                 else torch.from_numpy(query.pointmap_valid[f].astype(np.float32))[None])
-            v = v * torch.isfinite(p).all(0, keepdim=True)  # non-finite points are invalid, whatever the mask says
-            pv = torch.cat([torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0), v])
-            tiles = _cut(_resize_nearest(pv, big), cols, rows, s)
-            if thumb:
-                tiles.append(_resize_nearest(pv, (s, s)))
-            pts.extend(t[:3].permute(1, 2, 0) for t in tiles)
-            val.extend(t[3] > 0.5 for t in tiles)
+    # RGB: one PIL resize per frame (PIL releases the GIL: concurrent requests tile in parallel).
+    rgb_big = torch.from_numpy(np.stack([_resize_rgb(fr, big) for fr in query.frames]))
+    rgb_thumb = torch.from_numpy(np.stack([_resize_rgb(fr, (s, s)) for fr in query.frames])) if thumb else None
+    tiles = _tiles(rgb_big, rgb_thumb, cols, rows, s)
 
     per_frame = tiles_for_grid(grid)
+    region_tiles = []
+    for masks in query.regions:
+        planes = torch.zeros(n, per_frame, s, s)
+        for f in sorted({m.frame for m in masks}):
+            m = torch.from_numpy(np.logical_or.reduce([m.mask for m in masks if m.frame == f]).astype(np.float32))[None]
+            one = _tiles(_resize_area(m, big), _resize_area(m, (s, s)) if thumb else None, cols, rows, s)
+            planes[f] = one
+        region_tiles.append(planes.reshape(-1, s, s))
+
+    points = point_valid = None
+    if query.pointmaps is not None:
+        # Nearest resize = a gather: only the output pixels are read, checked for finiteness and cleaned.
+        src = np.asarray(query.pointmaps, dtype=np.float32)
+        ok = None if query.pointmap_valid is None else np.asarray(query.pointmap_valid)
+
+        def take(size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+            ys, xs = (i.numpy()[:, None] for i in _nearest_source(h, w, size))
+            p = torch.from_numpy(src[:, ys, xs.T])
+            v = ((p - p) == 0).all(-1)  # finite (inf - inf and nan are nan): non-finite points are invalid
+            if ok is not None:
+                v &= torch.from_numpy(ok[:, ys, xs.T]).to(torch.float32) > 0.5
+            return torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0), v
+
+        p_big, v_big = take(big)
+        p_th, v_th = take((s, s)) if thumb else (None, None)
+        points = _tiles(p_big, p_th, cols, rows, s).contiguous()
+        point_valid = _tiles(v_big, v_th, cols, rows, s).contiguous()
+
     return TiledInputs(
-        pixel_values=torch.stack(pix).contiguous(),
-        points=torch.stack(pts).contiguous() if pts else None,
-        point_valid=torch.stack(val).contiguous() if val else None,
-        region_tiles=[torch.stack(r).contiguous() for r in region_tiles],
+        tiles=tiles.contiguous(),
+        points=points,
+        point_valid=point_valid,
+        region_tiles=region_tiles,
         frame_of_tile=[f for f in range(n) for _ in range(per_frame)],
         tiles_per_frame=[per_frame] * n,
         grids=[grid] * n,

@@ -63,6 +63,16 @@ def test_prompt_and_uuid(engine) -> None:  # type: ignore[no-untyped-def]
     assert len({uuid, c["multi_modal_uuids"]["image"][0], d["multi_modal_uuids"]["image"][0]}) == 3
     e, _ = engine.build_inputs(_query("Describe.", [], key=None))
     assert "multi_modal_uuids" not in e  # no media key: vLLM hashes the item's content
+    # the item is prepared here (engine's pool), compact: uint8 tiles, geometry reduced per patch
+    item = a["multi_modal_data"]["image"]
+    assert item["tiles"].shape == (4, 448, 448, 3) and item["tiles"].dtype == np.uint8
+    assert item["patch_points"].shape == (4, 1024, 3) and item["region_cov"].shape == (2 * 4, 32, 32)
+    # an item vLLM's processor cache holds is sent as a header: no pixel work, same layout
+    seen: list[str] = []
+    f, n2 = engine.build_inputs(_query("Where is <region1>, left of <region0>?", [(0, 10), (2, 50)]),
+                                is_cached=lambda u: seen.append(u) or True)
+    assert seen == [uuid] and "tiles" not in f["multi_modal_data"]["image"]
+    assert f["multi_modal_data"]["image"]["num_tiles"] == 4 and f["multi_modal_data"]["image"]["region_order"] == [1, 0]
 
 
 def test_bad_input_fails_before_vllm(engine) -> None:  # type: ignore[no-untyped-def]
@@ -74,6 +84,9 @@ def test_bad_input_fails_before_vllm(engine) -> None:  # type: ignore[no-untyped
     with pytest.raises(ModelInputError) as e:
         engine.build_inputs(_query("Where is <image> here?", []))
     assert e.value.code == "placeholder_in_question"
+    with pytest.raises(ModelInputError) as e:  # the context cap is checked before any pixel work
+        engine.build_inputs(_query("Where?", []), max_tokens=10**6)
+    assert e.value.code == "prompt_too_long"
 
 
 def test_sampling_params_follow_the_core_stop_rule(engine) -> None:  # type: ignore[no-untyped-def]

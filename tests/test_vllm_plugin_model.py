@@ -77,7 +77,7 @@ def test_embed_multimodal_equals_model_core(vllm_model, tiny_model) -> None:  # 
 
     from model.prompt import build_prompt
     from model.tiling import frame_grid, tiles_for_grid
-    from model.vllm_plugin.processing import make_item
+    from model.vllm_plugin.processing import prepare_item
 
     rng = np.random.default_rng(0)
     vid = rng.integers(0, 255, (4, 120, 160, 3), np.uint8)
@@ -96,7 +96,7 @@ def test_embed_multimodal_equals_model_core(vllm_model, tiny_model) -> None:  # 
     for q in queries:
         n, h, w = q.frames.shape[:3]
         lay = build_prompt(q.question, [tiles_for_grid(frame_grid(w, h, q.is_video, cfg))] * n, len(q.regions), tok, cfg)
-        mm = proc.info.parse_mm_data({"image": make_item(q, lay.region_order)})
+        mm = proc.info.parse_mm_data({"image": prepare_item(q, lay.region_order, cfg)})
         items.append(("image", proc.apply(ProcessorInputs(lay.input_ids, mm, None), TimingContext(enabled=False))["mm_kwargs"]["image"][0]))
     # both items in one encoder batch, as vLLM's model runner does
     ((_, num, batch),) = list(group_and_batch_mm_kwargs(items, device="cpu"))

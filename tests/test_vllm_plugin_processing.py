@@ -20,6 +20,7 @@ pytestmark = pytest.mark.vllm
 from model.errors import ModelInputError  # noqa: E402
 from model.inputs import RegionMask, SpatialQuery  # noqa: E402
 from model.pos3d import pool_points_to_patches  # noqa: E402
+from model.tiling import normalize_pixels  # noqa: E402
 
 MAX_MODEL_LEN = 4096
 
@@ -48,19 +49,21 @@ def make_processor(ctx: dict[str, Any], cache: str | None):  # type: ignore[no-u
     return MULTIMODAL_REGISTRY.create_processor(mc, cache=c(mc) if c else None)
 
 
-def run(proc, query: SpatialQuery, uuid: str | None = None):  # type: ignore[no-untyped-def]
-    """What the VLLMEngine sends: the core's unexpanded prompt ids + one SR-3D item."""
+def run(proc, query: SpatialQuery, uuid: str | None = None, header: bool = False):  # type: ignore[no-untyped-def]
+    """What the VLLMEngine sends: the core's unexpanded prompt ids + one prepared SR-3D item (or, for an item
+    the processor cache holds, its header)."""
     from vllm.multimodal.processing import ProcessorInputs, TimingContext
 
     from model.prompt import build_prompt
     from model.tiling import frame_grid, tiles_for_grid
-    from model.vllm_plugin.processing import make_item
+    from model.vllm_plugin.processing import header_item, prepare_item
 
     cfg, tok = proc.info.get_hf_config(), proc.info.get_tokenizer()
     n, h, w = query.frames.shape[:3]
     per_frame = tiles_for_grid(frame_grid(w, h, query.is_video, cfg))
     layout = build_prompt(query.question, [per_frame] * n, len(query.regions), tok, cfg)
-    items = proc.info.parse_mm_data({"image": make_item(query, layout.region_order)})
+    make = header_item if header else prepare_item
+    items = proc.info.parse_mm_data({"image": make(query, layout.region_order, cfg)})
     uuids = {"image": [uuid]} if uuid else None
     return proc.apply(ProcessorInputs(layout.input_ids, items, uuids), TimingContext(enabled=False))
 
@@ -113,7 +116,8 @@ def test_layout_and_fields_match_the_model_core(vllm_ctx, tiny_model, name: str)
     t = ref.tiled.num_tiles
     assert int(data["num_tiles"]) == t and int(data["num_slots"]) == len(lay.region_order)
     assert data["grid"].tolist() == [*ref.tiled.grids[0][:2], int(ref.tiled.grids[0][2])]
-    torch.testing.assert_close(data["pixel_values"], ref.tiled.pixel_values, rtol=0, atol=0)
+    assert data["tiles"].dtype == torch.uint8  # a quarter of float32's bytes; normalised on the device
+    torch.testing.assert_close(normalize_pixels(data["tiles"]), ref.tiled.pixel_values, rtol=0, atol=0)
     if ref.tiled.points is None:
         assert not data["patch_valid"].any()
     else:
@@ -154,6 +158,11 @@ def test_processor_cache_on_gives_the_uncached_result_and_hits(vllm_ctx, cache: 
         assert out["prompt_token_ids"] == plain["prompt_token_ids"]
         (a,), (b,) = out["mm_placeholders"]["image"], plain["mm_placeholders"]["image"]
         assert (a.offset, a.length) == (b.offset, b.length) and torch.equal(a.is_embed, b.is_embed)
+    # what the engine sends once the cache holds the item: its header only (no pixel work), same result
+    third = run(proc, q, uuid="media-1/regions-a", header=True)
+    assert third["prompt_token_ids"] == plain["prompt_token_ids"]
+    assert third["mm_placeholders"]["image"][0].length == plain["mm_placeholders"]["image"][0].length
+    assert (third["mm_kwargs"]["image"][0] is None) == (cache == "sender")
     item = second["mm_kwargs"]["image"][0]
     if cache == "sender":
         assert item is None  # the engine process already holds it: only the key crosses the process boundary
@@ -194,7 +203,7 @@ def test_dummy_inputs_match_max_tokens_per_item(vllm_ctx) -> None:  # type: igno
 def test_bad_items_raise_clear_errors(vllm_ctx) -> None:  # type: ignore[no-untyped-def]
     from vllm.multimodal.processing import ProcessorInputs, TimingContext
 
-    from model.vllm_plugin.processing import make_item
+    from model.vllm_plugin.processing import ItemNotPrepared, prepare_item
 
     proc = make_processor(vllm_ctx, None)
     q = queries()["image_1_region"]
@@ -203,10 +212,17 @@ def test_bad_items_raise_clear_errors(vllm_ctx) -> None:  # type: ignore[no-unty
         run(proc, wrong)
     assert e.value.code == "mask_size_mismatch"
     # a prompt that does not match the item (wrong tile count) is rejected, not silently misaligned
-    items = proc.info.parse_mm_data({"image": make_item(q, [0])})
+    items = proc.info.parse_mm_data({"image": prepare_item(q, [0], proc.info.get_hf_config())})
     tok = proc.info.get_tokenizer()
     ids = tok("<image>\nWhat is Region [0] <region>?", add_special_tokens=False)["input_ids"]
     with pytest.raises(ValueError, match="<image>"):
         proc.apply(ProcessorInputs(ids, items, None), TimingContext(enabled=False))
-    with pytest.raises(ValueError, match="make_item"):
+    with pytest.raises(ValueError, match="prepare_item"):
         proc.info.parse_mm_data({"image": [np.zeros((4, 4, 3), np.uint8)]})
+    # a header-only item that misses the processor cache (evicted after the engine's check): a specific
+    # error the engine answers by preparing the item
+    with pytest.raises(ItemNotPrepared):
+        run(make_processor(vllm_ctx, "processor"), q, uuid="never-seen", header=True)
+    with pytest.raises(ModelInputError) as e:
+        prepare_item(q, [0, 1], proc.info.get_hf_config())
+    assert e.value.code == "region_out_of_range"

@@ -4,7 +4,7 @@ extractor + vLLM's Qwen2, loaded from the flat layout (`model.checkpoint.convert
 The submodule names are the flat layout's key prefixes (`vision_tower.`, `mm_projector.`, `pos3d.`,
 `region_extractor.`, `llm.`); the WeightsMapper only re-inserts SigLIP's `vision_model.` level.
 `embed_multimodal` mirrors `model.modeling.SR3DForConditionalGeneration.embed_batch` step for step, with the
-geometry pre-reduced by the processor (see processing.py).
+geometry pre-reduced and the tiles kept uint8 by `processing.prepare_item`.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from model.config import SR3DConfig
 from model.pos3d import PositionEncoding3D
 from model.projector import MultimodalProjector
 from model.regions import RegionExtractor
+from model.tiling import normalize_pixels
 from model.vllm_plugin.processing import SR3DDummyInputsBuilder, SR3DMultiModalProcessor, SR3DProcessingInfo
 
 
@@ -80,8 +81,8 @@ class SR3DForConditionalGeneration(nn.Module, SupportsMultiModal):
 
     # ------------------------------------------------------------------ multimodal
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        pixel_values = kwargs.get("pixel_values")
-        if pixel_values is None:
+        tiles = kwargs.get("tiles")
+        if tiles is None:
             return []
         num_tiles = [int(n) for n in torch.as_tensor(kwargs["num_tiles"]).flatten().tolist()]
         num_slots = [int(n) for n in torch.as_tensor(kwargs["num_slots"]).flatten().tolist()]
@@ -89,11 +90,12 @@ class SR3DForConditionalGeneration(nn.Module, SupportsMultiModal):
         points = kwargs["patch_points"]
         valid = kwargs["patch_valid"]
         region_cov = kwargs["region_cov"]
-        assert isinstance(pixel_values, torch.Tensor) and isinstance(points, torch.Tensor)
+        assert isinstance(tiles, torch.Tensor) and isinstance(points, torch.Tensor)
         assert isinstance(valid, torch.Tensor) and isinstance(region_cov, torch.Tensor)
 
         dtype = self.vision_tower.dtype
-        feats = self.vision_tower(pixel_values.to(dtype))  # [sum T, N, C], hidden_states[select_layer]
+        # uint8 tiles crossed the process boundary; normalise here, on the GPU, exactly like the core
+        feats = self.vision_tower(normalize_pixels(tiles).to(dtype))  # [sum T, N, C], hidden_states[select_layer]
         if self.config.pos3d_cfg.get("enabled", True):
             feats = feats.clone()
             for f, p, ok in zip(feats.split(num_tiles), points.split(num_tiles), valid.split(num_tiles)):

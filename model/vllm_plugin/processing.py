@@ -12,14 +12,18 @@ The slot order depends on the question (`Is <region1> left of <region0>?`), so t
 `region_order`; the item's hash / uuid covers it, which keeps the processor, encoder and prefix caches
 correct for different questions on the same media.
 
-Everything that only depends on geometry is reduced on the CPU here, in float32, so no big array crosses
-processes and the model receives exactly the values the core computes on:
-- point maps -> per-patch mean point + validity (`model.pos3d.pool_points_to_patches`),
+The heavy, request-specific work runs BEFORE vLLM, in the caller's own CPU pool (`prepare_item`: tiling,
+point-map patch pooling, mask coverage; the VLLMEngine runs it in a thread pool, so requests prepare in
+parallel), because vLLM's renderer is one thread whenever the processor cache is on. The processor only wraps
+the prepared arrays. The item is compact and carries exactly what the model consumes:
+- tiles: uint8 [T, S, S, 3]; the model normalises them on the GPU (`model.tiling.normalize_pixels`), so a
+  32-frame item is 19 MB instead of 39 MB of bf16 (77 MB of float32),
+- point maps -> per-patch mean point + validity (`model.pos3d.pool_points_to_patches`), float32,
 - region masks -> per-patch coverage per slot (area average = what `model.regions.pool_region` does on the
-  stitched full-resolution map when the tile size is a multiple of the patch size).
-Pixel values are cast to the model dtype here (what the core does on the device) to halve the IPC volume.
-Every input check (including "mask covers no patch after resizing") happens here, in the API process:
-an exception inside the GPU worker would take the whole engine down.
+  stitched full-resolution map when the tile size is a multiple of the patch size), float32.
+Every input check (including "mask covers no patch after resizing") happens in `prepare_item`, in the API
+process: an exception inside the GPU worker would take the whole engine down.
+A request whose item vLLM's processor cache already holds sends `header_item` (counts only, no arrays).
 """
 from __future__ import annotations
 
@@ -66,30 +70,61 @@ SR3DItem = dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------- items
-def make_item(query: SpatialQuery, region_order: Sequence[int]) -> SR3DItem:
-    """The `multi_modal_data["image"]` entry for one query: plain arrays/ints only, so vLLM's hasher
-    (which walks dicts, lists and ndarrays) hashes it without pickling."""
+class ItemNotPrepared(ValueError):
+    """A header-only item reached the processor: vLLM's processor cache evicted it after the caller's check.
+    The caller retries with `prepare_item`."""
+
+
+def max_region_slots(config: SR3DConfig) -> int:
+    return SLOTS_PER_REGION * config.max_regions
+
+
+def _check_order(query: SpatialQuery, order: list[int], config: SR3DConfig) -> None:
+    num_regions = len(query.regions)
+    if any(not 0 <= k < num_regions for k in order):
+        raise ModelInputError("region_out_of_range", f"region order {order} with {num_regions} region(s)")
+    if sorted(set(order)) != list(range(num_regions)):
+        raise ModelInputError("unreferenced_region", f"every region must have a slot; order is {order}")
+    if len(order) > max_region_slots(config):
+        raise ModelInputError("too_many_regions", f"{len(order)} region references > limit {max_region_slots(config)}")
+
+
+def header_item(query: SpatialQuery, region_order: Sequence[int], config: SR3DConfig) -> SR3DItem:
+    """What the processor needs for the prompt layout only (cheap): for an item vLLM's cache already holds."""
+    validate_query(query, config)
+    order = [int(k) for k in region_order]
+    _check_order(query, order, config)
+    n, h, w = query.frames.shape[:3]
+    grid = frame_grid(w, h, bool(query.is_video), config)
+    return {"num_tiles": n * tiles_for_grid(grid), "grid": [grid[0], grid[1], int(grid[2])], "region_order": order}
+
+
+def prepare_item(query: SpatialQuery, region_order: Sequence[int], config: SR3DConfig) -> SR3DItem:
+    """The `multi_modal_data["image"]` entry for one query: validated, tiled and reduced to what the model
+    consumes (see the module doc). CPU only, thread-safe. Plain ndarrays/ints/lists, so vLLM's hasher (which
+    walks dicts, lists and ndarrays) hashes it without pickling when there is no uuid."""
+    _config_checks(config)
+    item = header_item(query, region_order, config)
+    order = item["region_order"]
+    tiled = tile_query(query, config)
+    t, patch = tiled.num_tiles, config.patch_size
+    side = config.tile_size // patch
+    if tiled.points is not None:
+        patch_points, patch_valid = pool_points_to_patches(tiled.points, tiled.point_valid, patch)
+    else:  # 2D path: no valid point -> the model skips the 3D-PE for this item, exactly like the core
+        patch_points, patch_valid = torch.zeros(t, side * side, 3), torch.zeros(t, side * side, dtype=torch.bool)
+    coverage = [F.avg_pool2d(_f32(m)[:, None], patch)[:, 0] for m in tiled.region_tiles]  # [T, side, side]
+    probe = torch.zeros(t, side * side, 1)
+    for cov in coverage:  # the core's own check, run where a failure is a clean client error
+        pool_region(probe, cov, tiled.grids)
+    region_cov = torch.cat([coverage[k] for k in order]) if order else torch.zeros(0, side, side)
     return {
-        "frames": query.frames,
-        "pointmaps": query.pointmaps,
-        "pointmap_valid": query.pointmap_valid,
-        "is_video": bool(query.is_video),
-        "regions": [[{"frame": int(m.frame), "mask": m.mask} for m in masks] for masks in query.regions],
-        "region_order": [int(k) for k in region_order],
+        **item,
+        "tiles": tiled.tiles.numpy(),
+        "patch_points": _f32(patch_points).numpy(),
+        "patch_valid": patch_valid.contiguous().numpy(),
+        "region_cov": _f32(region_cov).numpy(),  # [slots * T, side, side], slot-major
     }
-
-
-def item_query(item: SR3DItem) -> SpatialQuery:
-    if not isinstance(item, Mapping) or "frames" not in item or "region_order" not in item:
-        raise ValueError("an SR-3D image item is a dict made by model.vllm_plugin.processing.make_item")
-    return SpatialQuery(
-        frames=item["frames"],
-        question="",
-        regions=[[RegionMask(int(m["frame"]), m["mask"]) for m in masks] for masks in item.get("regions", [])],
-        pointmaps=item.get("pointmaps"),
-        pointmap_valid=item.get("pointmap_valid"),
-        is_video=bool(item.get("is_video", False)),
-    )
 
 
 class SR3DImageItems(ProcessorBatchItems[SR3DItem | None]):
@@ -102,8 +137,7 @@ class SR3DImageItems(ProcessorBatchItems[SR3DItem | None]):
         item = self.get(index)
         if item is None:
             raise ValueError("SR-3D needs the item's data (a cached item cannot be referenced by uuid alone)")
-        n, h, w = np.shape(item["frames"])[:3]
-        return n * tiles_for_grid(frame_grid(w, h, bool(item.get("is_video", False)), config))
+        return int(item["num_tiles"])
 
     def region_order(self, index: int) -> list[int]:
         item = self.get(index)
@@ -117,8 +151,10 @@ class SR3DDataParser(MultiModalDataParser):
         if data is None:
             return None
         items = [data] if isinstance(data, Mapping) else data
-        if not isinstance(items, (list, tuple)) or not all(i is None or isinstance(i, Mapping) for i in items):
-            raise ValueError("SR-3D takes multi_modal_data={'image': make_item(query, region_order)}")
+        if not isinstance(items, (list, tuple)) or not all(
+            i is None or (isinstance(i, Mapping) and "num_tiles" in i and "region_order" in i) for i in items
+        ):
+            raise ValueError("SR-3D takes multi_modal_data={'image': prepare_item(query, region_order, config)}")
         return SR3DImageItems(list(items))
 
 
@@ -151,7 +187,7 @@ class SR3DProcessingInfo(BaseProcessingInfo):
         return special_token_id(tok, cfg.image_token), special_token_id(tok, cfg.region_token), newline
 
     def max_region_slots(self) -> int:
-        return SLOTS_PER_REGION * self.get_hf_config().max_regions
+        return max_region_slots(self.get_hf_config())
 
     def dummy_region_order(self) -> list[int]:
         # One region referenced max_region_slots times: the worst case in embeddings, with one mask's memory.
@@ -176,43 +212,18 @@ class SR3DProcessingInfo(BaseProcessingInfo):
         cfg = self.get_hf_config()
         return {"image": self.max_tiles_per_item(seq_len) * cfg.tokens_per_tile + self.max_region_slots()}
 
-    # ---- the CPU work of one item
+    # ---- one item: wrap the prepared arrays (zero-copy); no pixel is touched in the renderer thread
     def process_item(self, item: SR3DItem) -> dict[str, torch.Tensor]:
-        cfg = self.get_hf_config()
-        _config_checks(cfg)
-        query = item_query(item)
-        validate_query(query, cfg)
-        order = [int(k) for k in item["region_order"]]
-        num_regions = len(query.regions)
-        if any(not 0 <= k < num_regions for k in order):
-            raise ModelInputError("region_out_of_range", f"region order {order} with {num_regions} region(s)")
-        if sorted(set(order)) != list(range(num_regions)):
-            raise ModelInputError("unreferenced_region", f"every region must have a slot; order is {order}")
-        if len(order) > self.max_region_slots():
-            raise ModelInputError("too_many_regions", f"{len(order)} region references > limit {self.max_region_slots()}")
-
-        tiled = tile_query(query, cfg)
-        t, patch = tiled.num_tiles, cfg.patch_size
-        n = (cfg.tile_size // patch) ** 2
-        if tiled.points is not None:
-            patch_points, patch_valid = pool_points_to_patches(tiled.points, tiled.point_valid, patch)
-        else:  # 2D path: no valid point -> the model skips the 3D-PE for this item, exactly like the core
-            patch_points, patch_valid = torch.zeros(t, n, 3), torch.zeros(t, n, dtype=torch.bool)
-
-        coverage = [F.avg_pool2d(_f32(m)[:, None], patch)[:, 0] for m in tiled.region_tiles]  # [T, side, side]
-        probe = torch.zeros(t, n, 1)
-        for cov in coverage:  # the core's own check, run where a failure is a clean client error
-            pool_region(probe, cov, tiled.grids)
-        side = cfg.tile_size // patch
-        region_cov = torch.cat([coverage[k] for k in order]) if order else torch.zeros(0, side, side)
+        if "tiles" not in item:
+            raise ItemNotPrepared("a header-only SR-3D item missed vLLM's processor cache; send prepare_item(...)")
         return {
-            "pixel_values": tiled.pixel_values.to(self.ctx.model_config.dtype),
-            "patch_points": _f32(patch_points),
-            "patch_valid": patch_valid.contiguous(),
-            "region_cov": _f32(region_cov),  # [slots * T, side, side], slot-major
-            "num_tiles": torch.tensor(t),
-            "num_slots": torch.tensor(len(order)),
-            "grid": torch.tensor(list(tiled.grids[0][:2]) + [int(tiled.grids[0][2])]),
+            "tiles": torch.from_numpy(item["tiles"]),
+            "patch_points": torch.from_numpy(item["patch_points"]),
+            "patch_valid": torch.from_numpy(item["patch_valid"]),
+            "region_cov": torch.from_numpy(item["region_cov"]),
+            "num_tiles": torch.tensor(int(item["num_tiles"])),
+            "num_slots": torch.tensor(len(item["region_order"])),
+            "grid": torch.tensor([int(g) for g in item["grid"]]),
         }
 
 
@@ -254,7 +265,7 @@ class SR3DDummyInputsBuilder(BaseDummyInputsBuilder[SR3DProcessingInfo]):
             pointmaps=np.zeros((f, h, w, 3), np.float32),
             is_video=is_video,
         )
-        return {"image": [make_item(query, self.info.dummy_region_order())]}
+        return {"image": [prepare_item(query, self.info.dummy_region_order(), cfg)]}
 
 
 # ------------------------------------------------------------------------------------- processor
@@ -288,7 +299,7 @@ class SR3DMultiModalProcessor(BaseMultiModalProcessor[SR3DProcessingInfo]):
         num_slots = hf_inputs.get("num_slots", torch.empty(0, dtype=torch.long))
         per_tile = MultiModalFieldConfig.flat_from_sizes("image", num_tiles)
         return {
-            "pixel_values": per_tile,
+            "tiles": per_tile,
             "patch_points": per_tile,
             "patch_valid": per_tile,
             "region_cov": MultiModalFieldConfig.flat_from_sizes("image", num_slots * num_tiles),

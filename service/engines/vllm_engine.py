@@ -1,8 +1,10 @@
 """VLLMEngine: SR-3D on vLLM 0.24's AsyncLLM (continuous batching, paged KV, prefix + encoder caches).
 
 Per request: the model core validates the query and lays out the prompt (`build_prompt`: visual prefix first,
-so prefix caching shares the KV of the `<image>` block across questions on the same media); the SR-3D
-plugin's processor tiles the media in vLLM's renderer thread (off the event loop); AsyncLLM streams
+so prefix caching shares the KV of the `<image>` block across questions on the same media); the SR-3D item
+is prepared (tiling, point-map pooling, mask coverage: `processing.prepare_item`) in this engine's own thread
+pool, so concurrent requests prepare in parallel, and vLLM's single renderer thread only wraps the compact
+arrays; an item vLLM's processor cache already holds is sent as a header (no pixel work); AsyncLLM streams
 `RequestOutputKind.DELTA` outputs, which become TokenDeltas. `abort()` aborts the vLLM request; its stream
 ends with finish_reason "abort".
 
@@ -25,7 +27,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +57,9 @@ class VLLMSettings(BaseSettings):
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int | None = None
     mm_processor_cache_gb: float = Field(4, ge=0)
-    # The SR-3D processor (tiling 32 frames + point maps, ~0.6 s of CPU per request) runs in vLLM's renderer
-    # pool; vLLM allows more than one renderer thread only without the processor cache. >1 turns the cache off.
-    renderer_num_workers: int = Field(1, ge=1)
+    # Threads preparing SR-3D items (tiling 32 frames + point maps: ~0.4 s of one core per request) before
+    # vLLM; 0 = one per CPU core. PIL resizes and torch ops release the GIL, so requests prepare in parallel.
+    prepare_workers: int = Field(0, ge=0)
     enable_prefix_caching: bool = True
     seed: int = 0
 
@@ -136,6 +139,8 @@ class VLLMEngine:
         self._stop_ids: list[int] = []
         self._live: set[str] = set()
         self._aborted: set[str] = set()
+        workers = self.vllm_settings.prepare_workers or os.cpu_count() or 4
+        self._prepare_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sr3d-prepare")
 
     def engine_args(self, model_dir: Path) -> dict[str, Any]:
         v = self.vllm_settings
@@ -154,9 +159,6 @@ class VLLMEngine:
             seed=v.seed,
             disable_log_stats=False,
         )
-        if v.renderer_num_workers > 1:
-            args["renderer_num_workers"] = v.renderer_num_workers
-            args["mm_processor_cache_gb"] = 0
         if v.max_num_batched_tokens:
             args["max_num_batched_tokens"] = v.max_num_batched_tokens
         args.update(self.extra_args)
@@ -194,14 +196,18 @@ class VLLMEngine:
         if self.llm is not None:
             llm, self.llm = self.llm, None
             await asyncio.get_running_loop().run_in_executor(None, llm.shutdown)
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- requests
-    def build_inputs(self, query: SpatialQuery) -> tuple[dict[str, Any], int]:
-        """-> (vLLM token prompt with multi_modal_data/uuids, expanded prompt length). Cheap checks only:
-        the tiling itself runs in the renderer's thread."""
+    def build_inputs(
+        self, query: SpatialQuery, max_tokens: int = 0, is_cached: Callable[[str], bool] | None = None
+    ) -> tuple[dict[str, Any], int]:
+        """-> (vLLM token prompt with multi_modal_data/uuids, expanded prompt length). Checks every cap
+        (context included) first, then prepares the item (the CPU-heavy part; run it in `_prepare_pool`),
+        unless `is_cached(uuid)` says vLLM's processor cache holds it: then only its header is sent."""
         from model.prompt import build_prompt
         from model.tiling import frame_grid, tiles_for_grid, validate_query
-        from model.vllm_plugin.processing import make_item
+        from model.vllm_plugin.processing import header_item, prepare_item
 
         cfg = self.config
         assert cfg is not None
@@ -209,13 +215,23 @@ class VLLMEngine:
         n, h, w = query.frames.shape[:3]
         per_frame = tiles_for_grid(frame_grid(w, h, query.is_video, cfg))
         layout = build_prompt(query.question, [per_frame] * n, len(query.regions), self.tokenizer, cfg)
-        prompt: dict[str, Any] = {
-            "prompt_token_ids": layout.input_ids,
-            "multi_modal_data": {"image": make_item(query, layout.region_order)},
-        }
-        if query.media_key:
-            prompt["multi_modal_uuids"] = {"image": [f"{query.media_key}/{region_digest(query, layout.region_order)}"]}
+        limit = self.vllm_settings.max_model_len
+        if layout.num_tokens + max_tokens > limit:
+            raise ModelInputError(
+                "prompt_too_long", f"prompt {layout.num_tokens} + max_tokens {max_tokens} > context {limit}"
+            )
+        uuid = f"{query.media_key}/{region_digest(query, layout.region_order)}" if query.media_key else None
+        cached = uuid is not None and is_cached is not None and is_cached(uuid)
+        item = (header_item if cached else prepare_item)(query, layout.region_order, cfg)
+        prompt: dict[str, Any] = {"prompt_token_ids": layout.input_ids, "multi_modal_data": {"image": item}}
+        if uuid is not None:
+            prompt["multi_modal_uuids"] = {"image": [uuid]}
         return prompt, layout.num_tokens
+
+    def _is_cached(self, uuid: str) -> bool:
+        # A read of vLLM's processor-cache index (no eviction-order update); a stale answer is caught below.
+        cache = self.llm.renderer.mm_processor_cache if self.llm is not None else None
+        return bool(cache is not None and cache.is_cached([uuid])[0])
 
     def sampling_params(self, params: GenerationParams) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -239,18 +255,27 @@ class VLLMEngine:
             raise ValueError(f"request id {rid!r} is already running")
         self._live.add(rid)
         try:
-            prompt, num_tokens = self.build_inputs(request.query)
-            limit = self.vllm_settings.max_model_len
-            if num_tokens + request.params.max_tokens > limit:
-                raise ModelInputError(
-                    "prompt_too_long", f"prompt {num_tokens} + max_tokens {request.params.max_tokens} > context {limit}"
+            from model.vllm_plugin.processing import ItemNotPrepared
+
+            loop = asyncio.get_running_loop()
+            is_cached: Callable[[str], bool] | None = self._is_cached
+            while True:
+                prompt, num_tokens = await loop.run_in_executor(
+                    self._prepare_pool, self.build_inputs, request.query, request.params.max_tokens, is_cached
                 )
-            try:
-                (engine_input,) = await self.llm.renderer.render_cmpl_async([prompt])
-            except ModelInputError:
-                raise
-            except ValueError as e:  # the processor's own checks (e.g. prompt/item mismatch)
-                raise ModelInputError("bad_request", str(e)) from e
+                if rid in self._aborted:
+                    break
+                try:
+                    (engine_input,) = await self.llm.renderer.render_cmpl_async([prompt])
+                    break
+                except ItemNotPrepared:
+                    if is_cached is None:
+                        raise
+                    is_cached = None  # evicted between the check and the render: prepare it this time
+                except ModelInputError:
+                    raise
+                except ValueError as e:  # the processor's own checks (e.g. prompt/item mismatch)
+                    raise ModelInputError("bad_request", str(e)) from e
             if rid in self._aborted:
                 yield TokenDelta("", [], finished=True, finish_reason="abort")
                 return
