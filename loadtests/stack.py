@@ -149,7 +149,7 @@ class Stack:
 
     def start_worker(self, metrics_port: int | None = None, env: dict[str, str] | None = None) -> tuple[Proc, str]:
         port = metrics_port or free_port()
-        p = self._spawn("worker", [sys.executable, "-m", "service.cli", "worker"],
+        p = self._spawn("worker", [sys.executable, "-m", "service.cli", "worker", "--metrics-host", LOOPBACK],
                         {**self._service_env(), "SR3D_WORKER_METRICS_PORT": str(port), **(env or {})})
         return p, f"http://{LOOPBACK}:{port}"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-TARGETS = ("model", "media", "engine", "service", "queue")
+TARGETS = ("model", "media", "engine", "service", "queue", "workers")
 
 
 def add(sub: argparse._SubParsersAction) -> None:
