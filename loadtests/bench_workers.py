@@ -43,9 +43,9 @@ from typing import Any
 
 from loadtests import report as rpt
 from loadtests.client import JobRequest, JobResult, SR3DClient, SSEEvent
-from loadtests.faultkit import consumer_is, pids_alive, queue_state, started_by
+from loadtests.faultkit import consumer_is, queue_state, started_by
 from loadtests.scenarios import VIDEO_FRAMES, VIDEO_SIZE, Outcome, question_for, random_box, video_media
-from loadtests.stack import Proc, Stack
+from loadtests.stack import Proc, Stack, pids_alive
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 RESUME_TIMEOUT_S = 180.0  # a client keeps resuming this long without progress (reclaim + rerun fit inside)

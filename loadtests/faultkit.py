@@ -94,22 +94,3 @@ def wait_until(pred: Callable[[], bool], timeout: float, what: str, period: floa
         time.sleep(period)
 
 
-def pids_alive(pids: Sequence[int]) -> list[int]:
-    import os
-
-    alive = []
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            continue
-        except PermissionError:
-            pass
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue
-        except OSError:
-            continue
-        alive.append(pid)
-    return alive

@@ -203,22 +203,27 @@ class Stack:
 
     def leaked_pids(self) -> list[int]:
         """Pids this stack ever spawned (directly or below) that are still running."""
-        alive = []
-        for pid in sorted(self._seen_pids):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                continue
-            except PermissionError:
-                pass
-            if not _is_zombie(pid):
-                alive.append(pid)
-        return alive
+        return pids_alive(sorted(self._seen_pids))
 
     def track_descendants(self) -> None:
         for p in self.procs:
             if p.alive():
                 self._seen_pids.update(p.descendants())
+
+
+def pids_alive(pids: list[int] | tuple[int, ...]) -> list[int]:
+    """The pids that still run (zombies and vanished processes excluded)."""
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            pass
+        if not _is_zombie(pid):
+            alive.append(pid)
+    return alive
 
 
 def _is_zombie(pid: int) -> bool:

@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from loadtests.client import JobResult, SR3DClient, SSEEvent
-from loadtests.faultkit import FAULT_ENV, consumer_is, mixed_requests, pids_alive, queue_state, started_by, verdict, wait_until
-from loadtests.stack import Stack
+from loadtests.faultkit import FAULT_ENV, consumer_is, mixed_requests, queue_state, started_by, verdict, wait_until
+from loadtests.stack import Stack, pids_alive
 
 pytestmark = pytest.mark.timeout(420)
 
