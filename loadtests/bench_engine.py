@@ -9,7 +9,9 @@ request (no cross-request cache hits in the throughput phases).
    and the throughput ratio vs the reference;
 3. cache hit: TTFT of a second question on the same media + regions vs a cold first question;
 4. whole pipeline: point maps from a depth backend (Depth-Anything-V2-L shape with random weights, or the
-   tiny one) + the vLLM engine, at one concurrency;
+   tiny one) through the worker's `PointMapBatcher` + the vLLM engine, at one concurrency, once per
+   --pipeline-max-jobs value (4 = up to 128 frames per depth batch; 1 = one request at a time);
+`--only` runs a subset of the phases (e.g. `--only pipeline`: no reference, no sweep, no cache phase).
 `--cpu-preprocess`: no GPU, no engine; the per-request CPU work of the vLLM path on this machine: preparing
 the item (`prepare_item`, the engine's thread pool) one at a time and with --prepare-workers threads, the
 renderer's share (vLLM's processor on the prepared item, processor cache on), and the bytes per request.
@@ -48,6 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--depth", choices=["large", "tiny", "none"], default="large")
     p.add_argument("--pipeline-concurrency", type=int, default=8)
+    p.add_argument("--pipeline-max-jobs", default="4,1",
+                   help="comma-separated PointMapBatcher max_jobs to compare (1 = one request's depth at a time)")
+    p.add_argument("--only", default="reference,vllm,cache,pipeline",
+                   help="comma-separated phases to run (reference, vllm, cache, pipeline); the engine starts if any "
+                        "of the last three is named")
     p.add_argument("--work-dir", type=Path, default=None)
     p.add_argument("--cpu-preprocess", action="store_true", help="only the CPU preprocessing micro-benchmark")
     p.add_argument("--prepare-workers", type=int, default=0, help="threads for --cpu-preprocess (0 = CPU count)")
@@ -217,39 +224,69 @@ async def cache_hit(engine: Any, args: argparse.Namespace, repeats: int = 3) -> 
             "speedup": _pct(cold, 50) / _pct(hit, 50)}
 
 
-async def pipeline(engine: Any, args: argparse.Namespace, media: dict[str, np.ndarray], work: Path) -> dict[str, Any]:
-    """Point maps (depth backend on this GPU, one batch at a time) + the vLLM engine, requests overlapping."""
+async def pipeline(engine: Any, args: argparse.Namespace, media: dict[str, np.ndarray], work: Path,
+                   report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Point maps (depth backend on this GPU, through the worker's `PointMapBatcher`) + the vLLM engine,
+    requests overlapping; once per --pipeline-max-jobs value, on one backend and one engine. With
+    `report`, report["pipeline"] is updated and saved after every run (a cut-off run keeps them)."""
     from model.geometry import DepthAnythingBackend
     from model.geometry.depth_anything import build_large_shaped_depth_model, build_tiny_depth_model
+    from service.pipeline import PointMapBatcher
 
     depth_dir = work / f"depth-{args.depth}"
     if not (depth_dir / "config.json").exists():
         (build_large_shaped_depth_model if args.depth == "large" else build_tiny_depth_model)(str(depth_dir))
     backend = DepthAnythingBackend(str(depth_dir), device="auto", batch_size=32)
     backend.compute(media["frames"][:2])  # warm-up
-    lock = asyncio.Lock()  # one depth batch on the GPU at a time, like the worker's PointMapBatcher
-    depth_s: list[float] = []
-    sem = asyncio.Semaphore(args.pipeline_concurrency)
     n = args.requests
+    runs = []
+    for max_jobs in (int(m) for m in args.pipeline_max_jobs.split(",")):
+        batcher = PointMapBatcher(backend, max_jobs=max_jobs, max_frames=max(128, args.frames))
+        batches: list[tuple[int, float]] = []  # (jobs, seconds) per depth batch, as the batcher formed them
 
-    async def run(i: int) -> dict[str, float]:
-        async with sem:
-            t0 = time.perf_counter()
-            async with lock:
-                td = time.perf_counter()
-                pm = await asyncio.to_thread(backend.compute, media["frames"])
-                depth_s.append(time.perf_counter() - td)
-            q = _query({**media, "points": pm.points}, i, f"pipe-{i}")
-            q.pointmap_valid = pm.valid
-            r = await _one(engine, q, f"pipe-{i}", args.max_tokens)
-            return {**r, "e2e": time.perf_counter() - t0}
+        def recorded(frames: list[np.ndarray], intrinsics: list[Any], batches: list[tuple[int, float]] = batches) -> list[Any]:
+            t = time.perf_counter()
+            out = backend.compute_many(frames, intrinsics)
+            batches.append((len(frames), time.perf_counter() - t))
+            return out
 
-    t0 = time.perf_counter()
-    rs = await asyncio.gather(*(run(i) for i in range(n)))
-    wall = time.perf_counter() - t0
-    return {"depth": args.depth, "concurrency": args.pipeline_concurrency, "requests": n, "requests_per_s": n / wall,
-            "depth_s_per_request_p50": _pct(depth_s, 50), "e2e_s_p50": _pct([r["e2e"] for r in rs], 50),
-            "gpu_used_gb": _gpu_used_gb()}
+        batcher.backend = SimpleNamespace(compute_many=recorded)
+        depth_s: list[float] = []
+        sem = asyncio.Semaphore(args.pipeline_concurrency)
+
+        async def run(i: int, tag: str) -> dict[str, float]:
+            async with sem:
+                t0 = time.perf_counter()
+                pm = await batcher.compute(media["frames"])
+                depth_s.append(time.perf_counter() - t0)  # queueing for the batcher included
+                q = _query({**media, "points": pm.points}, i, tag)
+                q.pointmap_valid = pm.valid
+                r = await _one(engine, q, tag, args.max_tokens)
+                return {**r, "e2e": time.perf_counter() - t0}
+
+        t0 = time.perf_counter()
+        rs = await asyncio.gather(*(run(i, f"pipe-j{max_jobs}-{i}") for i in range(n)))
+        wall = time.perf_counter() - t0
+        await batcher.close()
+        runs.append({"max_jobs": max_jobs, "max_frames": batcher.max_frames, "requests_per_s": n / wall,
+                     "depth_batches": len(batches), "jobs_per_depth_batch_mean": n / max(1, len(batches)),
+                     # seconds of depth compute (on the GPU shared with vLLM) per request, and per batch
+                     "depth_s_per_request": sum(s for _, s in batches) / n,
+                     "depth_batch_s_p50": _pct([s for _, s in batches], 50),
+                     "depth_wait_s_per_request_p50": _pct(depth_s, 50),
+                     "ttft_s_p50": _pct([r["ttft"] for r in rs], 50),
+                     "e2e_s_p50": _pct([r["e2e"] for r in rs], 50)})
+        print(json.dumps({"pipeline_run": runs[-1]}), flush=True)
+        batched = max(runs, key=lambda r: r["max_jobs"])  # the worker's configuration: batching on
+        serial = next((r for r in runs if r["max_jobs"] == 1), None)
+        result = {"depth": args.depth, "concurrency": args.pipeline_concurrency, "requests": n,
+                  "requests_per_s": batched["requests_per_s"], "max_jobs": batched["max_jobs"], "runs": runs,
+                  "ratio_vs_max_jobs_1": batched["requests_per_s"] / serial["requests_per_s"] if serial else None,
+                  "depth_backend_batch_size": backend.batch_size, "gpu_used_gb": _gpu_used_gb()}
+        if report is not None:
+            report["pipeline"] = result
+            _save(report, args.out)
+    return result
 
 
 # ----------------------------------------------------------------------------- main
@@ -274,18 +311,20 @@ async def _vllm_phases(args: argparse.Namespace, flat: Path, load_format: str, m
     report["vllm"] = {"start_s": time.perf_counter() - t0, "enforce_eager": args.eager, "gpu_used_gb": _gpu_used_gb(),
                       "levels": []}
     _save(report, args.out)
+    only = set(args.only.split(","))
     try:
-        for level in (int(c) for c in args.concurrency.split(",")):
+        for level in (int(c) for c in args.concurrency.split(",")) if "vllm" in only else ():
             report["vllm"]["levels"].append(await sweep(engine, args, media, level, "tput"))
             _save(report, args.out)
         ref = report.get("reference", {}).get("requests_per_s")
-        if ref:
+        if ref and report["vllm"]["levels"]:
             report["throughput_ratio_vs_reference"] = {
                 str(lv["concurrency"]): lv["requests_per_s"] / ref for lv in report["vllm"]["levels"]}
-        report["cache_hit"] = await cache_hit(engine, args)
-        _save(report, args.out)
-        if args.depth != "none":
-            report["pipeline"] = await pipeline(engine, args, media, work)
+        if "cache" in only:
+            report["cache_hit"] = await cache_hit(engine, args)
+            _save(report, args.out)
+        if args.depth != "none" and "pipeline" in only:
+            report["pipeline"] = await pipeline(engine, args, media, work, report)
             _save(report, args.out)
     finally:
         await engine.close()
@@ -368,9 +407,15 @@ def run(args: argparse.Namespace) -> int:
         "workload": {"frames": args.frames, "height": args.height, "width": args.width, "regions": 1,
                      "max_tokens": args.max_tokens, "requests_per_level": args.requests},
     }
-    report["reference"] = reference(args, nvila, media)
-    _save(report, args.out)
-    asyncio.run(_vllm_phases(args, flat, load_format, media, work, report))
+    only = set(args.only.split(","))
+    unknown = only - {"reference", "vllm", "cache", "pipeline"}
+    if unknown:
+        raise SystemExit(f"--only: unknown phase(s) {sorted(unknown)}")
+    if "reference" in only:
+        report["reference"] = reference(args, nvila, media)
+        _save(report, args.out)
+    if only & {"vllm", "cache", "pipeline"}:
+        asyncio.run(_vllm_phases(args, flat, load_format, media, work, report))
     _save(report, args.out)
     if args.out is not None:
         _plot(report, args.out / "engine.png")

@@ -1,9 +1,14 @@
 """Media + depth benchmark: decode time (32 frames of generated 720p/1080p H.264) and depth frames/s.
 
 Compares, within one run: isolated (killable child process) vs in-process decode, full size vs
-`max_side=640`, and depth batch size 1 vs N. The depth run is also split into its stages: network
-forward, resize to the frame size, geometry (disparity -> depth -> points -> canonical -> scaled ->
-host copy); on a GPU the post-processing (resize + geometry) is timed on the CPU too, for the ratio.
+`max_side=640`, and depth batch size 1 vs N. The depth run is also split into its stages for one
+request: host-to-device copy of the uint8 frames, the image processor (resize + normalise, on the
+device), the network, resize to the frame size, geometry (disparity -> depth -> points -> canonical
+-> scaled, on the device) and the host copy of the float32 point maps + validity (pageable, and into
+a reused pinned buffer for comparison); on a GPU the post-processing (resize + geometry) is timed on
+the CPU too, for the ratio. It also times 4 requests in one `compute_many` (what the worker's
+PointMapBatcher sends) against 4 separate calls, and the network at a smaller processor size.
+Depth frames are --depth-size (default 640x480, the engine bench's workload) random uint8 frames.
 `--real-shapes` uses random weights in the Depth-Anything-V2-Large shape (meant for the GPU
 machine; on CPU use `--frames 2`).
 """
@@ -30,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--real-shapes", action="store_true", help="Depth-Anything-V2-Large-shaped random weights")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8, help="depth batch size compared against 1")
+    p.add_argument("--depth-size", default="640x480", help="WxH of the depth benchmark's frames")
+    p.add_argument("--small-input-size", type=int, default=392, help="processor size compared against the checkpoint's")
+    p.add_argument("--skip-decode", action="store_true", help="depth only")
 
 
 def make_clip(path: Path, width: int, height: int, seconds: float, fps: int = 30) -> Path:
@@ -115,6 +123,7 @@ def bench_depth(tmp: Path, frames: np.ndarray, args: argparse.Namespace) -> dict
         if bs == args.batch_size:
             out["stages"] = bench_stages(backend, frames, args.repeats)
         del backend
+    out["small_input"] = bench_input_size(model_dir, frames, args, out["stages"]["network_s"])
     out["batching_speedup"] = round(out[f"batch_{args.batch_size}"]["frames_per_s"] / out["batch_1"]["frames_per_s"], 3)
     return out
 
@@ -129,30 +138,72 @@ def bench_stages(backend: Any, frames: np.ndarray, repeats: int) -> dict[str, An
     def timed(fn) -> float:
         return _time(lambda: (fn(), sync()), repeats)
 
-    raw = backend.forward(frames)
+    x = torch.from_numpy(frames).to(backend.device).permute(0, 3, 1, 2)
+    pixels = backend.preprocess(x)
+    raw = backend.network(pixels)
     pred = backend.resize(raw, size)
+    pm = backend.pointmaps_from_prediction(pred)
+    points = torch.from_numpy(pm.points).to(backend.device)
+    valid = torch.from_numpy(pm.valid).to(backend.device)
     row: dict[str, Any] = {
+        "network_input_size": list(pixels.shape[2:]),
         "raw_size": list(raw.shape[1:]),
-        "forward_s": timed(lambda: backend.forward(frames)),
+        "h2d_s": timed(lambda: torch.from_numpy(frames).to(backend.device)),
+        "processor_s": timed(lambda: backend.preprocess(x)),
+        "network_s": timed(lambda: backend.network(pixels)),
+        "forward_s": timed(lambda: backend.forward(frames)),  # h2d + processor + network, in batch_size chunks
         "resize_s": timed(lambda: backend.resize(raw, size)),
         "geometry_s": timed(lambda: backend.pointmaps_from_prediction(pred)),  # ends in the host copy
+        "host_copy_s": timed(lambda: (points.cpu(), valid.cpu())),
+        "compute_s": timed(lambda: backend.compute(frames)),
     }
+    row["geometry_on_device_s"] = row["geometry_s"] - row["host_copy_s"]
+    if backend.device.type == "cuda":  # the alternative: a reused pinned buffer, then one host memcpy out
+        pinned = torch.empty(points.shape, dtype=points.dtype, pin_memory=True)
+
+        def pinned_copy() -> None:
+            pinned.copy_(points, non_blocking=True)
+            torch.cuda.synchronize()
+            pinned.numpy().copy()
+
+        row["host_copy_pinned_s"] = timed(pinned_copy)
+    row["host_copy_mb"] = (pm.points.nbytes + pm.valid.nbytes) / 1e6
     row["postprocess_s"] = row["resize_s"] + row["geometry_s"]
-    row["postprocess_share"] = row["postprocess_s"] / (row["forward_s"] + row["postprocess_s"])
+    row["postprocess_share"] = row["postprocess_s"] / row["compute_s"]
+    many = [frames] * 4
+    row["compute_many_4_requests_s"] = timed(lambda: backend.compute_many(many, [None] * 4))
+    row["compute_4_separate_s"] = timed(lambda: [backend.compute(f) for f in many])
+    row["compute_many_4_speedup"] = row["compute_4_separate_s"] / row["compute_many_4_requests_s"]
     if backend.device.type != "cpu":  # the same torch code on the host, from the raw output
         row["postprocess_cpu_s"] = timed(lambda: backend.pointmaps_from_prediction(backend.resize(raw.cpu(), size)))
         row["postprocess_cpu_over_device"] = row["postprocess_cpu_s"] / row["postprocess_s"]
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
 
 
-def run(args: argparse.Namespace) -> int:
-    from service.media import MediaLimits, decode_video
+def bench_input_size(model_dir: str, frames: np.ndarray, args: argparse.Namespace, default_s: float) -> dict[str, Any]:
+    """The network at a smaller processor size (fewer tokens) vs the checkpoint's: the GPU-time lever."""
+    import torch
 
+    from model.geometry.depth_anything import DepthAnythingBackend
+
+    backend = DepthAnythingBackend(model_dir, device=args.device, batch_size=len(frames),
+                                   input_size=args.small_input_size)
+    sync = torch.cuda.synchronize if backend.device.type == "cuda" else (lambda: None)
+    pixels = backend.preprocess(torch.from_numpy(frames).to(backend.device).permute(0, 3, 1, 2))
+    backend.network(pixels)  # warm-up at this shape
+    seconds = _time(lambda: (backend.network(pixels), sync()), args.repeats)
+    return {"input_size": args.small_input_size, "network_input_size": list(pixels.shape[2:]),
+            "network_s": round(seconds, 4), "speedup_vs_default": round(default_s / seconds, 3)}
+
+
+def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="sr3d-bench-media-") as d:
         tmp = Path(d)
-        report: dict[str, Any] = {"frames": args.frames, "decode": bench_decode(tmp, args)}
-        frames = decode_video(tmp / "720p.mp4", args.frames, MediaLimits(max_frames=max(64, args.frames)),
-                              max_side=640).frames
+        report: dict[str, Any] = {"frames": args.frames}
+        if not args.skip_decode:
+            report["decode"] = bench_decode(tmp, args)
+        w, h = (int(v) for v in args.depth_size.lower().split("x"))
+        frames = np.random.default_rng(0).integers(0, 256, (args.frames, h, w, 3), dtype=np.uint8)
         report["depth"] = bench_depth(tmp, frames, args)
     print(json.dumps(report, indent=2))
     if args.out:
@@ -170,7 +221,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
-    names = list(report["decode"])
+    names = list(report.get("decode", {}))
     kinds = ["isolated_s", "in_process_s", "isolated_max_side_640_s"]
     for i, k in enumerate(kinds):
         a.bar(np.arange(len(names)) + i * 0.27, [report["decode"][n][k] for n in names], width=0.27, label=k)
@@ -184,7 +235,8 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     b.set_ylabel("frames/s")
     b.set_title(f"depth ({depth['model']}, {depth['device']})")
     stages = depth["stages"]
-    names = [k for k in ("forward_s", "resize_s", "geometry_s", "postprocess_cpu_s") if k in stages]
+    names = [k for k in ("h2d_s", "processor_s", "network_s", "resize_s", "geometry_on_device_s", "host_copy_s",
+                         "postprocess_cpu_s") if k in stages]
     c.bar(names, [stages[k] for k in names])
     c.set_ylabel(f"seconds for {depth['frames']} frames")
     c.set_title("depth stages (postprocess_cpu_s = resize + geometry on host)", fontsize=9)

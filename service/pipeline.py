@@ -73,13 +73,20 @@ class _DepthRequest:
 
 
 class PointMapBatcher:
-    """Merges point-map requests of concurrent jobs into one `compute_many` call (one thread)."""
+    """Merges point-map requests of concurrent jobs into one `compute_many` call (one thread).
 
-    def __init__(self, backend: Any, window_s: float = 0.01, max_jobs: int = 8) -> None:
+    A batch takes whole jobs, up to `max_jobs` of them and `max_frames` frames in all (a single job
+    larger than that still runs, alone): 4 video jobs of 32 frames = 128 frames, enough to keep the
+    depth network's chunks full while bounding the batch's device memory and the wait of its first job.
+    Jobs that arrive while a batch runs queue up and form the next batch at once."""
+
+    def __init__(self, backend: Any, window_s: float = 0.01, max_jobs: int = 8, max_frames: int = 128) -> None:
         self.backend = backend
         self.window_s = window_s
         self.max_jobs = max_jobs
+        self.max_frames = max_frames
         self._queue: asyncio.Queue[_DepthRequest] = asyncio.Queue()
+        self._held: _DepthRequest | None = None  # took it, but it did not fit: first of the next batch
         self._task: asyncio.Task[None] | None = None
 
     async def compute(self, frames: np.ndarray) -> Any:
@@ -89,17 +96,43 @@ class PointMapBatcher:
         self._queue.put_nowait(_DepthRequest(frames, fut))
         return await fut
 
-    async def _loop(self) -> None:
+    async def close(self) -> None:
+        """Stop the batching task (jobs still waiting are cancelled)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        pending = [self._held] if self._held is not None else []
+        while not self._queue.empty():
+            pending.append(self._queue.get_nowait())
+        for r in pending:
+            if not r.future.done():
+                r.future.cancel()
+        self._held = None
+
+    async def _next_batch(self) -> list[_DepthRequest]:
         loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self._queue.get()]
-            deadline = loop.time() + self.window_s
-            while len(batch) < self.max_jobs:
+        first, self._held = self._held or await self._queue.get(), None
+        batch, frames = [first], len(first.frames)
+        deadline = loop.time() + self.window_s
+        while len(batch) < self.max_jobs and frames < self.max_frames:
+            if self._queue.empty():
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), max(0.0, deadline - loop.time())))
+                    r = await asyncio.wait_for(self._queue.get(), max(0.0, deadline - loop.time()))
                 except asyncio.TimeoutError:
                     break
-            batch = [r for r in batch if not r.future.cancelled()]
+            else:
+                r = self._queue.get_nowait()
+            if frames + len(r.frames) > self.max_frames:
+                self._held = r
+                break
+            batch.append(r)
+            frames += len(r.frames)
+        return [r for r in batch if not r.future.cancelled()]
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._next_batch()
             if not batch:
                 continue
             try:

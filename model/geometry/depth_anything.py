@@ -113,6 +113,7 @@ class DepthAnythingBackend:
         batch_size: int = 16,
         fov_x_deg: float = DEFAULT_FOV_X_DEG,
         dtype: torch.dtype | None = None,
+        input_size: int | None = None,
     ) -> None:
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
@@ -126,23 +127,38 @@ class DepthAnythingBackend:
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.batch_size = batch_size
         self.fov_x_deg = fov_x_deg
+        # The torchvision-backed processor resizes and normalises on the input tensor's device
+        # (`device=` below), so frames cross to the GPU once, as uint8.
         self.processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
+        # None = the checkpoint's processor size (518 for Depth Anything V2); a smaller target trades
+        # depth detail for GPU time (tokens grow with its square).
+        self._size = None if input_size is None else {"height": input_size, "width": input_size}
         self.model = AutoModelForDepthEstimation.from_pretrained(
             model_dir, local_files_only=True, dtype=self.dtype
         ).to(self.device).eval()
         self.metric = getattr(self.model.config, "depth_estimation_type", "relative") == "metric"
 
     @torch.inference_mode()
-    def forward(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 [N, H, W, 3] frames of one size -> raw model output [N, h', w'] float32 on `device`
-        (at the network's resolution), in chunks of `batch_size`."""
-        x = as_tensor(frames).to(self.device).permute(0, 3, 1, 2)  # one host-to-device copy
-        outs = []
-        for start in range(0, len(x), self.batch_size):
-            pixel_values = self.processor(
-                images=x[start : start + self.batch_size], return_tensors="pt", device=self.device
-            )["pixel_values"].to(self.device, self.dtype)
-            outs.append(self.model(pixel_values=pixel_values).predicted_depth.float())
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, H, W] -> the processor's pixel values (bicubic resize, ImageNet normalisation)
+        in the model dtype, computed on `device`."""
+        kwargs = {} if self._size is None else {"size": self._size}
+        pixel_values = self.processor(images=x, return_tensors="pt", device=self.device, **kwargs)["pixel_values"]
+        return pixel_values.to(self.device, self.dtype)
+
+    @torch.inference_mode()
+    def network(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pixel values [N, 3, h, w] -> raw model output [N, h, w] float32."""
+        return self.model(pixel_values=pixel_values).predicted_depth.float()
+
+    @torch.inference_mode()
+    def forward(self, frames: np.ndarray | torch.Tensor | list[np.ndarray]) -> torch.Tensor:
+        """uint8 [N, H, W, 3] frames of one size (an array, or a list of arrays that are concatenated
+        on the device, not on the host) -> raw model output [N, h', w'] float32 on `device` (at the
+        network's resolution), in chunks of `batch_size`."""
+        parts = frames if isinstance(frames, list) else [frames]
+        x = torch.cat([as_tensor(p).to(self.device) for p in parts]).permute(0, 3, 1, 2)  # uint8 to the device
+        outs = [self.network(self.preprocess(x[s : s + self.batch_size])) for s in range(0, len(x), self.batch_size)]
         return torch.cat(outs)
 
     @torch.inference_mode()
@@ -165,7 +181,7 @@ class DepthAnythingBackend:
             if sum(lengths) == 0:
                 pred = torch.zeros((0, *size), device=self.device)
             else:
-                pred = self.resize(self.forward(np.concatenate([frames[r] for r in members])), size)
+                pred = self.resize(self.forward([frames[r] for r in members]), size)
             for r, part in zip(members, pred.split(lengths)):
                 out[r] = part
         return out
