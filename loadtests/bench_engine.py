@@ -10,7 +10,7 @@ request (no cross-request cache hits in the throughput phases).
 3. cache hit: TTFT of a second question on the same media + regions vs a cold first question;
 4. whole pipeline: point maps from a depth backend (Depth-Anything-V2-L shape with random weights, or the
    tiny one) through the worker's `PointMapBatcher` + the vLLM engine, at one concurrency, once per
-   --pipeline-max-jobs value (4 = up to 128 frames per depth batch; 1 = one request at a time);
+   --pipeline-runs entry (4 = up to 128 frames per depth batch; 1 = one request at a time);
 `--only` runs a subset of the phases (e.g. `--only pipeline`: no reference, no sweep, no cache phase).
 `--cpu-preprocess`: no GPU, no engine; the per-request CPU work of the vLLM path on this machine: preparing
 the item (`prepare_item`, the engine's thread pool) one at a time and with --prepare-workers threads, the
@@ -50,8 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--depth", choices=["large", "tiny", "none"], default="large")
     p.add_argument("--pipeline-concurrency", type=int, default=8)
-    p.add_argument("--pipeline-max-jobs", default="4,1",
-                   help="comma-separated PointMapBatcher max_jobs to compare (1 = one request's depth at a time)")
+    p.add_argument("--pipeline-runs", default="4,1",
+                   help="comma-separated pipeline runs to compare, each PointMapBatcher max_jobs[:depth input size] "
+                        "(1 = one request's depth at a time; e.g. 4:392 = depth processor size 392 instead of the "
+                        "checkpoint's 518)")
     p.add_argument("--only", default="reference,vllm,cache,pipeline",
                    help="comma-separated phases to run (reference, vllm, cache, pipeline); the engine starts if any "
                         "of the last three is named")
@@ -227,7 +229,7 @@ async def cache_hit(engine: Any, args: argparse.Namespace, repeats: int = 3) -> 
 async def pipeline(engine: Any, args: argparse.Namespace, media: dict[str, np.ndarray], work: Path,
                    report: dict[str, Any] | None = None) -> dict[str, Any]:
     """Point maps (depth backend on this GPU, through the worker's `PointMapBatcher`) + the vLLM engine,
-    requests overlapping; once per --pipeline-max-jobs value, on one backend and one engine. With
+    requests overlapping; once per --pipeline-runs entry, on one engine. With
     `report`, report["pipeline"] is updated and saved after every run (a cut-off run keeps them)."""
     from model.geometry import DepthAnythingBackend
     from model.geometry.depth_anything import build_large_shaped_depth_model, build_tiny_depth_model
@@ -236,11 +238,16 @@ async def pipeline(engine: Any, args: argparse.Namespace, media: dict[str, np.nd
     depth_dir = work / f"depth-{args.depth}"
     if not (depth_dir / "config.json").exists():
         (build_large_shaped_depth_model if args.depth == "large" else build_tiny_depth_model)(str(depth_dir))
-    backend = DepthAnythingBackend(str(depth_dir), device="auto", batch_size=32)
-    backend.compute(media["frames"][:2])  # warm-up
+    backends: dict[int | None, Any] = {}
     n = args.requests
     runs = []
-    for max_jobs in (int(m) for m in args.pipeline_max_jobs.split(",")):
+    for spec in args.pipeline_runs.split(","):
+        max_jobs_s, _, size_s = spec.partition(":")
+        max_jobs, input_size = int(max_jobs_s), int(size_s) if size_s else None
+        if input_size not in backends:
+            backends[input_size] = DepthAnythingBackend(str(depth_dir), device="auto", batch_size=32, input_size=input_size)
+            backends[input_size].compute(media["frames"][:2])  # warm-up
+        backend = backends[input_size]
         batcher = PointMapBatcher(backend, max_jobs=max_jobs, max_frames=max(128, args.frames))
         batches: list[tuple[int, float]] = []  # (jobs, seconds) per depth batch, as the batcher formed them
 
@@ -268,7 +275,8 @@ async def pipeline(engine: Any, args: argparse.Namespace, media: dict[str, np.nd
         rs = await asyncio.gather(*(run(i, f"pipe-j{max_jobs}-{i}") for i in range(n)))
         wall = time.perf_counter() - t0
         await batcher.close()
-        runs.append({"max_jobs": max_jobs, "max_frames": batcher.max_frames, "requests_per_s": n / wall,
+        runs.append({"max_jobs": max_jobs, "depth_input_size": input_size, "max_frames": batcher.max_frames,
+                     "requests_per_s": n / wall,
                      "depth_batches": len(batches), "jobs_per_depth_batch_mean": n / max(1, len(batches)),
                      # seconds of depth compute (on the GPU shared with vLLM) per request, and per batch
                      "depth_s_per_request": sum(s for _, s in batches) / n,
@@ -277,12 +285,13 @@ async def pipeline(engine: Any, args: argparse.Namespace, media: dict[str, np.nd
                      "ttft_s_p50": _pct([r["ttft"] for r in rs], 50),
                      "e2e_s_p50": _pct([r["e2e"] for r in rs], 50)})
         print(json.dumps({"pipeline_run": runs[-1]}), flush=True)
-        batched = max(runs, key=lambda r: r["max_jobs"])  # the worker's configuration: batching on
-        serial = next((r for r in runs if r["max_jobs"] == 1), None)
+        default = [r for r in runs if r["depth_input_size"] is None] or runs
+        batched = max(default, key=lambda r: r["max_jobs"])  # the worker's configuration: batching on
+        serial = next((r for r in default if r["max_jobs"] == 1), None)
         result = {"depth": args.depth, "concurrency": args.pipeline_concurrency, "requests": n,
                   "requests_per_s": batched["requests_per_s"], "max_jobs": batched["max_jobs"], "runs": runs,
                   "ratio_vs_max_jobs_1": batched["requests_per_s"] / serial["requests_per_s"] if serial else None,
-                  "depth_backend_batch_size": backend.batch_size, "gpu_used_gb": _gpu_used_gb()}
+                  "depth_backend_batch_size": 32, "gpu_used_gb": _gpu_used_gb()}
         if report is not None:
             report["pipeline"] = result
             _save(report, args.out)
