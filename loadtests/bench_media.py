@@ -4,8 +4,8 @@ Compares, within one run: isolated (killable child process) vs in-process decode
 `max_side=640`, and depth batch size 1 vs N. The depth run is also split into its stages for one
 request: host-to-device copy of the uint8 frames, the image processor (resize + normalise, on the
 device), the network, resize to the frame size, geometry (disparity -> depth -> points -> canonical
--> scaled, on the device) and the host copy of the float32 point maps + validity (pageable, and into
-a reused pinned buffer for comparison); on a GPU the post-processing (resize + geometry) is timed on
+-> scaled, on the device) and the host copy of the float32 point maps + validity (through pinned
+memory, as `finalize` does, and the plain pageable `.cpu()` for comparison); on a GPU the post-processing (resize + geometry) is timed on
 the CPU too, for the ratio. It also times 4 requests in one `compute_many` (what the worker's
 PointMapBatcher sends) against 4 separate calls, and the network at a smaller processor size.
 Depth frames are --depth-size (default 640x480, the engine bench's workload) random uint8 frames.
@@ -132,6 +132,8 @@ def bench_stages(backend: Any, frames: np.ndarray, repeats: int) -> dict[str, An
     """Seconds per stage of `compute` for one request (median of `repeats`, device synchronised)."""
     import torch
 
+    from model.geometry.project import to_host
+
     sync = torch.cuda.synchronize if backend.device.type == "cuda" else (lambda: None)
     size = tuple(frames.shape[1:3])
 
@@ -154,19 +156,11 @@ def bench_stages(backend: Any, frames: np.ndarray, repeats: int) -> dict[str, An
         "forward_s": timed(lambda: backend.forward(frames)),  # h2d + processor + network, in batch_size chunks
         "resize_s": timed(lambda: backend.resize(raw, size)),
         "geometry_s": timed(lambda: backend.pointmaps_from_prediction(pred)),  # ends in the host copy
-        "host_copy_s": timed(lambda: (points.cpu(), valid.cpu())),
+        "host_copy_s": timed(lambda: (to_host(points), to_host(valid))),  # what geometry ends in
+        "host_copy_pageable_s": timed(lambda: (points.cpu(), valid.cpu())),  # the plain .cpu() it replaced
         "compute_s": timed(lambda: backend.compute(frames)),
     }
     row["geometry_on_device_s"] = row["geometry_s"] - row["host_copy_s"]
-    if backend.device.type == "cuda":  # the alternative: a reused pinned buffer, then one host memcpy out
-        pinned = torch.empty(points.shape, dtype=points.dtype, pin_memory=True)
-
-        def pinned_copy() -> None:
-            pinned.copy_(points, non_blocking=True)
-            torch.cuda.synchronize()
-            pinned.numpy().copy()
-
-        row["host_copy_pinned_s"] = timed(pinned_copy)
     row["host_copy_mb"] = (pm.points.nbytes + pm.valid.nbytes) / 1e6
     row["postprocess_s"] = row["resize_s"] + row["geometry_s"]
     row["postprocess_share"] = row["postprocess_s"] / row["compute_s"]
