@@ -272,7 +272,8 @@ async def pipeline(engine: Any, args: argparse.Namespace, media: dict[str, np.nd
                 return {**r, "e2e": time.perf_counter() - t0}
 
         t0 = time.perf_counter()
-        rs = await asyncio.gather(*(run(i, f"pipe-j{max_jobs}-{i}") for i in range(n)))
+        # a media uuid of its own per run: vLLM's processor/encoder/prefix caches are keyed by it
+        rs = await asyncio.gather(*(run(i, f"pipe-{spec}-{i}") for i in range(n)))
         wall = time.perf_counter() - t0
         await batcher.close()
         runs.append({"max_jobs": max_jobs, "depth_input_size": input_size, "max_frames": batcher.max_frames,
