@@ -50,7 +50,9 @@ class VLLMSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SR3D_VLLM_", extra="ignore", frozen=True)
 
     max_model_len: int = Field(8192, ge=256)
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    # The worker's depth model shares the GPU: DA-V2-L on 128-frame batches needs ~16 GB, and 0.8 ran out
+    # of memory on an H100 (loadtests/results/engine-h100, run 4).
+    gpu_memory_utilization: float = Field(0.7, gt=0, le=1)
     enforce_eager: bool = False
     dtype: str = "auto"
     load_format: str = "auto"  # "dummy" = random weights (benchmarks)
