@@ -5,6 +5,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+
 from model.inputs import GenerationParams, SpatialQuery, TokenDelta
 
 
@@ -29,3 +31,16 @@ class Engine(Protocol):
         """Stop generating for this request; its stream ends with finish_reason="abort"."""
 
     async def close(self) -> None: ...
+
+
+def warmup_query() -> SpatialQuery:
+    """A one-tile image with no regions and no point map: exercises vision, projector and decode."""
+    frame = np.full((1, 448, 448, 3), 127, dtype=np.uint8)
+    return SpatialQuery(frames=frame, question="Describe the scene.", is_video=False)
+
+
+async def warm_up(engine: Engine) -> None:
+    """One short generation: readiness means the whole path ran once, not just that weights loaded."""
+    request = EngineRequest("warmup", warmup_query(), GenerationParams(max_tokens=2, ignore_eos=True))
+    async for _ in engine.generate(request):
+        pass

@@ -29,11 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from model.inputs import GenerationParams, SpatialQuery, TokenDelta
+from model.inputs import TokenDelta
 from service import metrics
-from service.engines.protocol import EngineRequest
+from service.engines.protocol import EngineRequest, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +77,6 @@ def resolve_device(device: str) -> str:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def warmup_query() -> SpatialQuery:
-    """A one-tile image with no regions and no point map: exercises vision, projector and decode."""
-    frame = np.full((1, 448, 448, 3), 127, dtype=np.uint8)
-    return SpatialQuery(frames=frame, question="Describe the scene.", is_video=False)
 
 
 @dataclass
@@ -140,9 +132,7 @@ class TorchEngine:
         self._ready_q = asyncio.Queue()
         self._batcher = asyncio.create_task(self._batch_loop(), name="sr3d-torch-batcher")
         if self.warmup:
-            req = EngineRequest("warmup", warmup_query(), GenerationParams(max_tokens=2, ignore_eos=True))
-            async for _ in self.generate(req):
-                pass
+            await warm_up(self)
         self.ready = True
 
     async def close(self) -> None:

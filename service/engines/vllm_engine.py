@@ -39,7 +39,7 @@ from model.config import SR3DConfig, config_from_dict
 from model.errors import ModelInputError
 from model.inputs import GenerationParams, SpatialQuery, TokenDelta
 from service import metrics
-from service.engines.protocol import EngineRequest
+from service.engines.protocol import EngineRequest, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +184,7 @@ class VLLMEngine:
         self.llm = await loop.run_in_executor(None, lambda: AsyncLLM.from_engine_args(args))
         log.info("vLLM engine started", extra={"path": str(model_dir), "seconds": round(time.perf_counter() - t0, 1)})
         if self.warmup:
-            from service.engines.torch_engine import warmup_query
-
-            req = EngineRequest("warmup", warmup_query(), GenerationParams(max_tokens=2, ignore_eos=True))
-            async for _ in self.generate(req):
-                pass
+            await warm_up(self)
         self.ready = True
 
     async def close(self) -> None:
