@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_sse import EventSource
 
 TERMINAL = frozenset({"done", "error"})
 _RESUMABLE = (httpx.ReadError, httpx.RemoteProtocolError, httpx.ReadTimeout, httpx.ConnectError, httpx.WriteError)
@@ -160,31 +161,13 @@ def stream_id_key(entry_id: str) -> tuple[int, int]:
 
 
 async def iter_sse(response: httpx.Response) -> AsyncIterator[SSEEvent]:
-    """Parse an event stream (WHATWG rules: id/event/data fields, ':' comments, blank line dispatches)."""
-    ev_id: str | None = None
-    ev_type = "message"
-    data: list[str] = []
-    async for line in response.aiter_lines():
-        if line == "":
-            if data:
-                raw = "\n".join(data)
-                try:
-                    payload: Any = json.loads(raw)
-                except ValueError:
-                    payload = raw
-                yield SSEEvent(ev_id, ev_type, payload, time.perf_counter())
-            ev_id, ev_type, data = None, "message", []
-            continue
-        if line.startswith(":"):
-            continue  # keep-alive ping
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "id":
-            ev_id = value
-        elif name == "event":
-            ev_type = value
-        elif name == "data":
-            data.append(value)
+    """The stream's events (httpx-sse parses the WHATWG framing), data decoded as JSON where it is JSON."""
+    async for sse in EventSource(response).aiter_sse():
+        try:
+            payload: Any = json.loads(sse.data)
+        except ValueError:
+            payload = sse.data
+        yield SSEEvent(sse.id or None, sse.event, payload, time.perf_counter())
 
 
 class SR3DClient:

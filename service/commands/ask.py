@@ -10,7 +10,6 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,20 +49,9 @@ def parse_mask(spec: str, index: int) -> tuple[dict[str, Any], str, Path]:
     return {"frame": int(frame), "mask": part}, part, Path(path)
 
 
-def iter_sse(lines: Iterator[str]) -> Iterator[dict[str, str]]:
-    event: dict[str, str] = {}
-    for line in lines:
-        if not line:
-            if "data" in event:
-                yield event
-            event = {}
-        elif not line.startswith(":"):
-            key, _, value = line.partition(":")
-            event[key] = value[1:] if value.startswith(" ") else value
-
-
 def main(args: argparse.Namespace) -> int:
     import httpx
+    from httpx_sse import EventSource
 
     headers = {"Accept": "text/event-stream", "Idempotency-Key": uuid.uuid4().hex}
     if args.api_key:
@@ -104,10 +92,10 @@ def main(args: argparse.Namespace) -> int:
                         return 1
                     if job_id is None and "location" in r.headers:
                         job_id = r.headers["location"].rsplit("/", 1)[1]
-                    for ev in iter_sse(r.iter_lines()):
-                        last_id = ev.get("id", last_id)
-                        payload = json.loads(ev["data"])
-                        kind_ = ev.get("event", "message")
+                    for ev in EventSource(r).iter_sse():
+                        last_id = ev.id or last_id
+                        payload = json.loads(ev.data)
+                        kind_ = ev.event
                         if kind_ == "token":
                             print(payload.get("text", ""), end="", flush=True)
                         elif kind_ == "done":
