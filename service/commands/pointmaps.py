@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -18,12 +17,13 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", help="video (mp4/mov/webm/mkv) or image (png/jpeg)")
     p.add_argument("--out", required=True, help="output .npz (frames, points, valid, intrinsics, poses, scale, ...)")
     p.add_argument("--ply", help="also write a coloured point cloud (binary PLY)")
-    p.add_argument("--frames", type=int, default=int(os.environ.get("SR3D_NUM_FRAMES", 16)), help="frames to sample")
+    # Defaults (None) come from Settings: SR3D_NUM_FRAMES, SR3D_DEPTH_MODEL, SR3D_DEVICE.
+    p.add_argument("--frames", type=int, default=None, help="frames to sample (default: SR3D_NUM_FRAMES)")
     p.add_argument("--max-side", type=int, default=640, help="downscale frames so the long side is at most this")
-    p.add_argument("--depth-model", default=os.environ.get("SR3D_DEPTH_MODEL"),
+    p.add_argument("--depth-model", default=None,
                    help="Depth Anything V2 directory (default: SR3D_DEPTH_MODEL, else the tiny random demo model)")
     p.add_argument("--rgbd", help="RGB-D scene npz (depth, intrinsics, poses[, depth_scale, frame_indices]): exact geometry")
-    p.add_argument("--device", default=os.environ.get("SR3D_DEVICE", "auto"))
+    p.add_argument("--device", default=None, help="auto | cpu | cuda (default: SR3D_DEVICE)")
     p.add_argument("--ply-points", type=int, default=200_000, help="PLY subsample size")
     p.set_defaults(func=run)
 
@@ -76,6 +76,12 @@ def write_ply(path: str, points: np.ndarray, colors: np.ndarray, valid: np.ndarr
 
 def run(args: argparse.Namespace) -> int:
     from model.geometry import SceneError
+    from service.settings import Settings
+
+    settings = Settings()
+    args.frames = settings.num_frames if args.frames is None else args.frames
+    args.depth_model = settings.depth_model if args.depth_model is None else args.depth_model
+    args.device = settings.device if args.device is None else args.device
 
     try:
         frames, indices, timestamps, pm = compute(args)
