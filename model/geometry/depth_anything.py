@@ -14,6 +14,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from model.device import resolve_device
 from model.geometry.intrinsics import DEFAULT_FOV_X_DEG, broadcast_intrinsics, intrinsics_from_fov
 from model.geometry.project import ArrayT, as_tensor, backproject, finalize, like, quantile
 from model.geometry.types import PointMaps
@@ -28,7 +29,7 @@ def build_tiny_depth_model(directory: str, seed: int = 0, input_size: int = 518,
 
     A random head ends in ReLU and outputs ~0 everywhere; `head_bias` shifts its last conv so the demo
     gets non-degenerate disparity (0 reproduces the all-zero case)."""
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
 
     torch.manual_seed(seed)
     backbone = Dinov2Config(
@@ -73,12 +74,6 @@ def _processor(size: int):
         size={"height": size, "width": size}, keep_aspect_ratio=True, ensure_multiple_of=14, resample=3,
         do_pad=False, image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD,
     )
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def disparity_to_depth(disparity: ArrayT) -> tuple[ArrayT, ArrayT]:

@@ -71,14 +71,6 @@ def ensure_tiny_checkpoint(data_dir: str | os.PathLike[str]) -> Path:
     return target
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 @dataclass
 class _Request:
     request: EngineRequest
@@ -122,10 +114,11 @@ class TorchEngine:
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         from model.checkpoint import load_model
+        from model.device import resolve_device
 
         loop = asyncio.get_running_loop()
         path = self.model_path or str(await loop.run_in_executor(None, ensure_tiny_checkpoint, self.data_dir))
-        device = resolve_device(self.device)
+        device = str(resolve_device(self.device))
         t0 = time.perf_counter()
         self.model = await loop.run_in_executor(self._decode_pool, lambda: load_model(path, device=device))
         log.info("engine loaded checkpoint", extra={"path": path, "device": device, "seconds": time.perf_counter() - t0})
