@@ -24,6 +24,7 @@ import numpy as np
 from model.errors import ModelInputError
 from model.inputs import RegionMask, SpatialQuery
 from service import metrics
+from service.build_once import build_once
 from service.media import MediaError, MediaLimits, decode_image, decode_video, mask_from_box, mask_from_png, resize_mask
 from service.schemas import BoxRegion, JobSpec, MaskRef
 from service.settings import Settings
@@ -51,18 +52,9 @@ def make_pointmap_backend(settings: Settings) -> Any:
     """Depth Anything V2 from SR3D_DEPTH_MODEL, else the tiny random demo depth model (built once)."""
     from model.geometry import DepthAnythingBackend, build_tiny_depth_model
 
-    model_dir = settings.depth_model
-    if not model_dir:
-        import fcntl
-
-        root = Path(settings.data_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        target = root / "tiny-depth"
-        with open(root / ".tiny-depth.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # several processes may start at once
-            if not (target / "config.json").exists():
-                build_tiny_depth_model(str(target))
-        model_dir = str(target)
+    model_dir = settings.depth_model or str(
+        build_once(Path(settings.data_dir) / "tiny-depth", lambda tmp: build_tiny_depth_model(str(tmp)))
+    )
     return DepthAnythingBackend(model_dir, device=settings.device)
 
 

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +28,7 @@ from typing import Any
 
 from model.inputs import TokenDelta
 from service import metrics
+from service.build_once import build_once
 from service.engines.protocol import EngineRequest, warm_up
 
 log = logging.getLogger(__name__)
@@ -47,28 +45,10 @@ class EngineNotStarted(EngineError):
 
 
 def ensure_tiny_checkpoint(data_dir: str | os.PathLike[str]) -> Path:
-    """Build the tiny random demo checkpoint once under DATA_DIR/tiny-model.
-
-    Several processes (gateway+worker, two workers in tests) may race here: an flock serialises
-    them and the checkpoint is written to a temp dir and renamed, so nobody sees half a checkpoint.
-    """
+    """The tiny random demo checkpoint, built once under DATA_DIR/tiny-model."""
     from model.checkpoint import build_tiny_checkpoint
 
-    root = Path(data_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / "tiny-model"
-    with open(root / ".tiny-model.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").exists():
-            tmp = Path(tempfile.mkdtemp(prefix=".tiny-model-", dir=root))
-            try:
-                build_tiny_checkpoint(tmp)
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(tmp, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_once(Path(data_dir) / "tiny-model", build_tiny_checkpoint)
 
 
 @dataclass

@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +36,7 @@ from model.config import SR3DConfig, config_from_dict
 from model.errors import ModelInputError
 from model.inputs import GenerationParams, SpatialQuery, TokenDelta
 from service import metrics
+from service.build_once import build_once
 from service.engines.protocol import EngineRequest, warm_up
 
 log = logging.getLogger(__name__)
@@ -86,20 +84,13 @@ def resolve_flat_checkpoint(model: str | None, data_dir: str | os.PathLike[str])
     if "SR3DForConditionalGeneration" in (cfg.get("architectures") or []) and not (src / "llm").is_dir():
         return src  # already flat
     digest = hashlib.sha256(f"{src.resolve()}\n{(src / 'config.json').stat().st_mtime_ns}".encode()).hexdigest()[:16]
-    root = Path(data_dir) / "vllm-flat"
-    root.mkdir(parents=True, exist_ok=True)
-    dst = root / digest
-    with open(root / f".{digest}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (dst / "config.json").exists():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=root))
-            try:
-                shutil.rmtree(tmp)
-                convert_to_flat(src, tmp)
-                os.replace(tmp, dst)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            log.info("converted checkpoint to the flat vLLM layout", extra={"src": str(src), "dst": str(dst)})
+    dst = Path(data_dir) / "vllm-flat" / digest
+
+    def convert(tmp: Path) -> None:
+        convert_to_flat(src, tmp)
+        log.info("converted checkpoint to the flat vLLM layout", extra={"src": str(src), "dst": str(dst)})
+
+    build_once(dst, convert)
     return dst
 
 
