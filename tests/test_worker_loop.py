@@ -79,6 +79,14 @@ class Harness:
     async def pending(self) -> int:
         return int((await self.redis.xpending(JOBS, GROUP))["pending"])
 
+    async def pending_after_ack(self, timeout: float = 10) -> int:
+        """Pending entries once the worker had time to ack: it acks *after* finish() marks the job
+        terminal (event -> finish -> XACK), so a terminal status alone does not mean acked yet."""
+        deadline = time.monotonic() + timeout
+        while (n := await self.pending()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return n
+
 
 def _run(data_dir: Path, redis_url: str, body: Any, **overrides: Any) -> None:
     settings = Settings(redis_url=redis_url, data_dir=data_dir, device="cpu", worker_concurrency=2, **overrides)
@@ -117,7 +125,7 @@ def test_job_event_sequence_and_ack(data_dir: Path, redis_url: str) -> None:
         assert done["answer"] == tokens == view.answer
         assert done["usage"]["completion_tokens"] == view.usage.completion_tokens <= 8
         assert {"queue_wait_s", "decode_s", "pointmaps_s", "encode_s", "generate_s", "total_s"} <= set(done["timings"])
-        assert await h.pending() == 0
+        assert await h.pending_after_ack() == 0
 
     _run(data_dir, redis_url, body)
 
@@ -130,7 +138,7 @@ def test_bad_media_fails_once_and_is_acked(data_dir: Path, redis_url: str) -> No
         assert view.status == JobStatus.failed and view.error.code == "unsupported_container"
         events = await h.queue.events_range(spec.job_id)
         assert events[-1].type == "error" and events[-1].data["code"] == "unsupported_container"
-        assert await h.pending() == 0  # acked: bad input is never retried
+        assert await h.pending_after_ack() == 0  # acked: bad input is never retried
 
     _run(data_dir, redis_url, body)
 
@@ -162,7 +170,7 @@ def test_reclaimed_job_does_not_resend_the_crashed_attempts_prefix(data_dir: Pat
         assert [e.type for e in events].count("done") == 1
         starts = [e.data for e in events if e.type == "progress" and e.data["stage"] == "started"]
         assert [s["worker"] for s in starts] == ["dead", "w1"] and starts[1]["attempt"] == 2
-        assert await h.pending() == 0
+        assert await h.pending_after_ack() == 0
 
     _run(data_dir, redis_url, body, claim_idle_ms=300)
 
@@ -177,10 +185,7 @@ def test_redelivery_of_an_answered_job_is_just_acked(data_dir: Path, redis_url: 
         h.start()
         view = await h.wait_terminal(spec.job_id)
         assert view.status == JobStatus.done and view.answer == "x"
-        deadline = time.monotonic() + 10
-        while await h.pending() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert await h.pending() == 0
+        assert await h.pending_after_ack() == 0
         events = await h.queue.events_range(spec.job_id)
         assert [e.type for e in events] == ["queued", "done"]  # the worker added nothing
 
@@ -196,7 +201,7 @@ def test_stop_drains_in_flight_jobs(data_dir: Path, redis_url: str) -> None:
         await h.stop()  # like SIGTERM: stop claiming, finish what is running
         view = await h.queue.get(spec.job_id)
         assert view.status == JobStatus.done
-        assert await h.pending() == 0
+        assert await h.pending_after_ack() == 0
 
     _run(data_dir, redis_url, body)
 
