@@ -14,6 +14,7 @@ COMMANDS = {
     "pointmaps": "service.commands.pointmaps",
     "tiny-checkpoint": "service.commands.tiny_checkpoint",
     "bench": "service.commands.bench",
+    "eval": "service.commands.eval",
 }
 
 

@@ -1,0 +1,82 @@
+"""`sr3d eval DATASET --format vsibench|spatialrgpt [--url URL | --in-process] [--out DIR] [--limit N]`:
+score the served model on a benchmark's public release with the benchmark's own prompts, decoding
+and metrics. Every item goes through the HTTP API; `--in-process` starts `sr3d serve` (embedded
+Redis, in-process worker, SR3D_MODEL or the tiny demo model) on a free loopback port for the run,
+so there is one serving path, not a second one for evaluation. Needs no torch in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="score the served model on VSI-Bench / SpatialRGPT-Bench (resumable)")
+    p.add_argument("dataset", type=Path, help="the benchmark's annotation file, or the directory holding it")
+    p.add_argument("--format", required=True, choices=("vsibench", "spatialrgpt"), dest="fmt")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--url", default=None, help="a running service (default SR3D_URL, http://127.0.0.1:8000)")
+    where.add_argument("--in-process", action="store_true", help="start `sr3d serve` on a free loopback port for this run")
+    p.add_argument("--out", type=Path, default=Path("eval-out"), help="results.jsonl, report.json, report.png")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items (in file order)")
+    p.add_argument("--media-root", type=Path, default=None,
+                   help="where videos/images live (default: the annotation file's directory)")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight (the engine batches them)")
+    p.add_argument("--num-frames", type=int, default=None, help="frames sampled per video (default: the server's)")
+    p.add_argument("--api-key", default=os.environ.get("SR3D_API_KEY"))
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from service.eval import datasets, report, runner
+
+    try:
+        items = datasets.load(args.fmt, args.dataset, args.media_root)
+    except (datasets.DatasetError, OSError) as e:
+        print(f"sr3d eval: {e}", file=sys.stderr)
+        return 2
+    if args.limit is not None:
+        items = items[: args.limit]
+    if not items:
+        print("sr3d eval: no items", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    done_before = len(runner.load_results(args.out / runner.RESULTS).keys() & {it.id for it in items})
+    print(f"sr3d eval: {len(items)} items, {done_before} already in {args.out / runner.RESULTS}", flush=True)
+
+    def progress(row: dict, n: int, total: int) -> None:
+        status = f"error {row['error'].get('code', '')}" if row.get("error") else repr(row["prediction"][:40])
+        print(f"[{n}/{total}] {row['id']} {row['category']}: {status}", flush=True)
+
+    async def go(url: str) -> dict:
+        return await runner.run_items(items, url, args.out, concurrency=args.concurrency, api_key=args.api_key,
+                                      num_frames=args.num_frames, on_done=progress)
+
+    if args.in_process:
+        from loadtests.stack import serve_stack
+
+        # The data dir (tiny checkpoint, embedded Redis) as `sr3d serve` would use it from here.
+        data_dir = Path(os.environ.get("SR3D_DATA_DIR", "./var")).resolve()
+        with tempfile.TemporaryDirectory(prefix="sr3d-eval-serve-") as logs:
+            with serve_stack(Path(logs), {"SR3D_DATA_DIR": str(data_dir)}) as (_, url):
+                rows = asyncio.run(go(url))
+    else:
+        rows = asyncio.run(go(args.url or os.environ.get("SR3D_URL", "http://127.0.0.1:8000")))
+
+    wanted = {it.id for it in items}
+    rows = {k: v for k, v in rows.items() if k in wanted}
+    missing = len(wanted) - len(rows)
+    rep = report.score(args.fmt, rows)
+    rep.update(dataset=str(args.dataset), items=len(items), unfinished=missing)
+    paths = report.write(rep, args.out, f"sr3d eval {args.fmt}: {args.dataset.name} ({len(rows)} items)")
+    print(report.text_table(rep))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    if missing:
+        print(f"sr3d eval: {missing} items unfinished (transient errors); run the same command again to resume",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,204 @@
+"""Read each benchmark's public release, unchanged, into `EvalItem`s: one API request each.
+
+VSI-Bench (huggingface.co/datasets/nyu-visionx/VSI-Bench): `test-00000-of-00001.parquet` (or the
+same records as `.jsonl`) with `id, dataset, scene_name, question_type, question, options,
+ground_truth`, and the videos from `arkitscenes.zip`, `scannet.zip`, `scannetpp.zip` extracted
+next to it as `{dataset}/{scene_name}.mp4` (the path their `vsibench_doc_to_visual` builds).
+
+SpatialRGPT-Bench (huggingface.co/datasets/a8cheng/SpatialRGPT-Bench, read by SpatialRGPT's
+`llava/eval/eval_spatial.py`): `SpatialRGPT-Bench_v1.json` (a JSON list; `.jsonl` with the same
+records is accepted) whose records carry `id`, `image_info {file_path, height, width}`, `text_q`,
+`qa_info {type, category}`, `conversations [{value: "<image>\\n... <mask> ..."}, {value: answer}]`,
+`rle` (COCO RLE per region) and `bbox` ([x0, y0, x1, y1] per region); images are Omni3D's, at
+`{media_root}/{image_info.file_path}`. As their script does, masks come from `rle` when it decodes
+and from `bbox` otherwise.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.eval import metrics
+
+FORMATS = ("vsibench", "spatialrgpt")
+
+
+@dataclass
+class EvalItem:
+    id: str
+    category: str  # VSI-Bench question_type / SpatialRGPT qa_info.category
+    media: Path
+    question: str  # exactly what is sent to the API
+    ground_truth: str
+    qa_type: str = ""  # SpatialRGPT: qualitative | quantitative
+    judge_question: str = ""  # SpatialRGPT: text_q, the question its judge sees
+    regions: list[list[dict[str, Any]]] = field(default_factory=list)
+    masks: dict[str, bytes] = field(default_factory=dict)  # multipart part name -> PNG
+    max_tokens: int = 16
+
+
+class DatasetError(ValueError):
+    """The files do not look like the benchmark's release; the message says what is missing."""
+
+
+def load(fmt: str, dataset: Path, media_root: Path | None = None) -> list[EvalItem]:
+    if fmt == "vsibench":
+        return list(_vsibench(dataset, media_root))
+    if fmt == "spatialrgpt":
+        return list(_spatialrgpt(dataset, media_root))
+    raise DatasetError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:  # an optional dependency: only the parquet release needs it
+            raise DatasetError("reading .parquet needs pyarrow: pip install '.[eval]'") from e
+        return pq.read_table(path).to_pylist()
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    data = json.loads(text)
+    if not isinstance(data, list):
+        raise DatasetError(f"{path}: expected a JSON list of records")
+    return data
+
+
+def _annotation_file(dataset: Path, patterns: tuple[str, ...]) -> Path:
+    if dataset.is_file():
+        return dataset
+    for pattern in patterns:
+        found = sorted(dataset.glob(pattern))
+        if found:
+            return found[0]
+    raise DatasetError(f"{dataset}: no annotation file matching {' or '.join(patterns)}")
+
+
+# --- VSI-Bench --------------------------------------------------------------------------------
+
+
+def _vsibench(dataset: Path, media_root: Path | None) -> Iterator[EvalItem]:
+    ann = _annotation_file(dataset, ("test-*.parquet", "*.parquet", "test*.jsonl", "*.jsonl"))
+    root = media_root or ann.parent
+    for rec in _records(ann):
+        missing = {"id", "dataset", "scene_name", "question_type", "question", "ground_truth"} - rec.keys()
+        if missing:
+            raise DatasetError(f"{ann}: record without {sorted(missing)}")
+        video = root / rec["dataset"] / f"{rec['scene_name']}.mp4"
+        yield EvalItem(
+            id=str(rec["id"]), category=rec["question_type"], media=video, ground_truth=str(rec["ground_truth"]),
+            question=metrics.vsi_prompt(rec["question_type"], rec["question"], list(rec.get("options") or [])),
+            max_tokens=metrics.VSI_MAX_NEW_TOKENS,
+        )
+
+
+# --- SpatialRGPT-Bench --------------------------------------------------------------------------
+
+_MASK_TOKEN = re.compile(r"<mask>(\s*<depth>)?")
+_REGION_WORDS = re.compile(r"Region \[(\d+)\]")
+
+
+def srgpt_question(human_turn: str) -> str:
+    """Their human turn → our question: `<image>` dropped (the service places the media), the K-th
+    `<mask>` (with the `<depth>` their script appends) → `<regionK>`; the service renders that as
+    `Region [K] <region>`, the same words the bench uses. Turns written with `Region [K]` only get
+    the same mapping."""
+    text = human_turn.replace("<image>", "").strip()
+    counter = iter(range(1_000))
+    if _MASK_TOKEN.search(text):
+        return _MASK_TOKEN.sub(lambda _: f"<region{next(counter)}>", text)
+    return _REGION_WORDS.sub(lambda m: f"<region{m.group(1)}>", text)
+
+
+def decode_coco_rle(rle: dict[str, Any]) -> np.ndarray:
+    """COCO run-length encoding → uint8 mask [h, w]. `counts` is a list of run lengths or the
+    compressed string form; runs alternate 0/1 starting with 0, in column-major order."""
+    h, w = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    if isinstance(counts, (str, bytes)):
+        counts = _rle_string_counts(counts.decode() if isinstance(counts, bytes) else counts)
+    flat = np.zeros(h * w, dtype=np.uint8)
+    pos, value = 0, 0
+    for run in counts:
+        if value:
+            flat[pos:pos + run] = 1
+        pos += run
+        value ^= 1
+    if pos != h * w:
+        raise DatasetError(f"RLE covers {pos} pixels, size says {h}x{w}")
+    return flat.reshape(w, h).T.copy()
+
+
+def _rle_string_counts(s: str) -> list[int]:
+    """The compressed COCO counts string: each count in 5-bit groups (char − 48), bit 0x20 = more
+    groups follow, sign-extended from 0x10 in the last group; from the third count on, each value
+    is a delta against the count two places back."""
+    counts: list[int] = []
+    p = 0
+    while p < len(s):
+        x, k, more = 0, 0, True
+        while more:
+            c = ord(s[p]) - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
+def _png(mask: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((mask > 0).astype(np.uint8) * 255).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _clamped_box(box: list[float], width: int, height: int) -> list[float] | None:
+    # Their clamp_box, then int() as they do when painting the box mask.
+    x0, y0, x1, y1 = (int(max(min(lim, v), 0)) for v, lim in zip(box, (width, height, width, height)))
+    return [float(x0), float(y0), float(x1), float(y1)] if x1 > x0 and y1 > y0 else None
+
+
+def _spatialrgpt(dataset: Path, media_root: Path | None) -> Iterator[EvalItem]:
+    ann = _annotation_file(dataset, ("SpatialRGPT-Bench*.json", "*.json", "*.jsonl"))
+    root = media_root or ann.parent
+    for rec in _records(ann):
+        missing = {"id", "image_info", "conversations", "qa_info"} - rec.keys()
+        if missing:
+            raise DatasetError(f"{ann}: record without {sorted(missing)}")
+        info = rec["image_info"]
+        regions: list[list[dict[str, Any]]] = []
+        masks: dict[str, bytes] = {}
+        try:  # their order: RLE masks first, boxes when the RLE is absent or broken
+            for k, rle in enumerate(rec["rle"]):
+                masks[f"mask{k}"] = _png(decode_coco_rle(rle))
+                regions.append([{"frame": 0, "mask": f"mask{k}"}])
+        except (KeyError, TypeError, ValueError, IndexError):
+            regions, masks = [], {}
+            for box in rec.get("bbox") or []:
+                clamped = _clamped_box(list(box), int(info["width"]), int(info["height"]))
+                if clamped is None:
+                    raise DatasetError(f"{ann}: item {rec['id']}: empty box {box}") from None
+                regions.append([{"frame": 0, "box": clamped}])
+        conv = rec["conversations"]
+        # Their script asks every human turn; the bench has one turn per item.
+        yield EvalItem(
+            id=str(rec["id"]), category=rec["qa_info"]["category"], qa_type=rec["qa_info"]["type"],
+            media=root / info["file_path"], question=srgpt_question(conv[0]["value"]),
+            ground_truth=conv[1]["value"], judge_question=rec.get("text_q", conv[0]["value"]),
+            regions=regions, masks=masks, max_tokens=metrics.SRGPT_MAX_NEW_TOKENS,
+        )

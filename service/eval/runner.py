@@ -1,0 +1,133 @@
+"""Send benchmark items through the service's HTTP API and keep one result line per finished item.
+
+The client is loadtests/client.py's `SR3DClient` (the same one the load generator and the tests
+use): multipart upload, SSE, resume of a dropped stream. Decoding is the benchmark's: greedy
+(temperature 0, top_p 1) and the item's `max_tokens` (VSI-Bench 16, SpatialRGPT-Bench 128).
+
+Results file (`results.jsonl`): one JSON object per finished item, appended with a single
+`write()` on an O_APPEND descriptor and fsync'd before the next item is reported, so a killed run
+leaves whole lines plus at most one torn last line; a resumed run drops the torn line and skips
+every id already present. Items that hit a transient failure (connection lost for good, 429/5xx
+on submit) are not written, so the next run retries them; items the service rejected (4xx) or
+whose job failed are written with `error` set and score 0, as an unanswered question does.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from loadtests.client import JobRequest, Media, SR3DClient
+from service.eval.datasets import EvalItem
+
+RESULTS = "results.jsonl"
+
+
+def load_results(path: Path) -> dict[str, dict[str, Any]]:
+    """Finished items by id; a torn last line (the run was killed mid-write) is cut off the file."""
+    if not path.exists():
+        return {}
+    done: dict[str, dict[str, Any]] = {}
+    good_bytes = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                row = json.loads(raw)
+            except ValueError:
+                break
+            if not raw.endswith(b"\n"):
+                break
+            done[str(row["id"])] = row
+            good_bytes += len(raw)
+    if good_bytes != path.stat().st_size:
+        os.truncate(path, good_bytes)
+    return done
+
+
+class ResultsWriter:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def append(self, row: dict[str, Any]) -> None:
+        os.write(self._fd, (json.dumps(row, ensure_ascii=False) + "\n").encode())
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def run_id(out_dir: Path) -> str:
+    """A random id kept in out_dir for the life of the run (resumes reuse it)."""
+    path = out_dir / ".run_id"
+    if not path.exists():
+        path.write_text(uuid.uuid4().hex)
+    return path.read_text().strip()
+
+
+def _request(item: EvalItem, num_frames: int | None, run: str) -> JobRequest:
+    options: dict[str, Any] = {"max_tokens": item.max_tokens, "temperature": 0.0, "top_p": 1.0}
+    if num_frames:
+        options["num_frames"] = num_frames
+    # Keyed by run and item: a resumed run picks up a job its predecessor queued before dying,
+    # and a new run (another checkpoint behind the same Redis) never gets an old run's answer.
+    return JobRequest(Media.from_path(item.media), item.question, item.regions, item.masks, options,
+                      idempotency_key=f"sr3d-eval-{run}-{item.id}")
+
+
+def _row(item: EvalItem, prediction: str, **extra: Any) -> dict[str, Any]:
+    row = {"id": item.id, "category": item.category, "question": item.question, "ground_truth": item.ground_truth,
+           "prediction": prediction}
+    if item.qa_type:
+        row.update(qa_type=item.qa_type, judge_question=item.judge_question)
+    return {**row, **extra}
+
+
+async def _one(client: SR3DClient, item: EvalItem, num_frames: int | None, run: str) -> dict[str, Any] | None:
+    if not item.media.exists():
+        return _row(item, "", error={"code": "media_missing", "message": f"{item.media} not found"})
+    res = await client.run(_request(item, num_frames, run))
+    if res.http_status is not None and 400 <= res.http_status < 500 and res.http_status != 429:
+        body = res.error_body.get("error", {}) if isinstance(res.error_body, dict) else {"message": str(res.error_body)}
+        return _row(item, "", error=body)
+    end = res.terminal
+    if end is None:
+        return None  # transient (gave up resuming, 429, 5xx): retried by the next run
+    if end.type == "error":
+        return _row(item, "", error=end.data if isinstance(end.data, dict) else {"message": str(end.data)})
+    data = end.data if isinstance(end.data, dict) else {}
+    return _row(item, str(data.get("answer", res.answer_from_tokens)).strip(),
+                finish_reason=data.get("finish_reason"), usage=data.get("usage"))
+
+
+async def run_items(items: list[EvalItem], url: str, out_dir: Path, *, concurrency: int = 4,
+                    api_key: str | None = None, num_frames: int | None = None,
+                    on_done: Callable[[dict[str, Any], int, int], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Run every item not already in out_dir/results.jsonl; return all finished rows by id."""
+    path = out_dir / RESULTS
+    done = load_results(path)
+    todo = [it for it in items if it.id not in done]
+    writer = ResultsWriter(path)
+    run = run_id(out_dir)
+    sem = asyncio.Semaphore(concurrency)
+    total = len(items)
+
+    async def worker(client: SR3DClient, item: EvalItem) -> None:
+        async with sem:
+            row = await _one(client, item, num_frames, run)
+        if row is not None:
+            writer.append(row)
+            done[item.id] = row
+            if on_done is not None:
+                on_done(row, len(done), total)
+
+    try:
+        async with SR3DClient(url, api_key=api_key, timeout=600.0) as client:
+            await asyncio.gather(*(worker(client, it) for it in todo))
+    finally:
+        writer.close()
+    return done
