@@ -27,6 +27,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="where videos/images live (default: the annotation file's directory)")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (the engine batches them)")
     p.add_argument("--num-frames", type=int, default=None, help="frames sampled per video (default: the server's)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="override the benchmark's max new tokens (16 / 128); the report records it")
     p.add_argument("--api-key", default=os.environ.get("SR3D_API_KEY"))
     p.set_defaults(func=main)
 
@@ -41,6 +43,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.limit is not None:
         items = items[: args.limit]
+    if args.max_tokens is not None:  # a deviation from the benchmark's decoding, kept visible in the report
+        for it in items:
+            it.max_tokens = args.max_tokens
     if not items:
         print("sr3d eval: no items", file=sys.stderr)
         return 2
@@ -71,7 +76,8 @@ def main(args: argparse.Namespace) -> int:
     rows = {k: v for k, v in rows.items() if k in wanted}
     missing = len(wanted) - len(rows)
     rep = report.score(args.fmt, rows)
-    rep.update(dataset=str(args.dataset), items=len(items), unfinished=missing)
+    rep.update(dataset=str(args.dataset), items=len(items), unfinished=missing,
+               max_new_tokens=items[0].max_tokens, num_frames=args.num_frames)
     paths = report.write(rep, args.out, f"sr3d eval {args.fmt}: {args.dataset.name} ({len(rows)} items)")
     print(report.text_table(rep))
     print("wrote " + ", ".join(str(p) for p in paths))

@@ -195,10 +195,16 @@ def _spatialrgpt(dataset: Path, media_root: Path | None) -> Iterator[EvalItem]:
                     raise DatasetError(f"{ann}: item {rec['id']}: empty box {box}") from None
                 regions.append([{"frame": 0, "box": clamped}])
         conv = rec["conversations"]
+        question = srgpt_question(conv[0]["value"])
+        # Their model silently ignores masks no <mask> token uses; our API rejects unreferenced
+        # regions (422), so send only regions 0..K for the highest <regionK> the question names.
+        used = [int(k) for k in re.findall(r"<region(\d+)>", question)]
+        n_used = max(used) + 1 if used else 0
+        regions, masks = regions[:n_used], {f"mask{k}": masks[f"mask{k}"] for k in range(n_used) if f"mask{k}" in masks}
         # Their script asks every human turn; the bench has one turn per item.
         yield EvalItem(
             id=str(rec["id"]), category=rec["qa_info"]["category"], qa_type=rec["qa_info"]["type"],
-            media=root / info["file_path"], question=srgpt_question(conv[0]["value"]),
+            media=root / info["file_path"], question=question,
             ground_truth=conv[1]["value"], judge_question=rec.get("text_q", conv[0]["value"]),
             regions=regions, masks=masks, max_tokens=metrics.SRGPT_MAX_NEW_TOKENS,
         )

@@ -9,7 +9,8 @@ VSI-Bench (vision-x-nyu/thinking-in-space, lmms_eval/tasks/vsibench/utils.py):
 - multiple choice: case-insensitive exact match with the option letter;
 - numeric: mean relative accuracy (MRA) over thresholds 0.50, 0.55, ..., 0.95:
   mean over θ of 1[|ŷ − y| / y ≤ 1 − θ]; an answer that does not parse as a float scores 0;
-- the three object_rel_direction_{easy,medium,hard} accuracies are averaged into one category,
+- the three object_rel_direction_{easy,medium,hard} accuracies are averaged into one category
+  (a subset holding only some levels averages those; their code stops with a KeyError there),
   and "overall" is the unweighted mean of the per-category scores (×100).
 
 SpatialRGPT-Bench (AnjieCheng/SpatialRGPT, scripts/srgpt/eval/evaluate_spatial_with_gpt4.py):
@@ -119,9 +120,9 @@ def vsi_aggregate(rows: Iterable[tuple[str, float]]) -> dict[str, Any]:
     for qtype, score in rows:
         by_type[qtype].append(score)
     per_type = {t: sum(v) / len(v) for t, v in by_type.items()}
-    levels = [f"object_rel_direction_{lvl}" for lvl in ("easy", "medium", "hard")]
-    if levels[0] in per_type:  # as theirs: keyed on "easy"; needs all three levels
-        per_type["object_rel_direction"] = sum(per_type.pop(k) for k in levels) / 3.0
+    levels = [k for k in (f"object_rel_direction_{lvl}" for lvl in ("easy", "medium", "hard")) if k in per_type]
+    if levels:  # theirs needs all three (KeyError otherwise); a --limit subset may hold fewer: mean of those
+        per_type["object_rel_direction"] = sum(per_type.pop(k) for k in levels) / len(levels)
     overall = sum(per_type.values()) / len(per_type) if per_type else 0.0
     categories = {}
     for cat in (*VSI_CATEGORY_ORDER, *sorted(set(per_type) - set(VSI_CATEGORY_ORDER))):
