@@ -61,7 +61,9 @@ def main(args: argparse.Namespace) -> int:
         return await runner.run_items(items, url, args.out, concurrency=args.concurrency, api_key=args.api_key,
                                       num_frames=args.num_frames, on_done=progress)
 
-    if args.in_process:
+    if done_before == len(items):  # nothing left to ask: only re-score (no service needed)
+        rows = runner.load_results(args.out / runner.RESULTS)
+    elif args.in_process:
         from loadtests.stack import serve_stack
 
         # The data dir (tiny checkpoint, embedded Redis) as `sr3d serve` would use it from here.

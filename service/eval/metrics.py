@@ -215,7 +215,8 @@ def clock_error(pred_h: int, gt_h: int) -> int:
 
 
 _NEGATIVE = re.compile(r"\b(no|not|incorrect|isn't|aren't|doesn't|wrong|false|nope)\b|n't\b", re.IGNORECASE)
-_POSITIVE = re.compile(r"\b(yes|correct|indeed|right|true|yeah|yep|affirmative)\b", re.IGNORECASE)
+# "right" is not here: in left/right questions it is a direction, not an affirmation.
+_POSITIVE = re.compile(r"\b(yes|correct|indeed|true|yeah|yep|affirmative)\b", re.IGNORECASE)
 _REGION = re.compile(r"region\s*\[?\s*(\d+)\s*\]?|<region(\d+)>", re.IGNORECASE)
 
 
@@ -334,9 +335,11 @@ def srgpt_aggregate(scores: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                 row["abs_rel"] = sum(rels[g]) / len(rels[g]) if rels[g] else math.nan
         categories[g] = row
     overall: dict[str, float] = {}
+    n_by_kind: dict[str, int] = {}
     for kind in ("qualitative", "quantitative"):
         pooled = [v for g, vs in success.items() if kinds[g] == kind for v in vs]
         if pooled:
             overall[kind] = 100.0 * sum(pooled) / len(pooled)
-    return {"overall": overall, "categories": categories, "match_fail_count": fails,
+            n_by_kind[kind] = len(pooled)
+    return {"overall": overall, "categories": categories, "match_fail_count": fails, "n_by_kind": n_by_kind,
             "n": sum(len(v) for v in success.values())}

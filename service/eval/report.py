@@ -91,5 +91,8 @@ def text_table(report: dict[str, Any]) -> str:
             extra = f"  error {row['error_degrees']:.1f} deg"
         lines.append(f"{name:<28} {row['metric']:<9} {row['n']:>5} {row['score']:>7.2f}{extra}")
     for name, value in report["overall"].items():
-        lines.append(f"{('overall ' + name) if name != 'overall' else 'overall':<28} {'':<9} {report['n']:>5} {value:>7.2f}")
+        n = report.get("n_by_kind", {}).get(name, report["n"])
+        lines.append(f"{('overall ' + name) if name != 'overall' else 'overall':<28} {'':<9} {n:>5} {value:>7.2f}")
+    if "match_fail_count" in report:
+        lines.append(f"match failures (judge could not read an answer): {report['match_fail_count']}")
     return "\n".join(lines)
