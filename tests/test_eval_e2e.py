@@ -125,6 +125,8 @@ def spatialrgpt_dir(tmp_path: Path) -> Path:
             "Region [0] will find Region [1] around the 3 o'clock direction."),
     ]
     records[3]["rle"] = [{"size": [h, w], "counts": "broken"}]  # undecodable RLE: boxes are used, as theirs does
+    # the Hugging Face export stores nested fields as strings
+    records[4].update({k: repr(records[4][k]) for k in ("image_info", "qa_info", "conversations", "bbox")})
     root.mkdir(exist_ok=True)
     (root / "SpatialRGPT-Bench_v1.json").write_text(json.dumps(records))
     return root

@@ -10,11 +10,13 @@ SpatialRGPT-Bench (huggingface.co/datasets/a8cheng/SpatialRGPT-Bench, read by Sp
 records is accepted) whose records carry `id`, `image_info {file_path, height, width}`, `text_q`,
 `qa_info {type, category}`, `conversations [{value: "<image>\\n... <mask> ..."}, {value: answer}]`,
 `rle` (COCO RLE per region) and `bbox` ([x0, y0, x1, y1] per region); images are Omni3D's, at
-`{media_root}/{image_info.file_path}`. As their script does, masks come from `rle` when it decodes
+`{media_root}/{image_info.file_path}`. Nested fields stored as strings (the Hugging Face export)
+are parsed. As their script does, masks come from `rle` when it decodes
 and from `bbox` otherwise.
 """
 from __future__ import annotations
 
+import ast
 import io
 import json
 import re
@@ -173,10 +175,30 @@ def _clamped_box(box: list[float], width: int, height: int) -> list[float] | Non
     return [float(x0), float(y0), float(x1), float(y1)] if x1 > x0 and y1 > y0 else None
 
 
+_STRUCTURED = ("image_info", "qa_info", "conversations", "bbox", "rle")
+
+
+def _unstring(rec: dict[str, Any]) -> dict[str, Any]:
+    """The Hugging Face export of the bench stores its nested fields as strings (Python literals
+    or JSON); the GitHub JSON stores them as objects. Accept both."""
+    out = dict(rec)
+    for key in _STRUCTURED:
+        value = out.get(key)
+        if isinstance(value, str):
+            try:
+                out[key] = json.loads(value)
+            except ValueError:
+                try:
+                    out[key] = ast.literal_eval(value)
+                except (ValueError, SyntaxError):
+                    raise DatasetError(f"item {rec.get('id')}: field {key!r} is neither JSON nor a literal") from None
+    return out
+
+
 def _spatialrgpt(dataset: Path, media_root: Path | None) -> Iterator[EvalItem]:
     ann = _annotation_file(dataset, ("SpatialRGPT-Bench*.json", "*.json", "*.jsonl"))
     root = media_root or ann.parent
-    for rec in _records(ann):
+    for rec in map(_unstring, _records(ann)):
         missing = {"id", "image_info", "conversations", "qa_info"} - rec.keys()
         if missing:
             raise DatasetError(f"{ann}: record without {sorted(missing)}")
