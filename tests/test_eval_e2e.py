@@ -196,3 +196,16 @@ def test_spatialrgpt_end_to_end_in_process(spatialrgpt_dir: Path, tmp_path: Path
 def test_bad_dataset_is_a_clear_error(tmp_path: Path) -> None:
     r = _run_eval(str(tmp_path), "--format", "vsibench", "--url", "http://127.0.0.1:9", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "no annotation file" in r.stderr
+
+
+def test_unreachable_service_leaves_items_unfinished_for_the_next_run(vsibench_dir: Path, tmp_path: Path) -> None:
+    from loadtests.stack import free_port
+
+    out = tmp_path / "out"
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there: every submit is refused (transient)
+    r = _run_eval(str(vsibench_dir), "--format", "vsibench", "--url", url, "--out", str(out), "--limit", "2")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "2 items unfinished" in r.stderr
+    assert (out / "results.jsonl").read_text() == ""  # nothing recorded, so a later run asks them all
+    report = json.loads((out / "report.json").read_text())
+    assert report["unfinished"] == 2 and report["n"] == 0

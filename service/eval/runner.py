@@ -25,6 +25,7 @@ from loadtests.client import JobRequest, Media, SR3DClient
 from service.eval.datasets import EvalItem
 
 RESULTS = "results.jsonl"
+TRANSIENT_RETRIES = 4  # per item and run; what still fails is left for the next run
 
 
 def load_results(path: Path) -> dict[str, dict[str, Any]]:
@@ -90,7 +91,12 @@ def _row(item: EvalItem, prediction: str, **extra: Any) -> dict[str, Any]:
 async def _one(client: SR3DClient, item: EvalItem, num_frames: int | None, run: str) -> dict[str, Any] | None:
     if not item.media.exists():
         return _row(item, "", error={"code": "media_missing", "message": f"{item.media} not found"})
-    res = await client.run(_request(item, num_frames, run))
+    for attempt in range(TRANSIENT_RETRIES + 1):
+        res = await client.run(_request(item, num_frames, run))
+        if res.terminal is not None or (res.http_status is not None and 400 <= res.http_status < 500
+                                        and res.http_status != 429):
+            break
+        await asyncio.sleep(min(2.0**attempt, 10.0))  # queue full (429), 5xx, connection refused
     if res.http_status is not None and 400 <= res.http_status < 500 and res.http_status != 429:
         body = res.error_body.get("error", {}) if isinstance(res.error_body, dict) else {"message": str(res.error_body)}
         return _row(item, "", error=body)
