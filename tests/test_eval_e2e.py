@@ -196,6 +196,13 @@ def test_spatialrgpt_end_to_end_in_process(spatialrgpt_dir: Path, tmp_path: Path
 def test_bad_dataset_is_a_clear_error(tmp_path: Path) -> None:
     r = _run_eval(str(tmp_path), "--format", "vsibench", "--url", "http://127.0.0.1:9", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "no annotation file" in r.stderr
+    r = _run_eval(str(tmp_path), "--format", "vsibench", "--concurrency", "0", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--concurrency" in r.stderr  # rejected up front, not a run that waits forever
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": 0, "dataset": "scannet", "scene_name": "s", "question_type": "nonsense",
+                               "question": "q", "options": None, "ground_truth": "1"}) + "\n")
+    r = _run_eval(str(bad), "--format", "vsibench", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "nonsense" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_unreachable_service_leaves_items_unfinished_for_the_next_run(vsibench_dir: Path, tmp_path: Path) -> None:

@@ -14,6 +14,13 @@ import tempfile
 from pathlib import Path
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:  # a concurrency of 0 would wait forever
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="score the served model on VSI-Bench / SpatialRGPT-Bench (resumable)")
     p.add_argument("dataset", type=Path, help="the benchmark's annotation file, or the directory holding it")
@@ -22,12 +29,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--url", default=None, help="a running service (default SR3D_URL, http://127.0.0.1:8000)")
     where.add_argument("--in-process", action="store_true", help="start `sr3d serve` on a free loopback port for this run")
     p.add_argument("--out", type=Path, default=Path("eval-out"), help="results.jsonl, report.json, report.png")
-    p.add_argument("--limit", type=int, default=None, help="only the first N items (in file order)")
+    p.add_argument("--limit", type=_positive, default=None, help="only the first N items (in file order)")
     p.add_argument("--media-root", type=Path, default=None,
                    help="where videos/images live (default: the annotation file's directory)")
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight (the engine batches them)")
-    p.add_argument("--num-frames", type=int, default=None, help="frames sampled per video (default: the server's)")
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--concurrency", type=_positive, default=4, help="requests in flight (the engine batches them)")
+    p.add_argument("--num-frames", type=_positive, default=None, help="frames sampled per video (default: the server's)")
+    p.add_argument("--max-tokens", type=_positive, default=None,
                    help="override the benchmark's max new tokens (16 / 128); the report records it")
     p.add_argument("--api-key", default=os.environ.get("SR3D_API_KEY"))
     p.set_defaults(func=main)
@@ -38,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         items = datasets.load(args.fmt, args.dataset, args.media_root)
-    except (datasets.DatasetError, OSError) as e:
+    except (ValueError, KeyError, OSError) as e:  # DatasetError is a ValueError
         print(f"sr3d eval: {e}", file=sys.stderr)
         return 2
     if args.limit is not None:
