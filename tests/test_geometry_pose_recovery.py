@@ -111,7 +111,9 @@ def _errors(res: PoseRecoveryResult, gt: np.ndarray) -> tuple[np.ndarray, np.nda
 def test_synthetic_moving_camera_poses_and_point_agreement(scene) -> None:
     """Depth + images of a moving camera, no poses: poses within 0.2 deg / 5 mm of the truth, and the
     recovered point maps put the same surface point at the same place from every frame.
-    Measured (this scene, 8 frames, 0.12 m and 2.5 deg steps): see the printed numbers (pytest -s)."""
+    Measured (8 frames, 0.12 m / 2.5 deg steps, depth ~5 m; printed with pytest -s): pose error max
+    0.026 deg / 1.8 mm; points vs truth median 0.50 mm (p95 1.05 mm); the same surface point from frame 0
+    vs frames 1-7: median 0.48 mm (p95 0.90 mm) over 20k points."""
     gt, rgb, depth = scene["gt"], scene["rgb"], scene["depth"]
     pm, res = pointmaps_without_poses(depth, K, rgb)
     assert res.registered.all(), res.reasons
@@ -222,5 +224,8 @@ def test_tum_fr1_window_against_ground_truth() -> None:
 
     out = evaluate()
     print("\n", out)
-    assert out["registered"] >= 9
-    assert out["ate_se3_m"]["rmse"] <= 0.025
+    # Measured: 10/10 registered, ATE RMSE 2.10 cm (SE(3)-aligned), RPE 2.33 cm / 1.15 deg per 0.2 s.
+    assert out["registered"] == 10 and out["unregistered"] == {}
+    assert out["ate_se3_m"]["rmse"] <= 0.03
+    assert out["rpe_consecutive_registered"]["trans_rmse"] <= 0.035
+    assert out["rpe_consecutive_registered"]["rot_rmse_deg"] <= 1.6
