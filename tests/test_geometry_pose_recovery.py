@@ -190,6 +190,29 @@ def test_blank_first_frame_moves_the_reference(scene) -> None:
     assert np.allclose(pm.poses[1], np.eye(4)) and not pm.valid[0].any()
 
 
+def test_frame_without_depth_registers_from_its_image(scene) -> None:
+    """PnP needs depth only on the already registered side: frame 0 without any depth cannot be the
+    reference, but it still gets its pose (in frame 1's world) from its keypoints."""
+    gt, depth = scene["gt"][:4], scene["depth"][:4].copy()
+    depth[0] = 0
+    res = recover_poses(depth, K, scene["rgb"][:4])
+    assert res.reference == 1 and res.registered.all(), res.reasons
+    truth = np.linalg.inv(gt[1]) @ gt
+    E = np.linalg.inv(truth) @ res.poses_c2w
+    assert rotation_angle_deg(E[:, :3, :3]).max() < 0.2
+    assert np.linalg.norm(E[:, :3, 3], axis=1).max() < 0.01
+
+
+def test_large_frames_detect_on_a_shrunk_image(scene) -> None:
+    """Keypoints found on the shrunk image come back in full-resolution pixels (the poses stay exact)."""
+    from model.geometry.pose_recovery import PoseRecoveryConfig
+
+    res = recover_poses(scene["depth"][:3], K, scene["rgb"][:3], PoseRecoveryConfig(feature_max_side=200))
+    assert res.registered.all(), res.reasons
+    rot_err, trans_err = _errors(res, scene["gt"][:3])
+    assert rot_err.max() < 0.3 and trans_err.max() < 0.01
+
+
 def test_nothing_registrable_is_a_scene_error() -> None:
     depth = np.ones((2, H, W))
     with pytest.raises(SceneError) as e:

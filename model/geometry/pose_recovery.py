@@ -35,6 +35,7 @@ class PoseRecoveryConfig:
     # SIFT's default (0.04) finds too few keypoints on motion-blurred frames (TUM fr1_rpy frame 9: 75);
     # 0.01 gives ~9x more there and twice as many matches elsewhere.
     contrast_threshold: float = 0.01
+    feature_max_side: int = 1280  # SIFT runs on the image shrunk to this (bounded work for 4K frames)
     min_features: int = 30  # fewer keypoints than this: the frame is unusable (blank, dark, blurred)
     ratio: float = 0.8  # Lowe's ratio test
     min_inliers: int = 20  # PnP inliers needed to accept a registration
@@ -78,12 +79,17 @@ class _DepthPyr:
     K: np.ndarray  # intrinsics of the subsampled grid
 
 
-def _features(sift: cv2.SIFT, image: np.ndarray, depth: np.ndarray) -> _Features:
+def _features(sift: cv2.SIFT, image: np.ndarray, depth: np.ndarray, max_side: int) -> _Features:
     gray = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+    f = min(1.0, max_side / max(gray.shape))
+    if f < 1.0:
+        gray = cv2.resize(gray, (round(gray.shape[1] * f), round(gray.shape[0] * f)), interpolation=cv2.INTER_AREA)
     kps, desc = sift.detectAndCompute(gray, None)
     if not kps:
         return _Features(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), np.zeros(0))
-    xy = np.array([k.pt for k in kps], dtype=np.float32)
+    # Back to full-resolution pixels (pixel centres at integers in both grids).
+    sx, sy = image.shape[1] / gray.shape[1], image.shape[0] / gray.shape[0]
+    xy = (np.array([k.pt for k in kps], dtype=np.float32) + 0.5) * np.float32([sx, sy]) - 0.5
     # Keypoints sit on image edges, often depth edges too: take depth only where the 3x3 neighbourhood
     # is complete and smooth, otherwise a foreground pixel lends its depth to the background.
     d = depth.astype(np.float32)
@@ -220,7 +226,7 @@ def recover_poses(
 
     sift = cv2.SIFT_create(nfeatures=cfg.max_features, contrastThreshold=cfg.contrast_threshold)
     matcher = cv2.BFMatcher(cv2.NORM_L2)
-    feats = [_features(sift, images[i], depth[i]) for i in range(F)]
+    feats = [_features(sift, images[i], depth[i], cfg.feature_max_side) for i in range(F)]
     pyrs: dict[int, _DepthPyr] = {}
 
     def pyr(i: int) -> _DepthPyr:
