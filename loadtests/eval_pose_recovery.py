@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from model.geometry.pose_recovery import recover_poses
-from model.geometry.trajectory import ate, rpe
+from model.geometry.trajectory import ate, rotation_angle_deg, rpe
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "rgbd"
 
@@ -57,6 +57,9 @@ def evaluate(data: Path = DEFAULT_DATA) -> dict:
         anchored = gt[res.reference] @ est
         err = np.linalg.norm(anchored[:, :3, 3] - ref[:, :3, 3], axis=1)
         out["ate_anchored_rmse_m"] = float(np.sqrt((err**2).mean()))
+        # Rotation drift, which ATE (camera centres only) hardly sees on this rotation-dominated clip.
+        rot = rotation_angle_deg(np.linalg.inv(anchored[:, :3, :3]) @ ref[:, :3, :3])
+        out["rotation_error_vs_reference_deg"] = {"max": float(rot.max()), "per_frame": [round(float(r), 2) for r in rot]}
         # Between consecutive registered frames (all 10 when everything registers).
         out["rpe_consecutive_registered"] = rpe(est, ref, 1)
     gt_path = float(np.linalg.norm(np.diff(gt[:, :3, 3], axis=0), axis=1).sum())

@@ -180,6 +180,16 @@ def test_blank_and_foreign_frames_are_reported_not_given_a_pose(scene) -> None:
     assert np.isfinite(pm.poses).all() and np.isfinite(pm.points).all()
 
 
+def test_depth_that_contradicts_the_others_is_rejected(scene) -> None:
+    """Frame 3's image registers fine, but its depth is in other units (x1.5): placed with that pose,
+    it does not lie on the surfaces the other frames measured, so the frame is reported, not merged."""
+    depth = scene["depth"][:5].copy()
+    depth[3] *= 1.5
+    res = recover_poses(depth, K, scene["rgb"][:5])
+    assert res.registered.tolist() == [True, True, True, False, True]
+    assert res.reasons[3].startswith("depth_inconsistent")
+
+
 def test_blank_first_frame_moves_the_reference(scene) -> None:
     rgb = scene["rgb"][:3].copy()
     rgb[0] = 0
@@ -247,8 +257,14 @@ def test_tum_fr1_window_against_ground_truth() -> None:
 
     out = evaluate()
     print("\n", out)
-    # Measured: 10/10 registered, ATE RMSE 2.10 cm (SE(3)-aligned), RPE 2.33 cm / 1.15 deg per 0.2 s.
-    assert out["registered"] == 10 and out["unregistered"] == {}
-    assert out["ate_se3_m"]["rmse"] <= 0.03
-    assert out["rpe_consecutive_registered"]["trans_rmse"] <= 0.035
-    assert out["rpe_consecutive_registered"]["rot_rmse_deg"] <= 1.6
+    # Measured: frames 0-8 registered; frame 9 (motion-blurred: 22 of 232 matches agree, 9 %) reported,
+    # not scored. ATE RMSE 0.74 cm (SE(3)-aligned), 2.6 cm aligned on frame 0 only; RPE 1.29 cm /
+    # 1.06 deg per 0.2 s; rotation drift 6.3 deg after 1.6 s (~4 % over-rotation per step, against a
+    # pinhole model of a lens with k1 = 0.26).
+    assert out["registered"] == 9 and list(out["unregistered"]) == ["9"]
+    assert out["unregistered"]["9"].startswith("too_few_inliers")
+    assert out["ate_se3_m"]["rmse"] <= 0.015
+    assert out["ate_anchored_rmse_m"] <= 0.04
+    assert out["rpe_consecutive_registered"]["trans_rmse"] <= 0.02
+    assert out["rpe_consecutive_registered"]["rot_rmse_deg"] <= 1.5
+    assert out["rotation_error_vs_reference_deg"]["max"] <= 8.0

@@ -11,8 +11,11 @@ Method, per frame in order (frame 0, or the first usable frame, is the reference
    same registered frames (all at once, Huber-weighted). Keypoints localise rotation well but
    translation poorly at small baselines; the dense depth pins it down (why not rotation too: see
    `_icp_translation`). The ICP result is kept only if it stays close to the feature estimate.
-A frame that fails (too few keypoints, matches or inliers) is reported with a reason and retried once
-against every registered frame after the first pass; it is never given a made-up pose.
+4. Verification: the frame's own depth, placed with the new pose, must lie on the registered frames'
+   surfaces where they overlap (catches a wrong pose, and depth in the wrong units).
+A frame that fails (too few keypoints, matches or inliers, or depth that disagrees) is reported with a
+reason and retried once after the first pass against more registered frames (the nearest in time); it
+is never given a made-up pose.
 
 Pure computation on numpy arrays + OpenCV (pinned major version in pyproject.toml).
 """
@@ -39,6 +42,9 @@ class PoseRecoveryConfig:
     min_features: int = 30  # fewer keypoints than this: the frame is unusable (blank, dark, blurred)
     ratio: float = 0.8  # Lowe's ratio test
     min_inliers: int = 20  # PnP inliers needed to accept a registration
+    # ... and this share of the matches: on TUM fr1_rpy good frames have 0.32-0.86, the motion-blurred
+    # frame 9 0.09 (its pose then swung 6-10 deg with the RANSAC draw): too weak to trust.
+    min_inlier_ratio: float = 0.15
     reproj_px_per_width: float = 0.006  # RANSAC threshold relative to the image width (3.8 px at 640)
     max_candidates: int = 4  # registered frames matched against (previous + nearest keyframes)
     retry_candidates: int = 8  # second chance for a failed frame: this many registered frames nearest in time
@@ -47,6 +53,7 @@ class PoseRecoveryConfig:
     icp_width: int = 160  # ICP runs on depth subsampled to about this width
     icp_iters: int = 15
     icp_max_correction_m: float = 0.05  # ICP may move the feature estimate at most this far
+    min_depth_agreement: float = 0.5  # share of the frame's overlapping depth that must fit the others
 
 
 @dataclass(frozen=True)
@@ -89,7 +96,7 @@ def _features(sift: cv2.SIFT, image: np.ndarray, depth: np.ndarray, max_side: in
         return _Features(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), np.zeros(0))
     # Back to full-resolution pixels (pixel centres at integers in both grids).
     sx, sy = image.shape[1] / gray.shape[1], image.shape[0] / gray.shape[0]
-    xy = (np.array([k.pt for k in kps], dtype=np.float32) + 0.5) * np.float32([sx, sy]) - 0.5
+    xy = (np.array([k.pt for k in kps], dtype=np.float64) + 0.5) * np.array([sx, sy]) - 0.5
     # Keypoints sit on image edges, often depth edges too: take depth only where the 3x3 neighbourhood
     # is complete and smooth, otherwise a foreground pixel lends its depth to the background.
     d = depth.astype(np.float32)
@@ -150,6 +157,37 @@ def _pyramid(depth: np.ndarray, K: np.ndarray, width: int) -> _DepthPyr:
     return _DepthPyr(points=P, normals=n, valid=ok, K=Ks)
 
 
+def _associate(X: np.ndarray, tgt: _DepthPyr, T_t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Projective data association: world points X [N, 3] -> the target's pixel they fall on.
+    Returns (indices into X, target points in world, target normals in world) for usable pixels."""
+    y = (X - T_t[:3, 3]) @ T_t[:3, :3]  # into the target camera
+    front = y[:, 2] > 1e-6
+    uv = (y[front] / y[front, 2:]) @ tgt.K.T
+    u = np.rint(uv[:, 0]).astype(int)
+    v = np.rint(uv[:, 1]).astype(int)
+    h, w = tgt.valid.shape
+    inb = (u >= 0) & (u < w) & (v >= 0) & (v < h)
+    idx, u, v = np.flatnonzero(front)[inb], u[inb], v[inb]
+    ok = tgt.valid[v, u]
+    idx, u, v = idx[ok], u[ok], v[ok]
+    return idx, tgt.points[v, u] @ T_t[:3, :3].T + T_t[:3, 3], tgt.normals[v, u] @ T_t[:3, :3].T
+
+
+def _depth_agreement(src: _DepthPyr, T: np.ndarray, targets: list[tuple[_DepthPyr, np.ndarray]]) -> tuple[int, float]:
+    """(overlapping points, fraction of them on the target's surface within 3 cm + 3 % of depth).
+    Occlusions and depth noise keep a right pose well above half; a wrong pose, or depth in other units,
+    lands far below."""
+    p = src.points[src.valid]
+    X = p @ T[:3, :3].T + T[:3, 3]
+    total = agree = 0
+    for tgt, T_t in targets:
+        idx, q, n = _associate(X, tgt, T_t)
+        r = np.abs(((X[idx] - q) * n).sum(1))
+        total += len(idx)
+        agree += int((r < 0.03 + 0.03 * p[idx, 2]).sum())
+    return total, agree / max(total, 1)
+
+
 def _icp_translation(
     src: _DepthPyr, T_src: np.ndarray, targets: list[tuple[_DepthPyr, np.ndarray]], iters: int
 ) -> tuple[np.ndarray, int]:
@@ -157,7 +195,7 @@ def _icp_translation(
     at once (projective association, Huber weights), solving for the camera's translation only.
 
     Rotation stays the feature estimate's: on TUM fr1_rpy (up to 90 deg/s) a 6-DoF ICP fits the depth
-    better than the ground truth does (point-to-plane median 0.37 vs 0.54 cm on frames 0-1) yet lands
+    better than the ground truth does (point-to-plane median 0.37 vs 0.54 cm on frames 0-1, depth at 320 px) yet lands
     1 deg from it — the depth is captured ~7 ms after the colour image, on another sensor — while the
     colour features measure rotation on the ground truth's clock. Translation is what features get
     wrong at centimetre baselines and what dense depth pins down. Returns (pose, matches)."""
@@ -171,18 +209,7 @@ def _icp_translation(
         b = np.zeros(3)
         matches = 0
         for tgt, T_t in targets:
-            y = (X - T_t[:3, 3]) @ T_t[:3, :3]  # into the target camera
-            front = y[:, 2] > 1e-6
-            uv = (y[front] / y[front, 2:]) @ tgt.K.T
-            u = np.rint(uv[:, 0]).astype(int)
-            v = np.rint(uv[:, 1]).astype(int)
-            h, w = tgt.valid.shape
-            inb = (u >= 0) & (u < w) & (v >= 0) & (v < h)
-            idx, u, v = np.flatnonzero(front)[inb], u[inb], v[inb]
-            ok = tgt.valid[v, u]
-            idx, u, v = idx[ok], u[ok], v[ok]
-            q = tgt.points[v, u] @ T_t[:3, :3].T + T_t[:3, 3]  # target points, world
-            n = tgt.normals[v, u] @ T_t[:3, :3].T
+            idx, q, n = _associate(X, tgt, T_t)
             diff = X[idx] - q
             close = np.linalg.norm(diff, axis=1) < dist
             n, diff = n[close], diff[close]
@@ -281,10 +308,21 @@ def recover_poses(
             flags=cv2.SOLVEPNP_EPNP,
         )
         ninl = 0 if inl is None else len(inl)
-        if not ok or ninl < cfg.min_inliers:
-            return f"too_few_inliers: {ninl} of {n} matches agree on one camera pose (< {cfg.min_inliers})"
+        if not ok or ninl < max(cfg.min_inliers, cfg.min_inlier_ratio * n):
+            return (
+                f"too_few_inliers: {ninl} of {n} matches agree on one camera pose "
+                f"(need {cfg.min_inliers} and {100 * cfg.min_inlier_ratio:.0f} %)"
+            )
         inl = inl.reshape(-1)
-        rvec, tvec = cv2.solvePnPRefineLM(obj_a[inl], img_a[inl], K[q], None, rvec, tvec)
+        # LM on the inliers, then re-select the inliers under the refined pose and refine again: the
+        # result depends on the data, not on which minimal sample RANSAC happened to draw last.
+        for _ in range(3):
+            rvec, tvec = cv2.solvePnPRefineLM(obj_a[inl], img_a[inl], K[q], None, rvec, tvec)
+            proj = cv2.projectPoints(obj_a, rvec, tvec, K[q], None)[0].reshape(-1, 2)
+            inl = np.flatnonzero(np.linalg.norm(proj - img_a, axis=1) < thr)
+            if len(inl) < cfg.min_inliers:
+                return f"too_few_inliers: {len(inl)} of {n} matches agree on the refined camera pose (< {cfg.min_inliers})"
+        ninl = len(inl)
         w2c = np.eye(4)
         w2c[:3, :3] = cv2.Rodrigues(rvec)[0]
         w2c[:3, 3] = tvec.reshape(3)
@@ -294,6 +332,13 @@ def recover_poses(
             if nm >= 100 and np.linalg.norm(T_icp[:3, 3] - T[:3, 3]) <= cfg.icp_max_correction_m:
                 T = T_icp
                 refined[q] = True
+        if (depth[q] > 0).any():
+            overlap, frac = _depth_agreement(pyr(q), T, [(pyr(c), poses[c]) for c in candidates])
+            if overlap >= 100 and frac < cfg.min_depth_agreement:
+                return (
+                    f"depth_inconsistent: the pose from {ninl} keypoints puts only {100 * frac:.0f} % of this "
+                    f"frame's depth on the registered frames' surfaces (< {100 * cfg.min_depth_agreement:.0f} %)"
+                )
         poses[q] = T
         registered[q] = True
         inliers[q] = ninl
