@@ -1,0 +1,68 @@
+"""Which point-map backend serves an input, and the depth-without-poses route.
+
+Per-input default (setting "auto"):
+  scene with depth + poses  -> "rgbd"           exact back-projection of the client's RGB-D
+  scene with depth only     -> "pose_recovery"  poses recovered from the RGB-D frames (OpenCV)
+  video                     -> "multiview"      Depth Anything 3: all frames in one registered frame
+  image                     -> "single"         Depth Anything V2: one frame, its own camera
+Any other setting forces that backend; "rgbd" / "pose_recovery" then need a scene that can feed
+them (coded 422 otherwise), and "multiview" / "single" ignore an uploaded scene.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from model.geometry.rgbd import SceneError, pointmaps_from_rgbd
+from model.geometry.types import PointMaps
+
+Route = Literal["multiview", "single", "rgbd", "pose_recovery"]
+BackendSetting = Literal["auto", "multiview", "single", "rgbd", "pose_recovery"]
+ROUTES: tuple[Route, ...] = ("multiview", "single", "rgbd", "pose_recovery")
+
+
+def choose_route(setting: str, *, is_video: bool, scene_depth: bool, scene_poses: bool) -> Route:
+    if setting == "auto":
+        if scene_depth:
+            return "rgbd" if scene_poses else "pose_recovery"
+        return "multiview" if is_video else "single"
+    if setting == "rgbd" and not (scene_depth and scene_poses):
+        raise SceneError("backend_needs_scene", "the rgbd point-map backend needs a scene with depth, intrinsics and poses")
+    if setting == "pose_recovery" and not scene_depth:
+        raise SceneError("backend_needs_scene", "the pose_recovery point-map backend needs a scene with depth and intrinsics")
+    if setting not in ROUTES:
+        raise ValueError(f"unknown point-map backend {setting!r}; one of auto, {', '.join(ROUTES)}")
+    return setting  # type: ignore[return-value]
+
+
+@dataclass
+class RoutedPointMaps:
+    pointmaps: PointMaps
+    route: Route
+    registered: int  # frames placed in the shared canonical frame
+    unregistered: list[int]  # frames that could not be placed (their points are all invalid)
+
+
+def pointmaps_recovering_poses(depth: np.ndarray, intrinsics: np.ndarray, images: np.ndarray) -> RoutedPointMaps:
+    """Metric depth [F,H,W] + K + colour frames [F,H,W,3] (same size as the depth) without poses ->
+    point maps in the first registered frame's camera. A frame that cannot be registered keeps its
+    slot with no valid point and is listed, never given a made-up pose."""
+    try:
+        from model.geometry.pose_recovery import recover_poses
+    except ImportError:  # TODO(lead): model/geometry/pose_recovery.py comes from branch i13b
+        raise SceneError(
+            "pose_recovery_unavailable", "this server cannot recover poses; send poses with the scene"
+        ) from None
+    result = recover_poses(depth, intrinsics, images)
+    registered = np.asarray(result.registered, dtype=bool)
+    if not registered.any():
+        raise SceneError("pose_recovery_failed", "no frame of the scene could be registered")
+    ref = int(np.flatnonzero(registered)[0])
+    poses = np.asarray(result.poses_c2w, dtype=np.float64).copy()
+    poses[~registered] = poses[ref]  # placeholders (finite) for frames whose points are all invalid
+    masked = np.where(registered[:, None, None], depth, 0.0)
+    pm = pointmaps_from_rgbd(masked, intrinsics, poses, reference_frame=ref)
+    pm.source = "pose-recovery"
+    return RoutedPointMaps(pm, "pose_recovery", int(registered.sum()), np.flatnonzero(~registered).tolist())
