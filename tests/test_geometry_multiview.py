@@ -200,3 +200,23 @@ def test_scene_without_poses_takes_the_pose_recovery_route(tmp_path: Path) -> No
     else:
         _, stages = _run_job(pipeline, blobs, "image", png.getvalue(), "desk.png", scene=buf.getvalue())
         assert stages["pointmaps"]["backend"] == "pose_recovery" and stages["pointmaps"]["frames_registered"] == 1
+
+
+def test_worker_job_reports_the_multiview_backend(tmp_path: Path, redis_url: str) -> None:
+    """A real worker (Redis queue, torch engine, tiny weights) on a video job: the `pointmaps` progress
+    event and the finished job's timings name the backend that ran and the frames it registered."""
+    from service.schemas import JobStatus
+    from tests.test_worker_loop import Harness, _run
+
+    async def body(h: Harness) -> None:
+        h.start()
+        spec = await h.submit(max_tokens=4)
+        view = await h.wait_terminal(spec.job_id)
+        assert view.status == JobStatus.done
+        events = await h.queue.events_range(spec.job_id)
+        pm = next(e.data for e in events if e.type == "progress" and e.data["stage"] == "pointmaps")
+        assert pm["backend"] == "multiview" and pm["source"] == "depth-anything-3" and pm["frames_registered"] == 4
+        assert view.timings["pointmaps_backend"] == "multiview" and view.timings["pointmaps_frames_registered"] == 4
+        assert events[-1].data["timings"]["pointmaps_backend"] == "multiview"
+
+    _run(tmp_path, redis_url, body)
