@@ -78,3 +78,33 @@ def test_port_matches_official(net, case):
         np.testing.assert_allclose(getattr(depth, stat)((1, 2)), case[ref], rtol=2e-5, atol=1e-7)
     np.testing.assert_allclose(conf.mean((1, 2)), case["conf_mean"], rtol=2e-5)
     np.testing.assert_allclose(conf.std((1, 2)), case["conf_std"], rtol=2e-5, atol=1e-7)
+
+
+def test_official_preset_layout_loads(tmp_path):
+    """A directory in the published form (config.json naming only the preset, weights under the
+    official key names) loads with the preset's architecture: DA3-Small here (random weights)."""
+    import json as _json
+
+    from model.geometry.da3 import build_random_da3, load_config
+
+    build_random_da3(tmp_path, "da3-small")
+    assert _json.loads((tmp_path / "config.json").read_text()) == {"model_name": "da3-small"}
+    cfg = load_config(tmp_path)
+    assert (cfg.backbone.embed_dim, cfg.backbone.depth, cfg.backbone.alt_start, cfg.head.dim_in) == (384, 12, 4, 768)
+    net = load_da3(tmp_path)
+    out = net(_images(0, 2, 28, 42))
+    assert out.depth.shape == (1, 2, 28, 42) and torch.isfinite(out.depth).all()
+    (tmp_path / "config.json").write_text(_json.dumps({"model_name": "da3mono-large"}))
+    with pytest.raises(ValueError, match="not a multi-view DA3 preset"):
+        load_config(tmp_path)
+
+
+def test_missing_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    build_tiny_da3(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    del state["model.cam_dec.fc_t.weight"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="missing"):
+        load_da3(tmp_path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from model.geometry.da3.backbone import VisionTransformer
 from model.geometry.da3.camera import CameraDec, CameraEnc, decode_pose
 from model.geometry.da3.config import DA3Config, from_sections, load_config, to_json
 from model.geometry.da3.head import DualDPT
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 _PREFIX = "model."
@@ -86,8 +89,10 @@ def load_da3(directory: str | Path, device: torch.device | str = "cpu") -> DA3Ne
     state = {k[len(_PREFIX):]: v.float() for k, v in state.items() if k.startswith(_PREFIX)}
     state = {k: v for k, v in state.items() if not k.startswith(_IGNORED_PREFIXES)}
     missing, unexpected = net.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match {config.model_name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if missing:
+        raise ValueError(f"checkpoint does not match {config.model_name}: missing {missing[:5]} ({len(missing)} keys)")
+    if unexpected:  # the official loader ignores extra keys too (non-strict); say which
+        log.warning("DA3 checkpoint %s: %d keys not used by this port, e.g. %s", directory, len(unexpected), unexpected[:5])
     return net.to(device).eval()
 
 
