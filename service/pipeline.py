@@ -264,7 +264,7 @@ class Pipeline:
     async def pointmaps(self, job: JobSpec, decoded: Decoded) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
         """-> points, valid, event info: source, backend (the route), frames_registered[, frames_unregistered]."""
         from model.geometry import load_scene_npz
-        from model.geometry.routes import choose_route
+        from model.geometry.routes import choose_route, registered_frames
 
         scene = None
         if job.scene_blob:
@@ -276,8 +276,7 @@ class Pipeline:
             assert scene is not None
             return await self._scene_pointmaps(scene, decoded, route)
         f, h, w, _ = decoded.frames.shape
-        # Frames in the canonical frame: all of them for multi-view, the reference alone for single-view.
-        info: dict[str, Any] = {"backend": route, "frames_registered": f if route == "multiview" else 1}
+        info: dict[str, Any] = {"backend": route, "frames_registered": registered_frames(route, f)}
         backend = self._backend(route)
         key = cache_key(job.media_hash, (decoded.indices, (w, h)), getattr(backend, "name", type(backend).__name__))
         hit = self.cache.get(key)
@@ -293,7 +292,7 @@ class Pipeline:
         """RGB-D upload: arrays hold one entry per sampled frame, or one per source frame (a video's
         full length) from which the sampled ones are taken. Depth must match the source frame size."""
         from model.geometry import pointmaps_from_rgbd
-        from model.geometry.routes import pointmaps_recovering_poses
+        from model.geometry.routes import pointmaps_recovering_poses, registered_frames
 
         def compute() -> tuple[Any, dict[str, Any]]:
             n = scene.depth.shape[0]
@@ -312,7 +311,7 @@ class Pipeline:
                                  f"frames (original indices up to {max(decoded.indices)}); add frame_indices")
             intr = scene.intrinsics[sel] if scene.intrinsics.ndim == 3 else scene.intrinsics
             if route == "rgbd":
-                return pointmaps_from_rgbd(scene.depth[sel], intr, scene.poses[sel]), {"frames_registered": len(sel)}
+                return pointmaps_from_rgbd(scene.depth[sel], intr, scene.poses[sel]), {"frames_registered": registered_frames("rgbd", len(sel))}
             depth = scene.depth[sel]
             images = _resize_nearest(decoded.frames, (depth.shape[2], depth.shape[1]))  # colour pixel-aligned with depth
             routed = pointmaps_recovering_poses(depth, intr, images)

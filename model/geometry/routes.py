@@ -37,6 +37,12 @@ def choose_route(setting: str, *, is_video: bool, scene_depth: bool, scene_poses
     return setting  # type: ignore[return-value]
 
 
+def registered_frames(route: Route, num_frames: int) -> int:
+    """Frames a model route places in the shared canonical frame: all of them for multi-view (and
+    exact RGB-D), only the reference for single-view (every other frame is its own camera)."""
+    return 1 if route == "single" else num_frames
+
+
 @dataclass
 class RoutedPointMaps:
     pointmaps: PointMaps

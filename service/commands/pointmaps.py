@@ -39,7 +39,7 @@ def compute(args: argparse.Namespace):
     """The worker's path: frames (rotation applied) -> chosen backend -> canonical, normalised point maps.
     Returns frames, indices, timestamps, PointMaps, route, frames registered."""
     from model.geometry import RGBDBackend, SceneError, load_scene_npz
-    from model.geometry.routes import choose_route, pointmaps_recovering_poses
+    from model.geometry.routes import choose_route, pointmaps_recovering_poses, registered_frames
 
     limits = MediaLimits()
     scene = load_scene_npz(Path(args.rgbd).read_bytes()) if args.rgbd else None
@@ -58,7 +58,7 @@ def compute(args: argparse.Namespace):
                          scene_poses=scene is not None and scene.poses is not None)
     if route == "rgbd":
         pm = RGBDBackend(scene).compute(frames)
-        return frames, indices, timestamps, pm, route, len(frames)
+        return frames, indices, timestamps, pm, route, registered_frames(route, len(frames))
     if route == "pose_recovery":
         if frames.shape[:3] != scene.depth.shape:
             raise SceneError("scene_size_mismatch", f"scene depth is {list(scene.depth.shape)} but the frames are "
@@ -71,11 +71,11 @@ def compute(args: argparse.Namespace):
         from model.geometry.multiview import MultiViewBackend
 
         pm = MultiViewBackend(args.multiview_model, device=args.device).compute(frames)
-        return frames, indices, timestamps, pm, route, len(frames)
+        return frames, indices, timestamps, pm, route, registered_frames(route, len(frames))
     from model.geometry import DepthAnythingBackend
 
     pm = DepthAnythingBackend(args.depth_model, device=args.device).compute(frames)
-    return frames, indices, timestamps, pm, route, 1  # each frame its own camera: only frame 0 is placed
+    return frames, indices, timestamps, pm, route, registered_frames(route, len(frames))
 
 
 def write_ply(path: str, points: np.ndarray, colors: np.ndarray, valid: np.ndarray, limit: int, seed: int = 0) -> int:
