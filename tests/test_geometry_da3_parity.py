@@ -3,7 +3,7 @@
 Reference numbers (tests/data/da3_parity.json) were produced by the OFFICIAL code, run outside this
 repository, with exactly the tiny checkpoint `build_tiny_da3(dir, seed=0)` writes:
 
-- repo github.com/ByteDance-Seed/Depth-Anything-3, commit 2c21ea8 (Merge pull request #167),
+- repo github.com/ByteDance-Seed/Depth-Anything-3, commit 2c21ea849ceec7b469a3e62ea0c0e270afc3281a (Merge PR #167),
   `src/` put on sys.path in a throwaway venv (torch 2.13.0 CPU, einops, addict, omegaconf, safetensors).
 - The official modules were built at the tiny sizes of the checkpoint's config.json:
   `DinoV2(name="vits", out_layers=[2,3,4,5], alt_start=2, qknorm_start=2, rope_start=2, cat_token=True)`
