@@ -11,6 +11,13 @@ PointMapBatcher sends) against 4 separate calls, and the network at a smaller pr
 Depth frames are --depth-size (default 640x480, the engine bench's workload) random uint8 frames.
 `--real-shapes` uses random weights in the Depth-Anything-V2-Large shape (meant for the GPU
 machine; on CPU use `--frames 2`).
+
+`backends` compares the two point-map backends a video can take, as the worker builds them, on the
+same request (--frames frames of --depth-size): per-frame Depth Anything V2 (DepthAnythingBackend
+defaults) against the multi-view Depth Anything 3 port (MultiViewBackend defaults: 504 px long
+side, all frames in one pass): seconds per request and peak GPU memory. `--real-shapes` gives them
+random weights in the DA-V2-Large and DA3 `--multiview-preset` (default da3-base) shapes; without it
+both are the tiny random models (a CPU smoke run).
 """
 from __future__ import annotations
 
@@ -23,7 +30,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 
 
@@ -38,10 +44,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth-size", default="640x480", help="WxH of the depth benchmark's frames")
     p.add_argument("--small-input-size", type=int, default=392, help="processor size compared against the checkpoint's")
     p.add_argument("--skip-decode", action="store_true", help="depth only")
+    p.add_argument("--skip-depth", action="store_true", help="skip the DA-V2 batch/stage detail (backends only)")
+    p.add_argument("--skip-backends", action="store_true", help="skip the DA-V2 vs DA3 multi-view comparison")
+    p.add_argument("--multiview-preset", default="da3-base", choices=["da3-small", "da3-base", "da3-large", "da3-giant"],
+                   help="DA3 shape for --real-shapes")
 
 
 def make_clip(path: Path, width: int, height: int, seconds: float, fps: int = 30) -> Path:
     """Moving gradient + noise, libx264 ultrafast, keyframe every second (a typical phone-ish GOP)."""
+    import av  # here, not at the top: the backends comparison runs where PyAV is not installed
+
     out = av.open(str(path), "w")
     s = out.add_stream("libx264", rate=fps)
     s.width, s.height, s.pix_fmt = width, height, "yuv420p"
@@ -190,6 +202,53 @@ def bench_input_size(model_dir: str, frames: np.ndarray, args: argparse.Namespac
             "network_s": round(seconds, 4), "speedup_vs_default": round(default_s / seconds, 3)}
 
 
+def bench_backends(tmp: Path, frames: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    """One request (all `frames`) through each video backend: median seconds, peak GPU memory."""
+    import torch
+
+    from model.geometry.da3 import build_random_da3, build_tiny_da3
+    from model.geometry.depth_anything import DepthAnythingBackend, build_large_shaped_depth_model, build_tiny_depth_model
+    from model.geometry.multiview import MultiViewBackend
+
+    dv2_dir, da3_dir = tmp / "backend-dav2", tmp / "backend-da3"
+    if args.real_shapes:
+        build_large_shaped_depth_model(str(dv2_dir))
+        build_random_da3(da3_dir, args.multiview_preset)
+    else:
+        build_tiny_depth_model(str(dv2_dir))
+        build_tiny_da3(da3_dir)
+    makers = {
+        "single_view_da_v2": ("da-v2-large-shaped" if args.real_shapes else "tiny",
+                              lambda: DepthAnythingBackend(str(dv2_dir), device=args.device)),
+        "multiview_da3": (f"{args.multiview_preset}-shaped" if args.real_shapes else "tiny",
+                          lambda: MultiViewBackend(str(da3_dir), device=args.device)),
+    }
+    out: dict[str, Any] = {"frames": len(frames), "frame_size": list(frames.shape[1:3])}
+    for name, (shape, make) in makers.items():
+        backend = make()
+        cuda = backend.device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        params = sum(p.numel() for p in (backend.model if hasattr(backend, "model") else backend.net).parameters())
+        backend.compute(frames)  # warm-up at this shape (allocator, kernels)
+        sync()
+        row: dict[str, Any] = {"weights": shape, "params_m": round(params / 1e6, 1), "device": str(backend.device)}
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            row["resident_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
+        row["s_per_request"] = round(_time(lambda: (backend.compute(frames), sync()), args.repeats), 4)
+        if cuda:
+            row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            row["peak_over_resident_mb"] = round(row["peak_gpu_mb"] - row["resident_mb"], 1)
+        row["frames_per_s"] = round(len(frames) / row["s_per_request"], 2)
+        out[name] = row
+        del backend
+        if cuda:
+            torch.cuda.empty_cache()
+    out["multiview_over_single_view_time"] = round(
+        out["multiview_da3"]["s_per_request"] / out["single_view_da_v2"]["s_per_request"], 3)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="sr3d-bench-media-") as d:
         tmp = Path(d)
@@ -198,7 +257,10 @@ def run(args: argparse.Namespace) -> int:
             report["decode"] = bench_decode(tmp, args)
         w, h = (int(v) for v in args.depth_size.lower().split("x"))
         frames = np.random.default_rng(0).integers(0, 256, (args.frames, h, w, 3), dtype=np.uint8)
-        report["depth"] = bench_depth(tmp, frames, args)
+        if not args.skip_depth:
+            report["depth"] = bench_depth(tmp, frames, args)
+        if not args.skip_backends:
+            report["backends"] = bench_backends(tmp, frames, args)
     print(json.dumps(report, indent=2))
     if args.out:
         out = Path(args.out)
@@ -214,27 +276,43 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
-    names = list(report.get("decode", {}))
-    kinds = ["isolated_s", "in_process_s", "isolated_max_side_640_s"]
-    for i, k in enumerate(kinds):
-        a.bar(np.arange(len(names)) + i * 0.27, [report["decode"][n][k] for n in names], width=0.27, label=k)
-    a.set_xticks(np.arange(len(names)) + 0.27, names)
-    a.set_ylabel(f"seconds for {report['frames']} frames")
-    a.set_title("decode")
-    a.legend(fontsize=8)
-    depth = report["depth"]
-    keys = [k for k in depth if k.startswith("batch_") and isinstance(depth[k], dict)]
-    b.bar(keys, [depth[k]["frames_per_s"] for k in keys])
-    b.set_ylabel("frames/s")
-    b.set_title(f"depth ({depth['model']}, {depth['device']})")
-    stages = depth["stages"]
-    names = [k for k in ("h2d_s", "processor_s", "network_s", "resize_s", "geometry_on_device_s", "host_copy_s",
-                         "postprocess_cpu_s") if k in stages]
-    c.bar(names, [stages[k] for k in names])
-    c.set_ylabel(f"seconds for {depth['frames']} frames")
-    c.set_title("depth stages (postprocess_cpu_s = resize + geometry on host)", fontsize=9)
-    c.tick_params(axis="x", labelsize=8)
+    panels = [k for k in ("decode", "depth", "stages", "backends") if k in report or (k == "stages" and "depth" in report)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "decode":
+            names = list(report["decode"])
+            for i, k in enumerate(["isolated_s", "in_process_s", "isolated_max_side_640_s"]):
+                ax.bar(np.arange(len(names)) + i * 0.27, [report["decode"][n][k] for n in names], width=0.27, label=k)
+            ax.set_xticks(np.arange(len(names)) + 0.27, names)
+            ax.set_ylabel(f"seconds for {report['frames']} frames")
+            ax.set_title("decode")
+            ax.legend(fontsize=8)
+        elif panel == "depth":
+            depth = report["depth"]
+            keys = [k for k in depth if k.startswith("batch_") and isinstance(depth[k], dict)]
+            ax.bar(keys, [depth[k]["frames_per_s"] for k in keys])
+            ax.set_ylabel("frames/s")
+            ax.set_title(f"depth ({depth['model']}, {depth['device']})")
+        elif panel == "stages":
+            depth = report["depth"]
+            stages = depth["stages"]
+            names = [k for k in ("h2d_s", "processor_s", "network_s", "resize_s", "geometry_on_device_s", "host_copy_s",
+                                 "postprocess_cpu_s") if k in stages]
+            ax.bar(names, [stages[k] for k in names])
+            ax.set_ylabel(f"seconds for {depth['frames']} frames")
+            ax.set_title("depth stages (postprocess_cpu_s = resize + geometry on host)", fontsize=9)
+            ax.tick_params(axis="x", labelsize=8)
+        else:
+            b = report["backends"]
+            names = ["single_view_da_v2", "multiview_da3"]
+            bars = ax.bar([f"{n}\n({b[n]['weights']})" for n in names], [b[n]["s_per_request"] for n in names])
+            for bar, n in zip(bars, names):
+                mem = b[n].get("peak_gpu_mb")
+                ax.annotate(f"{b[n]['s_per_request']:.3g} s" + (f"\npeak {mem / 1024:.2f} GiB" if mem else ""),
+                            (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+            ax.set_ylabel(f"seconds per request ({b['frames']} frames {b['frame_size'][1]}x{b['frame_size'][0]})")
+            ax.set_title(f"video point-map backends ({b['single_view_da_v2']['device']})")
+            ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -3,10 +3,12 @@
 Stages (each reported through `on_stage(stage, info)` with its seconds):
   decode     PyAV (killable child process, see service.media) or Pillow; region masks/boxes
              rasterised on the displayed frame and mapped to the sampled frames.
-  pointmaps  RGB-D scene (exact back-projection) when the job has one, else the depth backend.
-             Depth runs through `PointMapBatcher`, which merges requests from concurrent jobs
-             into one `compute_many` call; results are cached by (content hash, sampled frame
-             indices, frame size, backend), so a second question on the same video skips depth.
+  pointmaps  the backend chosen by SR3D_POINTMAP_BACKEND (model/geometry/routes.py; auto = RGB-D
+             for a scene with poses, pose recovery for a scene with depth only, Depth Anything 3
+             multi-view for videos, Depth Anything V2 for images). Model backends run through a
+             `PointMapBatcher` each, which merges requests from concurrent jobs into one
+             `compute_many` call; results are cached by (content hash, sampled frame indices, frame
+             size, backend), so a second question on the same video skips the network.
 All blocking work runs in threads; the event loop only awaits.
 """
 from __future__ import annotations
@@ -48,14 +50,40 @@ def media_limits(settings: Settings) -> MediaLimits:
     return MediaLimits(max_bytes=settings.max_upload_bytes, max_frames=settings.max_frames)
 
 
-def make_pointmap_backend(settings: Settings) -> Any:
-    """Depth Anything V2 from SR3D_DEPTH_MODEL, else the tiny random demo depth model (built once)."""
-    from model.geometry import DepthAnythingBackend, build_tiny_depth_model
+class PointMapBackends:
+    """The model backends by route ("multiview", "single"); any other object given to `Pipeline`
+    serves every model route (tests, benchmarks)."""
 
-    model_dir = settings.depth_model or str(
-        build_once(Path(settings.data_dir) / "tiny-depth", lambda tmp: build_tiny_depth_model(str(tmp)))
-    )
-    return DepthAnythingBackend(model_dir, device=settings.device)
+    def __init__(self, backends: dict[str, Any]) -> None:
+        self.backends = backends
+
+    def get(self, route: str) -> Any:
+        if route not in self.backends:
+            raise SceneError("backend_unavailable", f"the {route} point-map backend is not loaded (SR3D_POINTMAP_BACKEND)")
+        return self.backends[route]
+
+
+def make_pointmap_backend(settings: Settings) -> PointMapBackends:
+    """The model backends SR3D_POINTMAP_BACKEND can route to: Depth Anything 3 (SR3D_MULTIVIEW_MODEL) for
+    videos and Depth Anything V2 (SR3D_DEPTH_MODEL) for images; unset = tiny random demo models (built once)."""
+    routes = {"auto": ("multiview", "single"), "multiview": ("multiview",), "single": ("single",)}.get(settings.pointmap_backend, ())
+    backends: dict[str, Any] = {}
+    if "single" in routes:
+        from model.geometry import DepthAnythingBackend, build_tiny_depth_model
+
+        model_dir = settings.depth_model or str(
+            build_once(Path(settings.data_dir) / "tiny-depth", lambda tmp: build_tiny_depth_model(str(tmp)))
+        )
+        backends["single"] = DepthAnythingBackend(model_dir, device=settings.device)
+    if "multiview" in routes:
+        from model.geometry.da3 import build_tiny_da3
+        from model.geometry.multiview import MultiViewBackend
+
+        mv_dir = settings.multiview_model or str(
+            build_once(Path(settings.data_dir) / "tiny-da3", lambda tmp: build_tiny_da3(tmp))
+        )
+        backends["multiview"] = MultiViewBackend(mv_dir, device=settings.device)
+    return PointMapBackends(backends)
 
 
 @dataclass
@@ -151,9 +179,10 @@ class Pipeline:
     def __init__(self, settings: Settings, blobs: Any, backend: Any, cache: Any | None = None) -> None:
         self.settings = settings
         self.blobs = blobs
-        self.backend = backend
+        self.backends = backend if isinstance(backend, PointMapBackends) or backend is None else None
+        self._uniform = None if self.backends is not None or backend is None else backend
         self.limits = media_limits(settings)
-        self.batcher = PointMapBatcher(backend) if backend is not None else None
+        self._batchers: dict[int, PointMapBatcher] = {}  # by id(backend): one batcher per model
         if cache is None:
             from model.geometry import PointMapCache
 
@@ -168,8 +197,8 @@ class Pipeline:
         if cancelled is not None and cancelled.is_set():
             return SpatialQuery(frames=decoded.frames, question=job.question, regions=decoded.regions, is_video=decoded.is_video)
         t1 = time.perf_counter()
-        points, valid, source = await self.pointmaps(job, decoded)
-        await on_stage("pointmaps", {"seconds": round(time.perf_counter() - t1, 4), "source": source})
+        points, valid, info = await self.pointmaps(job, decoded)
+        await on_stage("pointmaps", {"seconds": round(time.perf_counter() - t1, 4), **info})
         return SpatialQuery(
             frames=decoded.frames,
             question=job.question,
@@ -220,31 +249,52 @@ class Pipeline:
         return Decoded(frames=frames, indices=indices, regions=regions, is_video=job.media_kind == "video")
 
     # ---- point maps --------------------------------------------------------------------------
-    async def pointmaps(self, job: JobSpec, decoded: Decoded) -> tuple[np.ndarray, np.ndarray | None, str]:
+    def _backend(self, route: str) -> Any:
+        if self._uniform is not None:
+            return self._uniform
+        if self.backends is None:
+            raise SceneError("backend_unavailable", "this worker has no point-map model")
+        return self.backends.get(route)
+
+    def _batcher(self, backend: Any) -> PointMapBatcher:
+        if id(backend) not in self._batchers:
+            self._batchers[id(backend)] = PointMapBatcher(backend)
+        return self._batchers[id(backend)]
+
+    async def pointmaps(self, job: JobSpec, decoded: Decoded) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+        """-> points, valid, event info: source, backend (the route), frames_registered[, frames_unregistered]."""
+        from model.geometry import load_scene_npz
+        from model.geometry.routes import choose_route, registered_frames
+
+        scene = None
         if job.scene_blob:
-            return await self._scene_pointmaps(job, decoded)
+            data = await self.blobs.get(job.scene_blob)
+            scene = await asyncio.to_thread(load_scene_npz, data)
+        route = choose_route(self.settings.pointmap_backend, is_video=decoded.is_video, scene_depth=scene is not None,
+                             scene_poses=scene is not None and scene.poses is not None)
+        if route in ("rgbd", "pose_recovery"):
+            assert scene is not None
+            return await self._scene_pointmaps(scene, decoded, route)
         f, h, w, _ = decoded.frames.shape
-        key = cache_key(job.media_hash, (decoded.indices, (w, h)), getattr(self.backend, "name", type(self.backend).__name__))
+        info: dict[str, Any] = {"backend": route, "frames_registered": registered_frames(route, f)}
+        backend = self._backend(route)
+        key = cache_key(job.media_hash, (decoded.indices, (w, h)), getattr(backend, "name", type(backend).__name__))
         hit = self.cache.get(key)
         if hit is not None:
             metrics.POINTMAP_CACHE.labels("hit").inc()
-            return hit.points, hit.valid, f"{hit.source} (cached)"
+            return hit.points, hit.valid, {"source": f"{hit.source} (cached)", **info}
         metrics.POINTMAP_CACHE.labels("miss").inc()
-        assert self.batcher is not None
-        pm = await self.batcher.compute(decoded.frames)
+        pm = await self._batcher(backend).compute(decoded.frames)
         self.cache.put(key, pm)
-        return pm.points, pm.valid, pm.source
+        return pm.points, pm.valid, {"source": pm.source, **info}
 
-    async def _scene_pointmaps(self, job: JobSpec, decoded: Decoded) -> tuple[np.ndarray, np.ndarray | None, str]:
+    async def _scene_pointmaps(self, scene: Any, decoded: Decoded, route: str) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
         """RGB-D upload: arrays hold one entry per sampled frame, or one per source frame (a video's
         full length) from which the sampled ones are taken. Depth must match the source frame size."""
-        from model.geometry import load_scene_npz, pointmaps_from_rgbd
+        from model.geometry import pointmaps_from_rgbd
+        from model.geometry.routes import pointmaps_recovering_poses, registered_frames
 
-        assert job.scene_blob is not None
-        data = await self.blobs.get(job.scene_blob)
-
-        def compute() -> Any:
-            scene = load_scene_npz(data)
+        def compute() -> tuple[Any, dict[str, Any]]:
             n = scene.depth.shape[0]
             if scene.frame_indices is not None:  # depth maps labelled with their video frames
                 where = {int(v): k for k, v in enumerate(scene.frame_indices)}
@@ -260,14 +310,22 @@ class Pipeline:
                 raise SceneError("scene_frame_mismatch", f"scene has {n} depth frames; the job samples {len(decoded.indices)} "
                                  f"frames (original indices up to {max(decoded.indices)}); add frame_indices")
             intr = scene.intrinsics[sel] if scene.intrinsics.ndim == 3 else scene.intrinsics
-            return pointmaps_from_rgbd(scene.depth[sel], intr, scene.poses[sel])
+            if route == "rgbd":
+                return pointmaps_from_rgbd(scene.depth[sel], intr, scene.poses[sel]), {"frames_registered": registered_frames("rgbd", len(sel))}
+            depth = scene.depth[sel]
+            images = _resize_nearest(decoded.frames, (depth.shape[2], depth.shape[1]))  # colour pixel-aligned with depth
+            routed = pointmaps_recovering_poses(depth, intr, images)
+            extra: dict[str, Any] = {"frames_registered": routed.registered}
+            if routed.unregistered:
+                extra["frames_unregistered"] = routed.unregistered
+            return routed.pointmaps, extra
 
-        pm = await asyncio.to_thread(compute)
+        pm, extra = await asyncio.to_thread(compute)
         points, valid = pm.points, pm.valid
         f, h, w, _ = decoded.frames.shape
         if points.shape[1:3] != (h, w):  # frames were downscaled at decode: nearest-resize to match
             points, valid = _resize_nearest(points, (w, h)), _resize_nearest(valid, (w, h))
-        return points, valid, pm.source
+        return points, valid, {"source": pm.source, "backend": route, **extra}
 
 
 def _resize_nearest(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:

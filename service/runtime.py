@@ -65,13 +65,14 @@ async def build_worker(settings: Settings, redis: Any, *, consumer: str | None =
 
 
 def banner_if_demo(settings: Settings) -> None:
-    missing = [name for name, value in (("SR3D_MODEL", settings.model), ("SR3D_DEPTH_MODEL", settings.depth_model)) if not value]
+    missing = [name for name, value in (("SR3D_MODEL", settings.model), ("SR3D_DEPTH_MODEL", settings.depth_model),
+                                        ("SR3D_MULTIVIEW_MODEL", settings.multiview_model)) if not value]
     if missing and settings.engine == "torch":
         line = "!" * 78
         log.warning(
             "\n%s\n!! DEMO MODE: %s unset -> tiny RANDOM-weight models.\n!! The service works end to end, "
             "but its ANSWERS ARE NOT MEANINGFUL (random weights).\n!! Set SR3D_MODEL (NVILA-layout SR-3D checkpoint) and "
-            "SR3D_DEPTH_MODEL (Depth Anything V2) for real answers.\n%s",
+            "SR3D_DEPTH_MODEL (Depth Anything V2) + SR3D_MULTIVIEW_MODEL (Depth Anything 3) for real answers.\n%s",
             line,
             " and ".join(missing),
             line,

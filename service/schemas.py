@@ -208,7 +208,7 @@ class JobView(BaseModel):
     finish_reason: str | None = None
     error: ErrorInfo | None = None
     usage: Usage | None = None
-    timings: dict[str, float] = Field(default_factory=dict)
+    timings: dict[str, float | str] = Field(default_factory=dict)  # seconds; pointmaps_backend names the backend
     progress: dict[str, Any] = Field(default_factory=dict)
     created_at: float
     started_at: float | None = None
@@ -239,5 +239,5 @@ class DoneData(BaseModel):
 
     answer: str
     usage: Usage
-    timings: dict[str, float] = Field(default_factory=dict)
+    timings: dict[str, float | str] = Field(default_factory=dict)  # seconds; pointmaps_backend names the backend
     finish_reason: str | None = None

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     model: str | None = Field(None, description="checkpoint dir; unset = tiny demo checkpoint under data_dir")
     engine: Literal["torch", "vllm"] = "torch"
     depth_model: str | None = Field(None, description="Depth Anything V2 dir; unset = tiny random demo depth model")
+    # Point-map backend per input (model/geometry/routes.py): auto = rgbd for a scene with poses,
+    # pose_recovery for a scene with depth only, multiview for videos, single for images.
+    pointmap_backend: Literal["auto", "multiview", "single", "rgbd", "pose_recovery"] = "auto"
+    multiview_model: str | None = Field(None, description="Depth Anything 3 dir (config.json + model.safetensors); unset = tiny random demo DA3")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     worker_concurrency: int = Field(4, ge=1, le=256)
     worker_metrics_port: int = 9100

@@ -263,10 +263,13 @@ class Worker:
         await self.queue.finish(jid, JobStatus.done, answer=answer, usage=usage, timings=timings, finish_reason=finish_reason)
         metrics.JOB_SECONDS.observe(time.time() - job.created_at)
 
-    async def _stage_done(self, jid: str, stage: str, info: dict[str, Any], timings: dict[str, float]) -> None:
+    async def _stage_done(self, jid: str, stage: str, info: dict[str, Any], timings: dict[str, Any]) -> None:
         seconds = float(info.get("seconds", 0.0))
         metrics.STAGE_SECONDS.labels(stage).observe(seconds)
         timings[f"{stage}_s"] = round(seconds, 4)
+        for key in ("backend", "frames_registered"):  # which point-map backend ran, frames it registered
+            if key in info:
+                timings[f"{stage}_{key}"] = info[key]
         await self.queue.append_event(jid, "progress", {"stage": stage, **info})
 
     async def _poll_cancel(self, jid: str, cancelled: asyncio.Event) -> None:

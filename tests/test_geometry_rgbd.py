@@ -140,7 +140,7 @@ def test_scene_npz_roundtrip_and_backend() -> None:
 @pytest.mark.parametrize(
     "mutate,code",
     [
-        (lambda a: a.pop("poses"), "scene_missing_key"),
+        (lambda a: a.pop("intrinsics"), "scene_missing_key"),
         (lambda a: a.update(depth=np.zeros((2, 3), np.uint16)), "scene_missing_key"),  # uint16 needs depth_scale
         (lambda a: a.update(depth=np.zeros((2, 2, 2, 2), np.float32)), "scene_bad_shape"),
         (lambda a: a.update(depth=np.zeros((2, 4, 4), np.int64)), "scene_bad_dtype"),
@@ -159,6 +159,14 @@ def test_bad_scenes(mutate, code) -> None:
     with pytest.raises(SceneError) as e:
         load_scene_npz(_npz(**arrays))
     assert e.value.code == code and 400 <= e.value.http_status < 500
+
+
+def test_scene_without_poses_loads_for_pose_recovery() -> None:
+    scene = load_scene_npz(_npz(depth=np.ones((2, 4, 4), np.float32), intrinsics=np.eye(3)))
+    assert scene.poses is None and scene.depth.shape == (2, 4, 4)
+    with pytest.raises(SceneError) as e:  # the exact-geometry backend cannot use it
+        RGBDBackend(scene).compute(np.zeros((2, 4, 4, 3), np.uint8))
+    assert e.value.code == "scene_missing_key"
 
 
 def test_not_an_npz_and_pickles_refused() -> None:

@@ -30,7 +30,7 @@ class SceneError(ValueError):
 class RGBDScene:
     depth: np.ndarray  # float32 [F, H, W] metres, 0 = no measurement
     intrinsics: np.ndarray  # float64 [F, 3, 3]
-    poses: np.ndarray  # float64 [F, 4, 4] camera-to-world, OpenCV camera axes
+    poses: np.ndarray | None  # float64 [F, 4, 4] camera-to-world, OpenCV camera axes; None = to be recovered
     frame_indices: np.ndarray | None = None  # int64 [F]: which video frames the depth maps belong to
 
 
@@ -52,14 +52,15 @@ def _headers(zf: zipfile.ZipFile) -> dict[str, tuple[tuple[int, ...], np.dtype]]
 
 def load_scene_npz(data: bytes, max_frames: int = MAX_SCENE_FRAMES, max_pixels: int = MAX_SCENE_PIXELS) -> RGBDScene:
     """Validate and load an RGB-D scene npz. Keys: depth [F,H,W] (uint16 with depth_scale, or float
-    metres), intrinsics [3,3] | [F,3,3], poses [F,4,4] camera-to-world; optional depth_scale (units per
-    metre, e.g. 5000 for TUM), frame_indices [F] (original video frame of each depth map)."""
+    metres), intrinsics [3,3] | [F,3,3]; optional poses [F,4,4] camera-to-world (absent: recovered, see
+    model.geometry.routes), depth_scale (units per metre, e.g. 5000 for TUM), frame_indices [F]
+    (original video frame of each depth map)."""
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
         headers = _headers(zf)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise SceneError("invalid_scene_file", f"not a numpy .npz file ({e})") from None
-    for key in ("depth", "intrinsics", "poses"):
+    for key in ("depth", "intrinsics"):
         if key not in headers:
             raise SceneError("scene_missing_key", f"scene npz needs key {key!r}")
     shape, dtype = headers["depth"]
@@ -101,7 +102,21 @@ def load_scene_npz(data: bytes, max_frames: int = MAX_SCENE_FRAMES, max_pixels: 
     if not np.allclose(K[:, 2], [0.0, 0.0, 1.0]):
         raise SceneError("scene_bad_value", "intrinsics' last row must be [0, 0, 1]")
 
-    poses = np.asarray(arrays["poses"], dtype=np.float64)
+    poses = _poses(arrays["poses"], f) if "poses" in arrays else None
+
+    frame_indices = None
+    if "frame_indices" in arrays:
+        fi = np.asarray(arrays["frame_indices"]).reshape(-1)
+        if fi.shape != (f,) or not np.issubdtype(fi.dtype, np.integer) or (fi < 0).any():
+            raise SceneError("scene_bad_value", f"frame_indices must be {f} non-negative integers")
+        if len(np.unique(fi)) != f or (np.diff(fi) <= 0).any():
+            raise SceneError("scene_bad_value", "frame_indices must be strictly increasing")
+        frame_indices = fi.astype(np.int64)
+    return RGBDScene(depth=depth, intrinsics=K, poses=poses, frame_indices=frame_indices)
+
+
+def _poses(raw: np.ndarray, f: int) -> np.ndarray:
+    poses = np.asarray(raw, dtype=np.float64)
     if poses.shape == (4, 4) and f == 1:
         poses = poses[None]
     if poses.shape != (f, 4, 4):
@@ -113,16 +128,7 @@ def load_scene_npz(data: bytes, max_frames: int = MAX_SCENE_FRAMES, max_pixels: 
         np.linalg.det(R), 1.0, atol=1e-3
     ):
         raise SceneError("scene_bad_value", "pose rotations must be proper rotations (R R^T = I, det 1)")
-
-    frame_indices = None
-    if "frame_indices" in arrays:
-        fi = np.asarray(arrays["frame_indices"]).reshape(-1)
-        if fi.shape != (f,) or not np.issubdtype(fi.dtype, np.integer) or (fi < 0).any():
-            raise SceneError("scene_bad_value", f"frame_indices must be {f} non-negative integers")
-        if len(np.unique(fi)) != f or (np.diff(fi) <= 0).any():
-            raise SceneError("scene_bad_value", "frame_indices must be strictly increasing")
-        frame_indices = fi.astype(np.int64)
-    return RGBDScene(depth=depth, intrinsics=K, poses=poses, frame_indices=frame_indices)
+    return poses
 
 
 def pointmaps_from_rgbd(
@@ -155,6 +161,8 @@ class RGBDBackend:
                 "scene_size_mismatch",
                 f"scene depth is {f}x{h}x{w} (frames x H x W) but the frames are {'x'.join(map(str, frames.shape[:3]))}",
             )
+        if self.scene.poses is None:
+            raise SceneError("scene_missing_key", "exact RGB-D geometry needs poses in the scene")
         K = self.scene.intrinsics if intrinsics is None else intrinsics
         return pointmaps_from_rgbd(self.scene.depth, K, self.scene.poses, self.reference_frame)
 

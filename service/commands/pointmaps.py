@@ -1,4 +1,5 @@
-"""`sr3d pointmaps INPUT --out scene.npz`: decode -> point maps -> canonical frame, as the worker does."""
+"""`sr3d pointmaps INPUT --out scene.npz`: decode -> point maps -> canonical frame, as the worker does
+(the same backend choice: model/geometry/routes.py), plus an optional PLY cloud and PNG preview."""
 from __future__ import annotations
 
 import argparse
@@ -16,25 +17,34 @@ def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pointmaps", help="compute canonical 3D point maps of a video or image (npz, optional PLY)")
     p.add_argument("input", help="video (mp4/mov/webm/mkv) or image (png/jpeg)")
     p.add_argument("--out", required=True, help="output .npz (frames, points, valid, intrinsics, poses, scale, ...)")
-    p.add_argument("--ply", help="also write a coloured point cloud (binary PLY)")
+    p.add_argument("--ply", help="also write a coloured point cloud (binary PLY) and a PNG preview next to it")
+    p.add_argument("--preview", help="PNG preview path (default: the --ply path with .png)")
+    p.add_argument("--backend", default=None, choices=["auto", "multiview", "single", "rgbd", "pose_recovery"],
+                   help="point-map backend (default: SR3D_POINTMAP_BACKEND, auto)")
+    p.add_argument("--multiview-model", default=None,
+                   help="Depth Anything 3 directory (default: SR3D_MULTIVIEW_MODEL, else the tiny random demo model)")
     # Defaults (None) come from Settings: SR3D_NUM_FRAMES, SR3D_DEPTH_MODEL, SR3D_DEVICE.
     p.add_argument("--frames", type=int, default=None, help="frames to sample (default: SR3D_NUM_FRAMES)")
     p.add_argument("--max-side", type=int, default=640, help="downscale frames so the long side is at most this")
     p.add_argument("--depth-model", default=None,
                    help="Depth Anything V2 directory (default: SR3D_DEPTH_MODEL, else the tiny random demo model)")
-    p.add_argument("--rgbd", help="RGB-D scene npz (depth, intrinsics, poses[, depth_scale, frame_indices]): exact geometry")
+    p.add_argument("--rgbd", help="RGB-D scene npz (depth, intrinsics[, poses, depth_scale, frame_indices]): exact "
+                   "geometry with poses, recovered poses without")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default: SR3D_DEVICE)")
     p.add_argument("--ply-points", type=int, default=200_000, help="PLY subsample size")
     p.set_defaults(func=run)
 
 
 def compute(args: argparse.Namespace):
-    """The worker's path: frames (rotation applied) -> backend -> canonical, normalised point maps."""
-    from model.geometry import RGBDBackend, load_scene_npz
+    """The worker's path: frames (rotation applied) -> chosen backend -> canonical, normalised point maps.
+    Returns frames, indices, timestamps, PointMaps, route, frames registered."""
+    from model.geometry import RGBDBackend, SceneError, load_scene_npz
+    from model.geometry.routes import choose_route, pointmaps_recovering_poses, registered_frames
 
     limits = MediaLimits()
     scene = load_scene_npz(Path(args.rgbd).read_bytes()) if args.rgbd else None
-    if Path(args.input).suffix.lower() in _IMAGE_SUFFIXES:
+    is_image = Path(args.input).suffix.lower() in _IMAGE_SUFFIXES
+    if is_image:
         frames = decode_image(args.input, limits)[None]
         indices, timestamps = np.zeros(1, np.int64), np.zeros(1)
     else:
@@ -44,13 +54,28 @@ def compute(args: argparse.Namespace):
         else:
             video = decode_video(args.input, args.frames, limits, max_side=args.max_side)
         frames, indices, timestamps = video.frames, video.indices, video.timestamps
-    if scene is not None:
-        backend = RGBDBackend(scene)
-    else:
-        from model.geometry import DepthAnythingBackend
+    route = choose_route(args.backend, is_video=not is_image, scene_depth=scene is not None,
+                         scene_poses=scene is not None and scene.poses is not None)
+    if route == "rgbd":
+        pm = RGBDBackend(scene).compute(frames)
+        return frames, indices, timestamps, pm, route, registered_frames(route, len(frames))
+    if route == "pose_recovery":
+        if frames.shape[:3] != scene.depth.shape:
+            raise SceneError("scene_size_mismatch", f"scene depth is {list(scene.depth.shape)} but the frames are "
+                             f"{list(frames.shape[:3])}")
+        routed = pointmaps_recovering_poses(scene.depth, scene.intrinsics, frames)
+        if routed.unregistered:
+            print(f"warning: frames {routed.unregistered} could not be registered (no valid points)", file=sys.stderr)
+        return frames, indices, timestamps, routed.pointmaps, route, routed.registered
+    if route == "multiview":
+        from model.geometry.multiview import MultiViewBackend
 
-        backend = DepthAnythingBackend(args.depth_model, device=args.device)
-    return frames, indices, timestamps, backend.compute(frames)
+        pm = MultiViewBackend(args.multiview_model, device=args.device).compute(frames)
+        return frames, indices, timestamps, pm, route, registered_frames(route, len(frames))
+    from model.geometry import DepthAnythingBackend
+
+    pm = DepthAnythingBackend(args.depth_model, device=args.device).compute(frames)
+    return frames, indices, timestamps, pm, route, registered_frames(route, len(frames))
 
 
 def write_ply(path: str, points: np.ndarray, colors: np.ndarray, valid: np.ndarray, limit: int, seed: int = 0) -> int:
@@ -82,21 +107,30 @@ def run(args: argparse.Namespace) -> int:
     args.frames = settings.num_frames if args.frames is None else args.frames
     args.depth_model = settings.depth_model if args.depth_model is None else args.depth_model
     args.device = settings.device if args.device is None else args.device
+    args.backend = settings.pointmap_backend if args.backend is None else args.backend
+    args.multiview_model = settings.multiview_model if args.multiview_model is None else args.multiview_model
 
     try:
-        frames, indices, timestamps, pm = compute(args)
+        frames, indices, timestamps, pm, route, registered = compute(args)
     except (MediaError, SceneError) as e:
         print(f"error: {e.code}: {e.message}", file=sys.stderr)
         return 2
     np.savez_compressed(
         args.out, frames=frames, points=pm.points, valid=pm.valid, intrinsics=pm.intrinsics, poses=pm.poses,
-        scale=np.float64(pm.scale), metric=np.bool_(pm.metric), source=np.str_(pm.source),
+        scale=np.float64(pm.scale), metric=np.bool_(pm.metric), source=np.str_(pm.source), backend=np.str_(route),
+        frames_registered=np.int64(registered),
         frame_indices=indices, timestamps=timestamps,
     )
     n = write_ply(args.ply, pm.points, frames, pm.valid, args.ply_points) if args.ply else 0
+    preview = args.preview or (str(Path(args.ply).with_suffix(".png")) if args.ply else None)
+    if preview:
+        from service.commands.cloud_preview import render_preview
+
+        render_preview(pm.points, frames, pm.valid, pm.poses, preview)
     print(
         f"{len(frames)} frames {frames.shape[2]}x{frames.shape[1]}, {int(pm.valid.sum())} valid points, "
-        f"backend {pm.source}, scale {pm.scale:.4g}{' m/unit' if pm.metric else ' (relative)'} -> {args.out}"
-        + (f", {n} points -> {args.ply}" if args.ply else "")
+        f"backend {route} ({pm.source}), {registered}/{len(frames)} frames registered, "
+        f"scale {pm.scale:.4g}{' m/unit' if pm.metric else ' (relative)'} -> {args.out}"
+        + (f", {n} points -> {args.ply}" if args.ply else "") + (f", preview -> {preview}" if preview else "")
     )
     return 0
