@@ -33,11 +33,11 @@ class GenerationOptions(_Strict):
     ignore_eos: bool = Field(False, description="generate exactly max_tokens (fixed-length benchmarks); still capped")
 
     def check_caps(self, settings: Settings) -> GenerationOptions:
-        """Raise 422 with a specific code when over a deployment cap; return a copy with defaults filled."""
+        """Raise ApiError (422) with a specific code when over a deployment cap; return a copy with defaults filled."""
         if self.max_tokens is not None and self.max_tokens > settings.max_tokens:
-            raise ApiError(422, "max_tokens_over_cap", f"max_tokens {self.max_tokens} > cap {settings.max_tokens}")
+            raise ApiError("max_tokens_over_cap", f"max_tokens {self.max_tokens} > cap {settings.max_tokens}")
         if self.num_frames is not None and self.num_frames > settings.max_frames:
-            raise ApiError(422, "num_frames_over_cap", f"num_frames {self.num_frames} > cap {settings.max_frames}")
+            raise ApiError("num_frames_over_cap", f"num_frames {self.num_frames} > cap {settings.max_frames}")
         return self.model_copy(
             update={
                 "max_tokens": self.max_tokens or min(settings.default_max_tokens, settings.max_tokens),
@@ -133,16 +133,16 @@ def check_question(question: str, n_regions: int, settings: Settings) -> str:
     """Validate the user question; region references are written <region0>, <region1>, ..."""
     question = question.strip()
     if not question:
-        raise ApiError(422, "question_empty", "question must not be empty")
+        raise ApiError("question_empty", "question must not be empty")
     if len(question) > settings.max_question_chars:
-        raise ApiError(422, "question_too_long", f"question is {len(question)} chars > cap {settings.max_question_chars}")
+        raise ApiError("question_too_long", f"question is {len(question)} chars > cap {settings.max_question_chars}")
     bad = _FORBIDDEN_TOKENS.search(question)
     if bad:
-        raise ApiError(422, "placeholder_in_question", f"question must not contain the reserved token {bad.group(0)!r}")
+        raise ApiError("placeholder_in_question", f"question must not contain the reserved token {bad.group(0)!r}")
     for match in REGION_REF.finditer(question):
         if int(match.group(1)) >= n_regions:
             raise ApiError(
-                422, "region_reference_out_of_range", f"{match.group(0)} refers to a region that was not given ({n_regions} regions)"
+                "region_reference_out_of_range", f"{match.group(0)} refers to a region that was not given ({n_regions} regions)"
             )
     return question
 

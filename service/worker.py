@@ -230,7 +230,7 @@ class Worker:
         t_start = time.time()
         queue_wait = max(0.0, t_start - job.created_at)  # the queue observes QUEUE_WAIT on delivery
         timings: dict[str, float] = {"queue_wait_s": round(queue_wait, 4)}
-        await self.queue.append_event(jid, "progress", {"stage": "started", "worker": self.consumer, "attempt": d.deliveries, "queue_wait_s": timings["queue_wait_s"]})
+        await self.queue.record_progress(jid, "started", {"worker": self.consumer, "attempt": d.deliveries, "queue_wait_s": timings["queue_wait_s"]})
         cancelled = asyncio.Event()
         poller = asyncio.create_task(self._poll_cancel(jid, cancelled))
         stream: _Stream | None = None
@@ -267,7 +267,7 @@ class Worker:
         seconds = float(info.get("seconds", 0.0))
         metrics.STAGE_SECONDS.labels(stage).observe(seconds)
         timings[f"{stage}_s"] = round(seconds, 4)
-        await self.queue.append_event(jid, "progress", {"stage": stage, **info})
+        await self.queue.record_progress(jid, stage, info)
 
     async def _poll_cancel(self, jid: str, cancelled: asyncio.Event) -> None:
         while not cancelled.is_set():
@@ -318,7 +318,7 @@ class Worker:
                 timings["encode_s"] = round(now - t0, 4)
                 metrics.STAGE_SECONDS.labels("encode").observe(now - t0)
                 metrics.TTFT.observe(max(0.0, time.time() - job.created_at))
-                await self.queue.append_event(jid, "progress", {"stage": "encode", "seconds": timings["encode_s"]})
+                await self.queue.record_progress(jid, "encode", {"seconds": timings["encode_s"]})
             elif delta.text:
                 metrics.ITL.observe(now - t_last)
             t_last = now

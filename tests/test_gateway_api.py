@@ -214,6 +214,25 @@ def test_video_upload_is_accepted(gw: str) -> None:
     assert httpx.get(f"{gw}/v1/spatial-qa/{r.json()['job_id']}").json()["media_kind"] == "video"
 
 
+def test_mov_starting_with_a_wide_box_is_accepted_by_gateway_and_decoder(gw: str, tmp_path: Any) -> None:
+    """Old QuickTime files have no `ftyp` and start with a `wide` box; gateway and decoder share one
+    sniff (service/sniff.py), so the gateway accepts exactly what the worker's decoder opens. The
+    file: a real mp4 whose leading `ftyp` box is retyped `wide` (same size, so every offset holds)."""
+    from service.media import MediaLimits, probe_video
+
+    mp4 = mp4_bytes()
+    assert mp4[4:8] == b"ftyp"
+    mov = mp4[:4] + b"wide" + mp4[8:]
+    (tmp_path / "clip.mov").write_bytes(mov)
+    assert probe_video(tmp_path / "clip.mov", MediaLimits()).frame_count == 4
+    r = post(gw, files={"video": ("clip.mov", mov, "video/quicktime")},
+             data={"question": "How far is <region0>?", "regions": json.dumps([{"frame": 0, "box": [0, 0, 4, 4]}])})
+    assert r.status_code == 202, r.text
+    # Same bytes under a Matroska extension: the content and the extension disagree.
+    r = post(gw, files={"video": ("clip.mkv", mov, "video/x-matroska")}, data={"question": "q"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+
+
 def test_idempotency_key_returns_the_same_job(gw: str, redis_url: str) -> None:
     a = post(gw, headers={"Idempotency-Key": "abc-1"}, **image_form())
     b = post(gw, headers={"Idempotency-Key": "abc-1"}, **image_form())

@@ -40,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
 async def serve(settings: Settings, host: str, port: int, drain_timeout_s: float) -> None:
     import uvicorn
 
-    from service.gateway import create_app
+    from service.api.app import create_app
     from service.redis_conn import redis_client, start_embedded_redis
     from service.runtime import QuietServer, banner_if_demo, build_worker, install_stop_handlers
 
@@ -84,12 +84,12 @@ async def serve(settings: Settings, host: str, port: int, drain_timeout_s: float
 def _gate_readyz(app: Any, is_ready: Callable[[], bool]) -> Any:
     """In one process, "ready" also means the in-process worker loaded the model and passed its
     warm-up; the gateway's own /readyz only knows about Redis."""
-    from starlette.responses import JSONResponse
+    from service.api.errors import error_response
 
     async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope.get("path") == "/readyz" and not is_ready():
-            body = {"error": {"code": "worker_not_ready", "message": "model loading or warm-up not passed yet"}}
-            await JSONResponse(body, status_code=503, headers={"Retry-After": "5"})(scope, receive, send)
+            not_ready = error_response("worker_not_ready", "model loading or warm-up not passed yet", {"Retry-After": "5"})
+            await not_ready(scope, receive, send)
             return
         await app(scope, receive, send)
 
