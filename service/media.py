@@ -42,6 +42,7 @@ import av
 import numpy as np
 from PIL import Image, ImageOps
 
+from service.settings import Settings
 from service.sniff import HEAD_BYTES, VIDEO_FAMILIES, sniff
 
 
@@ -68,7 +69,8 @@ class MediaLimits:
     max_pixels: int = 40_000_000  # images only (videos: max_width x max_height)
     max_duration_s: float = 600.0  # 10 minutes
     max_source_frames: int = 36_000  # 10 minutes at 60 fps
-    max_frames: int = 64  # frames sampled for the model (including region frames)
+    # frames sampled for the model (including region frames); the deployment's SR3D_MAX_FRAMES default
+    max_frames: int = Settings.model_fields["max_frames"].default
     decode_timeout_s: float = 60.0
 
     def check_size(self, width: int, height: int) -> None:

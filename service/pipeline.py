@@ -194,7 +194,7 @@ class Pipeline:
             source_size = (frame.shape[1], frame.shape[0])
             position = {0: 0}
         else:
-            num_frames = min(int(job.options.num_frames or self.settings.num_frames), self.settings.max_frames)
+            num_frames = job.options.with_defaults(self.settings).num_frames
             suffix = Path(job.media_filename).suffix[:8]
             async with self.blobs.open_path(job.media_blob, suffix=suffix) as path:
                 video = await asyncio.to_thread(

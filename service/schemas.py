@@ -38,10 +38,15 @@ class GenerationOptions(_Strict):
             raise ApiError("max_tokens_over_cap", f"max_tokens {self.max_tokens} > cap {settings.max_tokens}")
         if self.num_frames is not None and self.num_frames > settings.max_frames:
             raise ApiError("num_frames_over_cap", f"num_frames {self.num_frames} > cap {settings.max_frames}")
+        return self.with_defaults(settings)
+
+    def with_defaults(self, settings: Settings) -> GenerationOptions:
+        """The options with unset knobs filled from the deployment's defaults (each within its cap).
+        The gateway stores jobs this way; the worker applies it again for specs written elsewhere."""
         return self.model_copy(
             update={
-                "max_tokens": self.max_tokens or min(settings.default_max_tokens, settings.max_tokens),
-                "num_frames": self.num_frames or min(settings.num_frames, settings.max_frames),
+                "max_tokens": min(self.max_tokens or settings.default_max_tokens, settings.max_tokens),
+                "num_frames": min(self.num_frames or settings.num_frames, settings.max_frames),
             }
         )
 
@@ -209,7 +214,7 @@ class JobView(BaseModel):
     error: ErrorInfo | None = None
     usage: Usage | None = None
     timings: dict[str, float] = Field(default_factory=dict)
-    progress: dict[str, Any] = Field(default_factory=dict)
+    progress: dict[str, Any] = Field(default_factory=dict)  # {"stage": latest, "stages": {stage: {seconds, ...}}}
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
@@ -225,19 +230,11 @@ class SubmitResponse(BaseModel):
 
 
 # Event types written to `sr3d:job:{id}:events` (the SSE `event:` field); data is a JSON object:
-#   queued   {}                                   written by the gateway at submit
-#   progress {stage: str, ...timings}             worker: "decode", "depth", "encode", "generate", ...
-#   token    {text: str}                          worker: one delta of the answer
-#   done     {answer, usage, timings, finish_reason}   terminal
-#   error    {code, message}                      terminal (also cancellation: code "cancelled")
-EVENT_TYPES = ("queued", "progress", "token", "done", "error")
+#   queued   {job_id, position}                   the gateway, at submit (position: jobs waiting ahead)
+#   progress {stage, seconds, ...}                the worker, per stage: "started", "decode", "pointmaps",
+#                                                 "encode" (also recorded in the job's `progress` for GET);
+#                                                 {stage: "restream", discard: true} = drop the tokens so far
+#   token    {text}                               the worker: one delta of the answer
+#   done     {job_id, answer, usage, timings, finish_reason}   terminal
+#   error    {job_id, code, message}              terminal (also cancellation: code "cancelled")
 TERMINAL_EVENTS = ("done", "error")
-
-
-class DoneData(BaseModel):
-    """Payload of the terminal `done` event (and what `JobQueue.finish` stores for GET)."""
-
-    answer: str
-    usage: Usage
-    timings: dict[str, float] = Field(default_factory=dict)
-    finish_reason: str | None = None

@@ -28,11 +28,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def compute(args: argparse.Namespace):
+def compute(args: argparse.Namespace, limits: MediaLimits):
     """The worker's path: frames (rotation applied) -> backend -> canonical, normalised point maps."""
     from model.geometry import RGBDBackend, load_scene_npz
 
-    limits = MediaLimits()
     scene = load_scene_npz(Path(args.rgbd).read_bytes()) if args.rgbd else None
     if Path(args.input).suffix.lower() in _IMAGE_SUFFIXES:
         frames = decode_image(args.input, limits)[None]
@@ -76,6 +75,7 @@ def write_ply(path: str, points: np.ndarray, colors: np.ndarray, valid: np.ndarr
 
 def run(args: argparse.Namespace) -> int:
     from model.geometry import SceneError
+    from service.pipeline import media_limits
     from service.settings import Settings
 
     settings = Settings()
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     args.device = settings.device if args.device is None else args.device
 
     try:
-        frames, indices, timestamps, pm = compute(args)
+        frames, indices, timestamps, pm = compute(args, media_limits(settings))
     except (MediaError, SceneError) as e:
         print(f"error: {e.code}: {e.message}", file=sys.stderr)
         return 2

@@ -22,7 +22,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="gateway + worker + embedded Redis in one process (tiny demo model by default)")
     p.add_argument("--host", default=None, help="bind address (default SR3D_HOST, 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default SR3D_PORT, 8000)")
-    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight jobs on shutdown")
+    p.add_argument("--drain-timeout", type=float, default=None,
+                   help="seconds to finish in-flight jobs on shutdown (default SR3D_DRAIN_TIMEOUT_S, 60)")
     p.set_defaults(func=main)
 
 
@@ -30,14 +31,16 @@ def main(args: argparse.Namespace) -> int:
     from service.commands.worker import _setup_logging
 
     settings = Settings()
+    if args.drain_timeout is not None:
+        settings = settings.model_copy(update={"drain_timeout_s": args.drain_timeout})
     _setup_logging(settings)
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
-    asyncio.run(serve(settings, host, port, args.drain_timeout))
+    asyncio.run(serve(settings, host, port))
     return 0
 
 
-async def serve(settings: Settings, host: str, port: int, drain_timeout_s: float) -> None:
+async def serve(settings: Settings, host: str, port: int) -> None:
     import uvicorn
 
     from service.api.app import create_app
@@ -58,7 +61,7 @@ async def serve(settings: Settings, host: str, port: int, drain_timeout_s: float
     http = QuietServer(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5))
     http_task = asyncio.create_task(http.serve())
     try:
-        build = asyncio.create_task(build_worker(settings, redis, consumer=None, drain_timeout_s=drain_timeout_s))
+        build = asyncio.create_task(build_worker(settings, redis, consumer=None))
         stop_wait = asyncio.create_task(stopping.wait())
         await asyncio.wait([build, stop_wait, http_task], return_when=asyncio.FIRST_COMPLETED)
         if build.done() and not stopping.is_set() and not http_task.done():
