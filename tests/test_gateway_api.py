@@ -368,3 +368,47 @@ def test_cors_allowlist(redis_url: str) -> None:
         assert ok.headers.get("access-control-allow-origin") == "https://app.example"
         bad = httpx.options(f"{base}/v1/spatial-qa", headers={"Origin": "https://evil.example", **pre})
         assert "access-control-allow-origin" not in bad.headers
+
+
+def test_error_codes_map_to_statuses_in_one_table(redis_url: str) -> None:
+    """Errors below the API carry only (code, message): the API layer's table gives the status, an
+    unlisted code from the model or the decoder is a 422, and an uncoded ValueError is still a 500."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from model.errors import ModelInputError
+    from service.api.app import create_app
+    from service.api.errors import status_for
+    from service.media import MediaError
+
+    assert status_for("file_too_large") == 413 and status_for("unsupported_codec") == 415
+    assert status_for("queue_full") == 429 and status_for("some_new_model_code") == 422
+    app = create_app(Settings(redis_url=redis_url))
+    raised = {"model": ModelInputError("unreferenced_region", "<region1> is never referenced"),
+              "media": MediaError("file_too_large", "too big"), "bug": ValueError("not coded")}
+
+    async def boom(kind: str) -> None:
+        raise raised[kind]
+
+    app.add_api_route("/boom/{kind}", boom)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        r = httpx.get(f"http://127.0.0.1:{port}/boom/model")
+        assert r.status_code == 422 and r.json() == {"error": {"code": "unreferenced_region",
+                                                               "message": "<region1> is never referenced"}}
+        r = httpx.get(f"http://127.0.0.1:{port}/boom/media")
+        assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large"
+        assert httpx.get(f"http://127.0.0.1:{port}/boom/bug").status_code == 500
+    finally:
+        server.should_exit = True
+        thread.join(15)

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from service.commands.worker import _setup_logging, add_drain_timeout, settings_from
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -22,17 +23,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="gateway + worker + embedded Redis in one process (tiny demo model by default)")
     p.add_argument("--host", default=None, help="bind address (default SR3D_HOST, 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default SR3D_PORT, 8000)")
-    p.add_argument("--drain-timeout", type=float, default=None,
-                   help="seconds to finish in-flight jobs on shutdown (default SR3D_DRAIN_TIMEOUT_S, 60)")
+    add_drain_timeout(p)
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    from service.commands.worker import _setup_logging
-
-    settings = Settings()
-    if args.drain_timeout is not None:
-        settings = settings.model_copy(update={"drain_timeout_s": args.drain_timeout})
+    settings = settings_from(args)
     _setup_logging(settings)
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port

@@ -16,15 +16,26 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-host", default="0.0.0.0", help="bind address of the health/metrics server")
     p.add_argument("--metrics-port", type=int, default=None, help="default SR3D_WORKER_METRICS_PORT (9100)")
     p.add_argument("--consumer", default=None, help="consumer name in the group (default host-pid)")
-    p.add_argument("--drain-timeout", type=float, default=None,
-                   help="seconds to finish in-flight jobs after SIGTERM (default SR3D_DRAIN_TIMEOUT_S, 60)")
+    add_drain_timeout(p)
     p.set_defaults(func=main)
 
 
-def main(args: argparse.Namespace) -> int:
+def add_drain_timeout(p: argparse.ArgumentParser) -> None:
+    """`--drain-timeout`, shared with `sr3d serve`; unset keeps SR3D_DRAIN_TIMEOUT_S."""
+    p.add_argument("--drain-timeout", type=float, default=None,
+                   help="seconds to finish in-flight jobs after SIGTERM (default SR3D_DRAIN_TIMEOUT_S, 60)")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, with the command line's --drain-timeout on top."""
     settings = Settings()
     if args.drain_timeout is not None:
         settings = settings.model_copy(update={"drain_timeout_s": args.drain_timeout})
+    return settings
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
     _setup_logging(settings)
     if not settings.redis_url:
         print(
