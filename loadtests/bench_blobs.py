@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import os
 import statistics
 import tempfile
@@ -71,24 +70,21 @@ async def _measure(url: str, args: argparse.Namespace) -> dict[str, list[float]]
 
 
 def run(args: argparse.Namespace) -> int:
+    from loadtests.report import save_report
     from service.redis_conn import start_embedded_redis
 
-    url, handle = start_embedded_redis(Path(tempfile.mkdtemp(prefix="sr3d-bench-blobs-")))
-    try:
-        times = asyncio.run(_measure(url, args))
-    finally:
-        handle.stop()
+    with tempfile.TemporaryDirectory(prefix="sr3d-bench-blobs-") as d:
+        url, handle = start_embedded_redis(Path(d))
+        try:
+            times = asyncio.run(_measure(url, args))
+        finally:
+            handle.stop()
     report: dict[str, Any] = {
         "bytes": args.mib << 20, "chunk_bytes": 1 << 20, "repeats": args.repeats, "redis": "embedded, unix socket",
         "median_s": {name: round(statistics.median(v), 4) for name, v in times.items()},
         "all_s": {name: [round(x, 4) for x in v] for name, v in times.items()},
     }
-    print(json.dumps(report, indent=2))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "blobs.json").write_text(json.dumps(report, indent=2))
-        _plot(report, out / "blobs.png")
+    save_report(args.out, "blobs", report, _plot)
     return 0
 
 
