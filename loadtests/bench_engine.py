@@ -309,9 +309,10 @@ def _save(report: dict[str, Any], out: Path | None) -> None:
 async def _vllm_phases(args: argparse.Namespace, flat: Path, load_format: str, media: dict[str, np.ndarray],
                        work: Path, report: dict[str, Any]) -> None:
     from service.engines.vllm_engine import VLLMEngine
+    from service.settings import Settings
 
     engine = VLLMEngine(
-        SimpleNamespace(model=str(flat), data_dir=str(work)),
+        Settings(model=str(flat), data_dir=work),
         engine_args=dict(load_format=load_format, enforce_eager=args.eager, max_model_len=args.max_model_len,
                          gpu_memory_utilization=args.gpu_memory_utilization,
                          max_num_seqs=max(int(c) for c in args.concurrency.split(","))),

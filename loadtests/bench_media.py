@@ -22,7 +22,6 @@ both are the tiny random models (a CPU smoke run).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from loadtests.report import save_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -261,12 +262,7 @@ def run(args: argparse.Namespace) -> int:
             report["depth"] = bench_depth(tmp, frames, args)
         if not args.skip_backends:
             report["backends"] = bench_backends(tmp, frames, args)
-    print(json.dumps(report, indent=2))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "media.json").write_text(json.dumps(report, indent=2))
-        _plot(report, out / "media.png")
+    save_report(args.out, "media", report, _plot)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`sr3d` console script. Each subcommand lives in its own module under `service/commands/`."""
+"""`sr3d` console script. Each subcommand lives in its own module under `service/commands/` (`bench`: loadtests/bench.py)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,7 @@ COMMANDS = {
     "ask": "service.commands.ask",
     "pointmaps": "service.commands.pointmaps",
     "tiny-checkpoint": "service.commands.tiny_checkpoint",
-    "bench": "service.commands.bench",
+    "bench": "loadtests.bench",  # benchmarks live with the load tests
     "eval": "service.commands.eval",
 }
 

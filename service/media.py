@@ -17,12 +17,12 @@ Coordinate convention: frames are returned *displayed* (container rotation appli
 PNGs are in displayed-frame pixels too (`rotation=0`, the default). A client that drew on the coded,
 unrotated frame passes the stream's rotation and the mask is rotated like the frames.
 
-Error codes (`MediaError.code` -> HTTP status):
-  400 invalid_argument, invalid_box
-  413 file_too_large, resolution_too_large, too_long
-  415 unsupported_container, unsupported_codec, unsupported_image_format, no_video_stream
-  422 corrupt_media, decode_timeout, too_many_frames, frame_out_of_range,
-      mask_size_mismatch, invalid_mask, box_out_of_frame, empty_box
+Error codes (`MediaError.code`; service/api/errors.py maps each to its HTTP status):
+  malformed:    invalid_argument, invalid_box
+  over a cap:   file_too_large, resolution_too_large, too_long
+  unsupported:  unsupported_container, unsupported_codec, unsupported_image_format, no_video_stream
+  undecodable:  corrupt_media, decode_timeout, too_many_frames, frame_out_of_range,
+                mask_size_mismatch, invalid_mask, box_out_of_frame, empty_box
 """
 from __future__ import annotations
 
@@ -42,35 +42,17 @@ import av
 import numpy as np
 from PIL import Image, ImageOps
 
-_STATUS = {
-    "invalid_argument": 400,
-    "invalid_box": 400,
-    "file_too_large": 413,
-    "resolution_too_large": 413,
-    "too_long": 413,
-    "unsupported_container": 415,
-    "unsupported_codec": 415,
-    "unsupported_image_format": 415,
-    "no_video_stream": 415,
-    "corrupt_media": 422,
-    "decode_timeout": 422,
-    "too_many_frames": 422,
-    "frame_out_of_range": 422,
-    "mask_size_mismatch": 422,
-    "invalid_mask": 422,
-    "box_out_of_frame": 422,
-    "empty_box": 422,
-}
+from service.settings import Settings
+from service.sniff import HEAD_BYTES, VIDEO_FAMILIES, sniff
 
 
 class MediaError(ValueError):
-    """Bad or over-limit media. `code` is stable (API contract); `http_status` is the 4xx to answer."""
+    """Bad or over-limit media. `code` is stable (API contract); service/api/errors.py maps it to a status."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
-        self.http_status = _STATUS.get(code, 400)
 
     def __reduce__(self):  # survive the trip back from the decode child
         return (MediaError, (self.code, self.message))
@@ -87,7 +69,8 @@ class MediaLimits:
     max_pixels: int = 40_000_000  # images only (videos: max_width x max_height)
     max_duration_s: float = 600.0  # 10 minutes
     max_source_frames: int = 36_000  # 10 minutes at 60 fps
-    max_frames: int = 64  # frames sampled for the model (including region frames)
+    # frames sampled for the model (including region frames); the deployment's SR3D_MAX_FRAMES default
+    max_frames: int = Settings.model_fields["max_frames"].default
     decode_timeout_s: float = 60.0
 
     def check_size(self, width: int, height: int) -> None:
@@ -141,17 +124,15 @@ class DecodedVideo:
 _FORMAT_WHITELIST = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm"
 _ALLOWED_CODECS = {"h264", "hevc", "vp8", "vp9", "av1", "mpeg4"}
 _CODEC_ALIASES = {"libdav1d": "av1", "libaom-av1": "av1", "libvpx": "vp8", "libvpx-vp9": "vp9", "h265": "hevc"}
-_MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot"}
-_EBML_MAGIC = b"\x1a\x45\xdf\xa3"
 
 
 def _sniff_container(head: bytes) -> str:
-    """Recognise MP4/MOV and Matroska/WebM by magic bytes before FFmpeg probes anything."""
-    if head[:4] == _EBML_MAGIC:
-        return "matroska"
-    if len(head) >= 8 and head[4:8] in _MP4_BOXES:
-        return "mp4"
-    raise MediaError("unsupported_container", "not an MP4/MOV/WebM/MKV file")
+    """Recognise MP4/MOV and Matroska/WebM by magic bytes (service.sniff, the gateway's rule too)
+    before FFmpeg probes anything."""
+    family = sniff(head)
+    if family not in VIDEO_FAMILIES:
+        raise MediaError("unsupported_container", "not an MP4/MOV/WebM/MKV file")
+    return family
 
 
 def _check_file(path: str | os.PathLike, limits: MediaLimits) -> int:
@@ -164,7 +145,7 @@ def _check_file(path: str | os.PathLike, limits: MediaLimits) -> int:
     if size == 0:
         raise MediaError("corrupt_media", "empty file")
     with open(path, "rb") as f:
-        _sniff_container(f.read(16))
+        _sniff_container(f.read(HEAD_BYTES))
     return size
 
 

@@ -37,5 +37,4 @@ BATCH_SIZE = Histogram("sr3d_engine_batch_size", "Requests per engine step or ba
 ENGINE_ERRORS = Counter("sr3d_engine_errors_total", "Engine failures while generating")
 INFLIGHT = Gauge("sr3d_worker_inflight_jobs", "Jobs this worker is running now")
 WORKER_READY = Gauge("sr3d_worker_ready", "1 once the model is loaded and a warm-up generation passed")
-GPU_MEMORY = Gauge("sr3d_gpu_memory_bytes", "GPU memory allocated by this process", ["device"])
 POINTMAP_CACHE = Counter("sr3d_pointmap_cache_total", "Point-map cache lookups", ["result"])

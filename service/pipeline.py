@@ -26,6 +26,7 @@ import numpy as np
 from model.errors import ModelInputError
 from model.inputs import RegionMask, SpatialQuery
 from service import metrics
+from service.blobs import BlobStore
 from service.build_once import build_once
 from service.media import MediaError, MediaLimits, decode_image, decode_video, mask_from_box, mask_from_png, resize_mask
 from service.schemas import BoxRegion, JobSpec, MaskRef
@@ -176,7 +177,7 @@ class Decoded:
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, blobs: Any, backend: Any, cache: Any | None = None) -> None:
+    def __init__(self, settings: Settings, blobs: BlobStore, backend: Any, cache: Any | None = None) -> None:
         self.settings = settings
         self.blobs = blobs
         self.backends = backend if isinstance(backend, PointMapBackends) or backend is None else None
@@ -223,7 +224,7 @@ class Pipeline:
             source_size = (frame.shape[1], frame.shape[0])
             position = {0: 0}
         else:
-            num_frames = min(int(job.options.num_frames or self.settings.num_frames), self.settings.max_frames)
+            num_frames = job.options.with_defaults(self.settings).num_frames
             suffix = Path(job.media_filename).suffix[:8]
             async with self.blobs.open_path(job.media_blob, suffix=suffix) as path:
                 video = await asyncio.to_thread(

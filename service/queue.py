@@ -1,7 +1,7 @@
 """The Redis-streams job queue shared by the gateway (submit, read events, cancel) and the workers
 (claim, heartbeat, start, publish events, finish, ack).
 
-Redis layout (fixed; deploy/ and KEDA read some of these names):
+Redis layout (key names: service/keys.py; deploy/ and KEDA read some of them):
   sr3d:jobs                 stream of {job_id}; consumer group sr3d-workers; MAXLEN ~ jobs_maxlen
   sr3d:job:{id}             hash: spec (JobSpec JSON), status, created_at, started_at, finished_at,
                             consumer, attempts, cancel, progress, answer, finish_reason, error,
@@ -9,7 +9,6 @@ Redis layout (fixed; deploy/ and KEDA read some of these names):
   sr3d:job:{id}:events      stream of {type, data(JSON)}: the client's single source of truth
   sr3d:dlq                  stream of dead-lettered jobs {job_id, entry_id, deliveries, reason, spec}
   sr3d:idem:{hash}          job id for an Idempotency-Key (SET NX EX), scoped by API key
-  sr3d:cancel               pub/sub wake-up carrying a job id whose cancel flag was just set
 Job hash and events get a TTL of job_ttl_s once terminal (job_max_age_s before that, as a safety net).
 
 Delivery is at-least-once. The terminal `done`/`error` event is written before `finish()` and
@@ -18,7 +17,6 @@ event stream already ends in a terminal event (and repairs its status), so a cli
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -31,32 +29,15 @@ from redis.exceptions import ResponseError
 
 from service import metrics
 from service.blobs import BlobStore, make_blob_store
+from service.keys import DLQ, GROUP, JOBS, events_key, idem_key, job_key
 from service.redis_conn import clone_client
 from service.schemas import ErrorInfo, JobSpec, JobStatus, JobView, Usage, TERMINAL_EVENTS
 from service.settings import Settings
 
 log = logging.getLogger("sr3d.queue")
 
-JOBS = "sr3d:jobs"
-GROUP = "sr3d-workers"
-DLQ = "sr3d:dlq"
-CANCEL_CHANNEL = "sr3d:cancel"
 DLQ_MAXLEN = 10000
 ENTRY_ID = re.compile(r"^\d+-\d+$")
-
-
-def job_key(job_id: str) -> str:
-    return f"sr3d:job:{job_id}"
-
-
-def events_key(job_id: str) -> str:
-    return f"sr3d:job:{job_id}:events"
-
-
-def idem_key(idempotency_key: str, api_key_id: str | None) -> str:
-    # Hashed: bounded key length, and one tenant's key can never name another tenant's job.
-    digest = hashlib.sha256(f"{api_key_id or ''}\n{idempotency_key}".encode()).hexdigest()[:40]
-    return f"sr3d:idem:{digest}"
 
 
 class QueueFull(Exception):
@@ -212,7 +193,9 @@ class JobQueue:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(jk, mapping={"spec": job.model_dump_json(), "status": JobStatus.queued.value,
                                    "created_at": repr(job.created_at), "attempts": 0})
-            pipe.xadd(ek, {"type": "queued", "data": "{}"})
+            # The first event names the job: a client that cannot read response headers (a browser
+            # EventSource) learns the id to resume with from the stream itself.
+            pipe.xadd(ek, {"type": "queued", "data": json.dumps({"job_id": job.job_id, "position": lag})})
             pipe.expire(jk, self.settings.job_max_age_s)
             pipe.expire(ek, self.settings.job_max_age_s)
             pipe.xadd(JOBS, {"job_id": job.job_id}, maxlen=self.settings.jobs_maxlen, approximate=True)
@@ -250,20 +233,19 @@ class JobQueue:
 
     async def request_cancel(self, job_id: str) -> bool:
         """Ask for a job to stop. A queued job is cancelled at once (terminal `error` event with
-        code "cancelled", status cancelled); a running one gets the cancel flag (and a wake-up on
-        sr3d:cancel) and its worker aborts it. False when the job is unknown or already terminal."""
+        code "cancelled", status cancelled); a running one gets the cancel flag, which its worker polls
+        (cancel_poll_s), and aborts it. False when the job is unknown or already terminal."""
         now = time.time()
         err = {"code": "cancelled", "message": "cancelled by the client"}
         res = int(await self._cancel(
             keys=[job_key(job_id), events_key(job_id)],
-            args=[repr(now), json.dumps(err), json.dumps(err), self.settings.job_ttl_s],
+            args=[repr(now), json.dumps({**err, "job_id": job_id}), json.dumps(err), self.settings.job_ttl_s],
         ))
         if res <= 0:
             return False
         if res == 2:
             metrics.JOBS_FINISHED.labels(status=JobStatus.cancelled.value).inc()
             await self._expire_blobs(job_id)
-        await self.redis.publish(CANCEL_CHANNEL, job_id)
         return True
 
     async def is_cancelled(self, job_id: str) -> bool:
@@ -274,7 +256,10 @@ class JobQueue:
     # Events
 
     async def append_event(self, job_id: str, type: str, data: dict[str, Any]) -> str:
-        """XADD one event ({type, data JSON}) to the job's events stream; returns its entry id."""
+        """XADD one event ({type, data JSON}) to the job's events stream; returns its entry id.
+        A terminal event always carries `job_id` (like `queued`), whoever writes it."""
+        if type in TERMINAL_EVENTS:
+            data = {**data, "job_id": job_id}
         return await self.redis.xadd(events_key(job_id), {"type": type, "data": json.dumps(data)})
 
     async def read_events(self, job_id: str, after: str = "0-0", block_ms: int = 15000, count: int = 100) -> list[Event]:
@@ -393,11 +378,18 @@ class JobQueue:
             await self.finish(job_id, JobStatus.cancelled, error=err)
         return res == 1
 
-    async def set_progress(self, job_id: str, **fields: Any) -> None:
-        """Merge fields (e.g. stage="depth", decode_s=0.4) into the job's progress (GET shows it)."""
-        current = _loads(await self.redis.hget(job_key(job_id), "progress")) or {}
-        current.update(fields)
-        await self.redis.hset(job_key(job_id), "progress", json.dumps(current))
+    async def record_progress(self, job_id: str, stage: str, info: dict[str, Any]) -> str:
+        """A `progress` event {stage, **info}, and the same stage merged into the job hash so
+        GET /v1/spatial-qa/{id} shows it: progress = {"stage": latest, "stages": {stage: info}}.
+        Only the worker that owns the job writes it, so read-merge-write does not race."""
+        status, raw = await self.redis.hmget(job_key(job_id), ["status", "progress"])
+        progress = {"stage": stage, "stages": {**(_loads(raw) or {}).get("stages", {}), stage: info}}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(events_key(job_id), {"type": "progress", "data": json.dumps({"stage": stage, **info})})
+            if status is not None:  # never recreate an expired job's hash (it would have no TTL)
+                pipe.hset(job_key(job_id), "progress", json.dumps(progress))
+            entry_id = (await pipe.execute())[0]
+        return entry_id
 
     async def finish(
         self,

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from service.keys import rate_key
+
 _BUCKET = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
@@ -55,5 +57,5 @@ class RateLimiter:
         """Take one token from `key_id`'s bucket."""
         if not self.enabled:
             return RateDecision(True, 0)
-        allowed, wait = await self._script(keys=[f"sr3d:rl:{key_id}"], args=[self.rate, self.burst])
+        allowed, wait = await self._script(keys=[rate_key(key_id)], args=[self.rate, self.burst])
         return RateDecision(bool(int(allowed)), max(1, math.ceil(float(wait))) if not int(allowed) else 0)

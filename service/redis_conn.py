@@ -49,11 +49,6 @@ def redis_client(url: str, *, decode: bool = True, blocking: bool = False) -> ai
     )
 
 
-def connect(url: str) -> aioredis.Redis:
-    """The default client (decoded strings, 30 s socket timeout)."""
-    return redis_client(url)
-
-
 def clone_client(client: aioredis.Redis, **overrides: object) -> aioredis.Redis:
     """A client on a new pool to the same server, e.g. binary (decode_responses=False) or blocking
     (socket_timeout=None) next to the default one."""

@@ -45,7 +45,7 @@ class WorkerRuntime:
         return self.worker.ready and bool(getattr(self.engine, "ready", False))
 
 
-async def build_worker(settings: Settings, redis: Any, *, consumer: str | None = None, drain_timeout_s: float | None = None) -> WorkerRuntime:
+async def build_worker(settings: Settings, redis: Any, *, consumer: str | None = None) -> WorkerRuntime:
     """Load the engine (weights + warm-up) and the point-map backend, then return a ready-to-run Worker."""
     from service.blobs import make_blob_store
     from service.pipeline import Pipeline, make_pointmap_backend
@@ -57,10 +57,7 @@ async def build_worker(settings: Settings, redis: Any, *, consumer: str | None =
     backend = await backend_task
     blobs = make_blob_store(settings, redis)
     pipeline = Pipeline(settings, blobs, backend)
-    config = WorkerConfig.from_settings(settings)
-    if drain_timeout_s is not None:
-        config.drain_timeout_s = drain_timeout_s
-    worker = Worker(JobQueue(redis, settings, blobs), engine, pipeline, config, consumer=consumer)
+    worker = Worker(JobQueue(redis, settings, blobs), engine, pipeline, WorkerConfig.from_settings(settings), consumer=consumer)
     return WorkerRuntime(worker, engine)
 
 

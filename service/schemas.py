@@ -33,15 +33,20 @@ class GenerationOptions(_Strict):
     ignore_eos: bool = Field(False, description="generate exactly max_tokens (fixed-length benchmarks); still capped")
 
     def check_caps(self, settings: Settings) -> GenerationOptions:
-        """Raise 422 with a specific code when over a deployment cap; return a copy with defaults filled."""
+        """Raise ApiError (422) with a specific code when over a deployment cap; return a copy with defaults filled."""
         if self.max_tokens is not None and self.max_tokens > settings.max_tokens:
-            raise ApiError(422, "max_tokens_over_cap", f"max_tokens {self.max_tokens} > cap {settings.max_tokens}")
+            raise ApiError("max_tokens_over_cap", f"max_tokens {self.max_tokens} > cap {settings.max_tokens}")
         if self.num_frames is not None and self.num_frames > settings.max_frames:
-            raise ApiError(422, "num_frames_over_cap", f"num_frames {self.num_frames} > cap {settings.max_frames}")
+            raise ApiError("num_frames_over_cap", f"num_frames {self.num_frames} > cap {settings.max_frames}")
+        return self.with_defaults(settings)
+
+    def with_defaults(self, settings: Settings) -> GenerationOptions:
+        """The options with unset knobs filled from the deployment's defaults (each within its cap).
+        The gateway stores jobs this way; the worker applies it again for specs written elsewhere."""
         return self.model_copy(
             update={
-                "max_tokens": self.max_tokens or min(settings.default_max_tokens, settings.max_tokens),
-                "num_frames": self.num_frames or min(settings.num_frames, settings.max_frames),
+                "max_tokens": min(self.max_tokens or settings.default_max_tokens, settings.max_tokens),
+                "num_frames": min(self.num_frames or settings.num_frames, settings.max_frames),
             }
         )
 
@@ -133,16 +138,16 @@ def check_question(question: str, n_regions: int, settings: Settings) -> str:
     """Validate the user question; region references are written <region0>, <region1>, ..."""
     question = question.strip()
     if not question:
-        raise ApiError(422, "question_empty", "question must not be empty")
+        raise ApiError("question_empty", "question must not be empty")
     if len(question) > settings.max_question_chars:
-        raise ApiError(422, "question_too_long", f"question is {len(question)} chars > cap {settings.max_question_chars}")
+        raise ApiError("question_too_long", f"question is {len(question)} chars > cap {settings.max_question_chars}")
     bad = _FORBIDDEN_TOKENS.search(question)
     if bad:
-        raise ApiError(422, "placeholder_in_question", f"question must not contain the reserved token {bad.group(0)!r}")
+        raise ApiError("placeholder_in_question", f"question must not contain the reserved token {bad.group(0)!r}")
     for match in REGION_REF.finditer(question):
         if int(match.group(1)) >= n_regions:
             raise ApiError(
-                422, "region_reference_out_of_range", f"{match.group(0)} refers to a region that was not given ({n_regions} regions)"
+                "region_reference_out_of_range", f"{match.group(0)} refers to a region that was not given ({n_regions} regions)"
             )
     return question
 
@@ -209,7 +214,7 @@ class JobView(BaseModel):
     error: ErrorInfo | None = None
     usage: Usage | None = None
     timings: dict[str, float | str] = Field(default_factory=dict)  # seconds; pointmaps_backend names the backend
-    progress: dict[str, Any] = Field(default_factory=dict)
+    progress: dict[str, Any] = Field(default_factory=dict)  # {"stage": latest, "stages": {stage: {seconds, ...}}}
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
@@ -225,19 +230,11 @@ class SubmitResponse(BaseModel):
 
 
 # Event types written to `sr3d:job:{id}:events` (the SSE `event:` field); data is a JSON object:
-#   queued   {}                                   written by the gateway at submit
-#   progress {stage: str, ...timings}             worker: "decode", "depth", "encode", "generate", ...
-#   token    {text: str}                          worker: one delta of the answer
-#   done     {answer, usage, timings, finish_reason}   terminal
-#   error    {code, message}                      terminal (also cancellation: code "cancelled")
-EVENT_TYPES = ("queued", "progress", "token", "done", "error")
+#   queued   {job_id, position}                   the gateway, at submit (position: jobs waiting ahead)
+#   progress {stage, seconds, ...}                the worker, per stage: "started", "decode", "pointmaps",
+#                                                 "encode" (also recorded in the job's `progress` for GET);
+#                                                 {stage: "restream", discard: true} = drop the tokens so far
+#   token    {text}                               the worker: one delta of the answer
+#   done     {job_id, answer, usage, timings, finish_reason}   terminal
+#   error    {job_id, code, message}              terminal (also cancellation: code "cancelled")
 TERMINAL_EVENTS = ("done", "error")
-
-
-class DoneData(BaseModel):
-    """Payload of the terminal `done` event (and what `JobQueue.finish` stores for GET)."""
-
-    answer: str
-    usage: Usage
-    timings: dict[str, float | str] = Field(default_factory=dict)  # seconds; pointmaps_backend names the backend
-    finish_reason: str | None = None

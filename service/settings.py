@@ -22,6 +22,28 @@ def _split_csv(value: object) -> object:
 CsvList = Annotated[list[str], NoDecode]
 
 
+class VLLMSettings(BaseSettings):
+    """SR3D_VLLM_* knobs of the vLLM engine (nested in Settings as `settings.vllm`)."""
+
+    model_config = SettingsConfigDict(env_prefix="SR3D_VLLM_", extra="ignore", frozen=True)
+
+    max_model_len: int = Field(8192, ge=256)
+    # The worker's depth model shares the GPU: DA-V2-L on 128-frame batches needs ~16 GB, and 0.8 ran out
+    # of memory on an H100 (loadtests/results/engine-h100, run 4).
+    gpu_memory_utilization: float = Field(0.7, gt=0, le=1)
+    enforce_eager: bool = False
+    dtype: str = "auto"
+    load_format: str = "auto"  # "dummy" = random weights (benchmarks)
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int | None = None
+    mm_processor_cache_gb: float = Field(4, ge=0)
+    # Threads preparing SR-3D items (tiling 32 frames + point maps: ~0.4 s of one core per request) before
+    # vLLM; 0 = one per CPU core. PIL resizes and torch ops release the GIL, so requests prepare in parallel.
+    prepare_workers: int = Field(0, ge=0)
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SR3D_", extra="ignore", frozen=True)
 
@@ -36,11 +58,14 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     worker_concurrency: int = Field(4, ge=1, le=256)
     worker_metrics_port: int = 9100
-    # The torch engine waits this long for concurrent requests to join one batch.
     # Point maps of recent uploads, so a second question on a video skips decode and depth
     # (one 16-frame 640x360 clip is ~44 MB).
     pointmap_cache_mb: int = Field(256, ge=0)
+    # The torch engine waits this long for concurrent requests to join one batch.
     torch_batch_window_ms: float = Field(10, ge=0, le=1000)
+    drain_timeout_s: float = Field(60, ge=0, description="on SIGTERM, in-flight jobs get this long to finish")
+    # Read from its own SR3D_VLLM_* variables when Settings is built.
+    vllm: VLLMSettings = Field(default_factory=VLLMSettings)
 
     # --- storage ----------------------------------------------------------------------------------
     redis_url: str | None = Field(None, validation_alias=AliasChoices("REDIS_URL", "SR3D_REDIS_URL"))

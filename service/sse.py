@@ -30,7 +30,8 @@ async def job_events(queue: JobQueue, job_id: str, after: str = "0-0", block_ms:
             if not events:
                 # Nothing new for block_ms: make sure the job still exists (TTL) rather than wait forever.
                 if await queue.get(job_id) is None:
-                    yield ServerSentEvent(event="error", data=json.dumps({"code": "job_expired", "message": "job no longer exists"}))
+                    yield ServerSentEvent(event="error", data=json.dumps({"code": "job_expired", "message": "job no longer exists",
+                                                                         "job_id": job_id}))
                     return
                 continue
             for ev in events:

@@ -38,6 +38,7 @@ from service.engines.protocol import Engine, EngineRequest
 from service.pipeline import INPUT_ERRORS, Pipeline
 from service.queue import Delivery, JobQueue
 from service.schemas import JobSpec, JobStatus
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -60,23 +61,24 @@ class JobCancelled(Exception):
 
 @dataclass
 class WorkerConfig:
-    concurrency: int = 2
-    claim_idle_ms: int = 60_000
-    heartbeat_s: float = 10.0
+    # From Settings (their defaults live there):
+    concurrency: int
+    claim_idle_ms: int
+    heartbeat_s: float
+    drain_timeout_s: float
+    # The worker's own pacing:
     claim_block_ms: int = 1_000
     coalesce_s: float = 0.03
     cancel_poll_s: float = 0.2
-    drain_timeout_s: float = 60.0
 
     @classmethod
-    def from_settings(cls, settings: Any) -> WorkerConfig:
-        d = cls()
+    def from_settings(cls, settings: Settings) -> WorkerConfig:
         return cls(
-            concurrency=int(settings.worker_concurrency),
-            claim_idle_ms=int(settings.claim_idle_ms),
+            concurrency=settings.worker_concurrency,
+            claim_idle_ms=settings.claim_idle_ms,
             # Refresh at least 3x per idle window, so a slow job is never mistaken for a dead one.
-            heartbeat_s=min(float(settings.heartbeat_s), settings.claim_idle_ms / 3000.0),
-            drain_timeout_s=float(getattr(settings, "drain_timeout_s", d.drain_timeout_s)),
+            heartbeat_s=min(settings.heartbeat_s, settings.claim_idle_ms / 3000.0),
+            drain_timeout_s=settings.drain_timeout_s,
         )
 
 
@@ -230,7 +232,7 @@ class Worker:
         t_start = time.time()
         queue_wait = max(0.0, t_start - job.created_at)  # the queue observes QUEUE_WAIT on delivery
         timings: dict[str, float] = {"queue_wait_s": round(queue_wait, 4)}
-        await self.queue.append_event(jid, "progress", {"stage": "started", "worker": self.consumer, "attempt": d.deliveries, "queue_wait_s": timings["queue_wait_s"]})
+        await self.queue.record_progress(jid, "started", {"worker": self.consumer, "attempt": d.deliveries, "queue_wait_s": timings["queue_wait_s"]})
         cancelled = asyncio.Event()
         poller = asyncio.create_task(self._poll_cancel(jid, cancelled))
         stream: _Stream | None = None
@@ -270,7 +272,7 @@ class Worker:
         for key in ("backend", "frames_registered"):  # which point-map backend ran, frames it registered
             if key in info:
                 timings[f"{stage}_{key}"] = info[key]
-        await self.queue.append_event(jid, "progress", {"stage": stage, **info})
+        await self.queue.record_progress(jid, stage, info)
 
     async def _poll_cancel(self, jid: str, cancelled: asyncio.Event) -> None:
         while not cancelled.is_set():
@@ -301,9 +303,9 @@ class Worker:
         return "".join(parts)
 
     async def _generate(self, job: JobSpec, query: Any, stream: _Stream, cancelled: asyncio.Event, timings: dict[str, float]) -> tuple[str, dict[str, int]]:
-        opts = job.options
+        opts = job.options.with_defaults(self.pipeline.settings)
         params = GenerationParams(
-            max_tokens=int(opts.max_tokens or 128),  # the gateway fills it; 128 = settings' default
+            max_tokens=opts.max_tokens,
             temperature=float(opts.temperature),
             top_p=float(opts.top_p),
             seed=job_seed(job),
@@ -321,7 +323,7 @@ class Worker:
                 timings["encode_s"] = round(now - t0, 4)
                 metrics.STAGE_SECONDS.labels("encode").observe(now - t0)
                 metrics.TTFT.observe(max(0.0, time.time() - job.created_at))
-                await self.queue.append_event(jid, "progress", {"stage": "encode", "seconds": timings["encode_s"]})
+                await self.queue.record_progress(jid, "encode", {"seconds": timings["encode_s"]})
             elif delta.text:
                 metrics.ITL.observe(now - t_last)
             t_last = now

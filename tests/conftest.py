@@ -67,7 +67,7 @@ def run_gateway(redis_url: str, **overrides: object) -> Iterator[str]:
     free loopback port; yields the base URL and stops the server afterwards."""
     import uvicorn
 
-    from service.gateway import create_app
+    from service.api.app import create_app
     from service.settings import Settings
 
     with _socket.socket() as s:

@@ -170,7 +170,7 @@ def test_dashboard_covers_the_serving_signals():
     names = set().union(*used_names().values())
     for needed in ("sr3d_http_requests_total", "sr3d_queue_length", "sr3d_stage_duration_seconds_bucket",
                    "sr3d_time_to_first_token_seconds_bucket", "sr3d_inter_token_latency_seconds_bucket",
-                   "sr3d_generation_tokens_total", "sr3d_engine_batch_size_bucket", "sr3d_gpu_memory_bytes",
+                   "sr3d_generation_tokens_total", "sr3d_engine_batch_size_bucket",
                    "sr3d_job_redeliveries_total", "sr3d_dlq_length"):
         assert needed in names, needed
     ids = [p["id"] for p in DASHBOARD["panels"]]

@@ -214,6 +214,25 @@ def test_video_upload_is_accepted(gw: str) -> None:
     assert httpx.get(f"{gw}/v1/spatial-qa/{r.json()['job_id']}").json()["media_kind"] == "video"
 
 
+def test_mov_starting_with_a_wide_box_is_accepted_by_gateway_and_decoder(gw: str, tmp_path: Any) -> None:
+    """Old QuickTime files have no `ftyp` and start with a `wide` box; gateway and decoder share one
+    sniff (service/sniff.py), so the gateway accepts exactly what the worker's decoder opens. The
+    file: a real mp4 whose leading `ftyp` box is retyped `wide` (same size, so every offset holds)."""
+    from service.media import MediaLimits, probe_video
+
+    mp4 = mp4_bytes()
+    assert mp4[4:8] == b"ftyp"
+    mov = mp4[:4] + b"wide" + mp4[8:]
+    (tmp_path / "clip.mov").write_bytes(mov)
+    assert probe_video(tmp_path / "clip.mov", MediaLimits()).frame_count == 4
+    r = post(gw, files={"video": ("clip.mov", mov, "video/quicktime")},
+             data={"question": "How far is <region0>?", "regions": json.dumps([{"frame": 0, "box": [0, 0, 4, 4]}])})
+    assert r.status_code == 202, r.text
+    # Same bytes under a Matroska extension: the content and the extension disagree.
+    r = post(gw, files={"video": ("clip.mkv", mov, "video/x-matroska")}, data={"question": "q"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+
+
 def test_idempotency_key_returns_the_same_job(gw: str, redis_url: str) -> None:
     a = post(gw, headers={"Idempotency-Key": "abc-1"}, **image_form())
     b = post(gw, headers={"Idempotency-Key": "abc-1"}, **image_form())
@@ -349,3 +368,47 @@ def test_cors_allowlist(redis_url: str) -> None:
         assert ok.headers.get("access-control-allow-origin") == "https://app.example"
         bad = httpx.options(f"{base}/v1/spatial-qa", headers={"Origin": "https://evil.example", **pre})
         assert "access-control-allow-origin" not in bad.headers
+
+
+def test_error_codes_map_to_statuses_in_one_table(redis_url: str) -> None:
+    """Errors below the API carry only (code, message): the API layer's table gives the status, an
+    unlisted code from the model or the decoder is a 422, and an uncoded ValueError is still a 500."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from model.errors import ModelInputError
+    from service.api.app import create_app
+    from service.api.errors import status_for
+    from service.media import MediaError
+
+    assert status_for("file_too_large") == 413 and status_for("unsupported_codec") == 415
+    assert status_for("queue_full") == 429 and status_for("some_new_model_code") == 422
+    app = create_app(Settings(redis_url=redis_url))
+    raised = {"model": ModelInputError("unreferenced_region", "<region1> is never referenced"),
+              "media": MediaError("file_too_large", "too big"), "bug": ValueError("not coded")}
+
+    async def boom(kind: str) -> None:
+        raise raised[kind]
+
+    app.add_api_route("/boom/{kind}", boom)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        r = httpx.get(f"http://127.0.0.1:{port}/boom/model")
+        assert r.status_code == 422 and r.json() == {"error": {"code": "unreferenced_region",
+                                                               "message": "<region1> is never referenced"}}
+        r = httpx.get(f"http://127.0.0.1:{port}/boom/media")
+        assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large"
+        assert httpx.get(f"http://127.0.0.1:{port}/boom/bug").status_code == 500
+    finally:
+        server.should_exit = True
+        thread.join(15)

@@ -130,7 +130,29 @@ def test_post_streams_live_events_until_done(env: tuple[str, Driver]) -> None:
             if ev["event"] == "queued":  # the job is live: play the worker's part now
                 threading.Thread(target=answer, args=(driver, job_id, ["a", "b"]), daemon=True).start()
     assert [e["event"] for e in seen] == ["queued", "progress", "token", "token", "done"]
+    # The stream names its job in the first and the last event: a client that cannot read the
+    # Location header (a browser EventSource) can still resume and poll it.
+    assert seen[0]["data"] == {"job_id": job_id, "position": 0}
+    assert seen[-1]["data"]["job_id"] == job_id
     assert httpx.get(f"{base}/v1/spatial-qa/{job_id}").json()["answer"] == "ab"
+
+
+def test_cancelled_and_progress_are_visible_with_the_job_id(env: tuple[str, Driver]) -> None:
+    base, driver = env
+    first = post(base, **image_form()).json()["job_id"]
+    second = post(base, **image_form()).json()["job_id"]
+    # The second job waits behind the first: its queued event says so.
+    with httpx.stream("GET", f"{base}/v1/spatial-qa/{second}/events", timeout=30) as r:
+        queued = next(sse_events(r))
+    assert queued["event"] == "queued" and queued["data"] == {"job_id": second, "position": 1}
+    assert httpx.delete(f"{base}/v1/spatial-qa/{second}").status_code == 202
+    terminal = read_all(f"{base}/v1/spatial-qa/{second}/events")[-1]
+    assert terminal["event"] == "error" and terminal["data"]["code"] == "cancelled" and terminal["data"]["job_id"] == second
+    # A worker's stages show in GET as they happen (the `progress` field is not a placeholder).
+    driver.call(driver.queue.try_start(first, "w-test"))
+    driver.call(driver.queue.record_progress(first, "decode", {"seconds": 0.01, "frames": 1}))
+    view = httpx.get(f"{base}/v1/spatial-qa/{first}").json()
+    assert view["status"] == "running" and view["progress"] == {"stage": "decode", "stages": {"decode": {"seconds": 0.01, "frames": 1}}}
 
 
 def test_wait_true_returns_the_answer_or_202_after_the_timeout(env: tuple[str, Driver]) -> None:

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from service.media import MediaError, MediaLimits, decode_image, mask_from_box, mask_from_png, resize_mask
+from service.api.errors import status_for
 
 
 def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
@@ -21,7 +22,7 @@ def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
 def _code(fn, *args, **kwargs) -> str:
     with pytest.raises(MediaError) as e:
         fn(*args, **kwargs)
-    assert 400 <= e.value.http_status < 500
+    assert 400 <= status_for(e.value.code) < 500
     return e.value.code
 
 

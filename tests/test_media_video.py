@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from service.media import MediaError, MediaLimits, content_hash, decode_video, probe_video
+from service.api.errors import status_for
 
 DATA = Path(__file__).parent / "data" / "video"
 BITS, W, H = 8, 128, 48  # 8 stripes of 16 px: frame index in binary, black = 0, white = 1
@@ -117,7 +118,7 @@ def test_frame_out_of_range_and_too_many_frames(tmp_path: Path) -> None:
     path = _write(tmp_path / "cfr.mp4", n=30)
     with pytest.raises(MediaError) as e:
         decode_video(path, 4, must_include=[30])
-    assert e.value.code == "frame_out_of_range" and e.value.http_status == 422
+    assert e.value.code == "frame_out_of_range" and status_for(e.value.code) == 422
     with pytest.raises(MediaError) as e:
         decode_video(path, 4, MediaLimits(max_frames=5), must_include=[1, 2, 3, 5, 9])
     assert e.value.code == "too_many_frames"
@@ -169,7 +170,7 @@ def test_content_hash_streams() -> None:
 def _code(fn, *args, **kwargs) -> str:
     with pytest.raises(MediaError) as e:
         fn(*args, **kwargs)
-    assert 400 <= e.value.http_status < 500 and e.value.message
+    assert 400 <= status_for(e.value.code) < 500 and e.value.message
     return e.value.code
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -63,9 +64,12 @@ def test_submit_claim_finish_ack(redis_url: str) -> None:
         assert await q.stats() == {"lag": 0, "pending": 1, "dlq": 0}
         assert await q.claim("w1", 4, 10) == []  # an in-flight entry is not handed out again
         assert await q.try_start(job.job_id, "w1")
-        await q.set_progress(job.job_id, stage="decode")
-        await q.set_progress(job.job_id, decode_s=0.5)
-        assert (await q.get(job.job_id)).progress == {"stage": "decode", "decode_s": 0.5}
+        await q.record_progress(job.job_id, "decode", {"seconds": 0.5})
+        await q.record_progress(job.job_id, "pointmaps", {"seconds": 0.25, "source": "rgbd"})
+        assert (await q.get(job.job_id)).progress == {
+            "stage": "pointmaps", "stages": {"decode": {"seconds": 0.5}, "pointmaps": {"seconds": 0.25, "source": "rgbd"}}}
+        types = [(e.type, e.data.get("stage")) for e in await q.events_range(job.job_id)]
+        assert types == [("queued", None), ("progress", "decode"), ("progress", "pointmaps")]
         await q.append_event(job.job_id, "done", {"answer": "x", "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
         await q.finish(job.job_id, JobStatus.done, answer="x", usage={"prompt_tokens": 1, "completion_tokens": 1})
         await q.ack(d.entry_id)
@@ -245,6 +249,17 @@ def test_redis_blob_store(redis_url: str, tmp_path: Path) -> None:
             await _blob_roundtrip(store, tmp_path)
             await store.put("j2/media", b"a" * 9000)
             assert await store.redis.llen("sr3d:blob:j2/media") == 3  # stored as chunks, not one big value
+            # Many chunks, streamed from a file object: written and read back in order.
+            data = bytes(range(256)) * 57  # 14592 bytes: 14 chunks of 1024 and a tail
+            store.chunk_bytes = 1024
+            assert await store.put("j3/media", io.BytesIO(data)) == len(data)
+            assert await store.redis.llen("sr3d:blob:j3/media") == 15
+            assert await store.get("j3/media") == data
+            async with store.open_path("j3/media") as p:
+                assert p.read_bytes() == data
+            with pytest.raises(BlobTooLarge):  # the cap holds while streaming, and nothing is left behind
+                await store.put("j4/media", io.BytesIO(b"x" * 16001))
+            assert not await store.exists("j4/media") and not await store.redis.keys("sr3d:blob:j4*")
         finally:
             await store.aclose()
             await redis.aclose()

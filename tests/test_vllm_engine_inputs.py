@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ pytest.importorskip("vllm", reason="vllm (extra `vllm`) is not installed: the vL
 pytestmark = pytest.mark.vllm
 
 from model.inputs import GenerationParams, RegionMask, SpatialQuery  # noqa: E402
+from service.settings import Settings  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def engine(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):  # 
     flat = resolve_flat_checkpoint(str(tiny_checkpoint), data)
     assert resolve_flat_checkpoint(str(tiny_checkpoint), data) == flat  # converted once, then reused
     assert resolve_flat_checkpoint(str(flat), data) == flat  # a flat dir is used as is
-    eng = VLLMEngine(SimpleNamespace(model=str(tiny_checkpoint), data_dir=str(data)))
+    eng = VLLMEngine(Settings(model=str(tiny_checkpoint), data_dir=data))
     eng.config = config_from_dict(json.loads((flat / "config.json").read_text()))
     eng.tokenizer = AutoTokenizer.from_pretrained(str(flat))
     eng._stop_ids = stop_token_ids(eng.tokenizer)

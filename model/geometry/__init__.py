@@ -1,5 +1,5 @@
 """Geometry: per-pixel 3D point maps in one canonical frame (depth backends, RGB-D, intrinsics, cache)."""
-from model.geometry.cache import CacheKey, PointMapCache, PointMapStore, cache_key
+from model.geometry.cache import CacheKey, PointMapCache, cache_key
 from model.geometry.intrinsics import (
     DEFAULT_FOV_X_DEG,
     intrinsics_from_fov,
@@ -21,7 +21,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "CacheKey", "PointMapCache", "PointMapStore", "cache_key", "DEFAULT_FOV_X_DEG", "intrinsics_from_fov",
+    "CacheKey", "PointMapCache", "cache_key", "DEFAULT_FOV_X_DEG", "intrinsics_from_fov",
     "rotate_intrinsics", "scale_intrinsics", "backproject", "canonicalize", "normalize_scale", "RGBDBackend",
     "RGBDScene", "SceneError", "load_scene_npz", "pointmaps_from_rgbd", "PointMapBackend", "PointMaps",
     "DepthAnythingBackend", "build_tiny_depth_model", "build_large_shaped_depth_model", "disparity_to_depth",

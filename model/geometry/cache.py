@@ -3,24 +3,14 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Protocol
-
 from model.geometry.types import PointMaps
 
 CacheKey = tuple[str, tuple, str]  # (content hash, sampling tuple, backend name)
 
 
 def cache_key(content_hash: str, sampling: tuple, backend: str) -> CacheKey:
-    """`sampling` = everything that changes the frames: e.g. (num_frames, sorted must_include, max_side)."""
+    """`sampling` = everything that changes the frames: the pipeline passes (sampled frame indices, (W, H))."""
     return (content_hash, tuple(sampling), backend)
-
-
-class PointMapStore(Protocol):
-    """What the worker needs; an in-memory LRU now, a Redis-backed store can implement the same."""
-
-    def get(self, key: CacheKey) -> PointMaps | None: ...
-
-    def put(self, key: CacheKey, value: PointMaps) -> None: ...
 
 
 class PointMapCache:

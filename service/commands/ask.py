@@ -1,19 +1,16 @@
 """`sr3d ask FILE --region FRAME:x0,y0,x1,y1 [--mask FRAME:mask.png] "question"`: submit one job and
 print the answer as it streams (SSE). A dropped connection is resumed from the last event id.
-Needs only httpx (no torch).
+The client is service/client.py (the load generator's too); needs only httpx (no torch).
 """
 from __future__ import annotations
 
 import argparse
-import json
+import asyncio
 import os
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
-
-IMAGE_EXT = {".png", ".jpg", ".jpeg"}
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +23,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--url", default=os.environ.get("SR3D_URL", "http://127.0.0.1:8000"))
     p.add_argument("--api-key", default=os.environ.get("SR3D_API_KEY"))
     p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--retries", type=int, default=5, help="reconnects after a dropped stream")
+    p.add_argument("--retries", type=int, default=5, help="submit attempts after a refused (429/503) or failed POST")
+    p.add_argument("--resume-timeout", type=float, default=60.0,
+                   help="seconds to keep resuming a dropped stream without receiving an event")
     p.set_defaults(func=main)
 
 
@@ -50,62 +49,53 @@ def parse_mask(spec: str, index: int) -> tuple[dict[str, Any], str, Path]:
 
 
 def main(args: argparse.Namespace) -> int:
-    import httpx
-    from httpx_sse import EventSource
-
-    headers = {"Accept": "text/event-stream", "Idempotency-Key": uuid.uuid4().hex}
-    if args.api_key:
-        headers["Authorization"] = f"Bearer {args.api_key}"
     try:
         regions: list[dict[str, Any]] = [parse_box(r) for r in args.region]
         masks = [parse_mask(m, i) for i, m in enumerate(args.mask)]
     except argparse.ArgumentTypeError as e:
         print(f"sr3d ask: {e}", file=sys.stderr)
         return 2
-    regions += [m[0] for m in masks]
-    kind = "image" if args.file.suffix.lower() in IMAGE_EXT else "video"
-    options = {"max_tokens": args.max_tokens} if args.max_tokens else {}
-    data = {"question": args.question, "regions": json.dumps(regions), "options": json.dumps(options)}
-    base = args.url.rstrip("/")
-    last_id: str | None = None
-    job_id: str | None = None
-    with httpx.Client(timeout=httpx.Timeout(30, read=120)) as client:
+    return asyncio.run(ask(args, regions, masks))
+
+
+async def ask(args: argparse.Namespace, regions: list[dict[str, Any]], masks: list[tuple[dict[str, Any], str, Path]]) -> int:
+    from service.client import RESUMABLE, JobRequest, Media, SR3DClient, StreamLost
+
+    req = JobRequest(
+        media=Media.from_path(args.file),
+        question=args.question,
+        regions=[[r] for r in regions + [m[0] for m in masks]],
+        masks={part: path.read_bytes() for _, part, path in masks},
+        options={"max_tokens": args.max_tokens} if args.max_tokens else {},
+        # Same key on every retry: a POST that got through is not queued twice.
+        idempotency_key=uuid.uuid4().hex,
+    )
+    async with SR3DClient(args.url, api_key=args.api_key, timeout=120) as client:
         for attempt in range(args.retries + 1):
+            stream = client.events(req, resume_timeout_s=args.resume_timeout)
             try:
-                if job_id is None:
-                    files = {kind: (args.file.name, args.file.read_bytes())}
-                    files.update({part: (path.name, path.read_bytes()) for _, part, path in masks})
-                    # Same Idempotency-Key on a retry: a POST that got through is not queued twice.
-                    ctx = client.stream("POST", f"{base}/v1/spatial-qa", headers=headers, data=data, files=files)
-                else:
-                    resume = {**headers, **({"Last-Event-ID": last_id} if last_id else {})}
-                    ctx = client.stream("GET", f"{base}/v1/spatial-qa/{job_id}/events", headers=resume)
-                with ctx as r:
-                    if r.status_code >= 400:
-                        r.read()
-                        err = r.json().get("error", {}) if "json" in r.headers.get("content-type", "") else {}
-                        print(f"sr3d ask: HTTP {r.status_code} {err.get('code', '')}: {err.get('message', r.text)}",
-                              file=sys.stderr)
-                        if r.status_code in (429, 503) and attempt < args.retries:
-                            time.sleep(float(r.headers.get("retry-after", "1")))
-                            continue
+                async for ev in stream:
+                    if ev.type == "token":
+                        print(ev.data.get("text", ""), end="", flush=True)
+                    elif ev.type == "done":
+                        print(flush=True)
+                        return 0
+                    elif ev.type == "error":
+                        print(f"\nsr3d ask: job failed: {ev.data.get('code')}: {ev.data.get('message')}", file=sys.stderr)
                         return 1
-                    if job_id is None and "location" in r.headers:
-                        job_id = r.headers["location"].rsplit("/", 1)[1]
-                    for ev in EventSource(r).iter_sse():
-                        last_id = ev.id or last_id
-                        payload = json.loads(ev.data)
-                        kind_ = ev.event
-                        if kind_ == "token":
-                            print(payload.get("text", ""), end="", flush=True)
-                        elif kind_ == "done":
-                            print(flush=True)
-                            return 0
-                        elif kind_ == "error":
-                            print(f"\nsr3d ask: job failed: {payload.get('code')}: {payload.get('message')}", file=sys.stderr)
-                            return 1
-            except (httpx.TransportError, httpx.RemoteProtocolError) as e:
-                print(f"\nsr3d ask: connection lost ({type(e).__name__}); resuming", file=sys.stderr)
-                time.sleep(min(2**attempt * 0.2, 5))
+            except RESUMABLE as e:  # the POST got no answer: send it again (same Idempotency-Key)
+                print(f"sr3d ask: connection failed ({type(e).__name__}); retrying", file=sys.stderr)
+                await asyncio.sleep(min(2**attempt * 0.2, 5))
+                continue
+            except StreamLost as e:
+                print(f"\nsr3d ask: {e}", file=sys.stderr)
+                return 1
+            err = stream.submit_error.get("error", {}) if isinstance(stream.submit_error, dict) else {}
+            print(f"sr3d ask: HTTP {stream.submit_status} {err.get('code', '')}: {err.get('message', stream.submit_error)}",
+                  file=sys.stderr)
+            if stream.submit_status in (429, 503) and attempt < args.retries:
+                await asyncio.sleep(float(stream.submit_headers.get("retry-after", "1")))
+                continue
+            return 1
         print("sr3d ask: gave up after retries", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.gateway import create_app
+    from service.api.app import create_app
     from service.logging import setup_logging
 
     settings = Settings()

@@ -35,13 +35,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def compute(args: argparse.Namespace):
+def compute(args: argparse.Namespace, limits: MediaLimits):
     """The worker's path: frames (rotation applied) -> chosen backend -> canonical, normalised point maps.
     Returns frames, indices, timestamps, PointMaps, route, frames registered."""
     from model.geometry import RGBDBackend, SceneError, load_scene_npz
     from model.geometry.routes import choose_route, pointmaps_recovering_poses, registered_frames
 
-    limits = MediaLimits()
     scene = load_scene_npz(Path(args.rgbd).read_bytes()) if args.rgbd else None
     is_image = Path(args.input).suffix.lower() in _IMAGE_SUFFIXES
     if is_image:
@@ -101,6 +100,7 @@ def write_ply(path: str, points: np.ndarray, colors: np.ndarray, valid: np.ndarr
 
 def run(args: argparse.Namespace) -> int:
     from model.geometry import SceneError
+    from service.pipeline import media_limits
     from service.settings import Settings
 
     settings = Settings()
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     args.multiview_model = settings.multiview_model if args.multiview_model is None else args.multiview_model
 
     try:
-        frames, indices, timestamps, pm, route, registered = compute(args)
+        frames, indices, timestamps, pm, route, registered = compute(args, media_limits(settings))
     except (MediaError, SceneError) as e:
         print(f"error: {e.code}: {e.message}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from service.commands.worker import _setup_logging, add_drain_timeout, settings_from
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -22,25 +23,23 @@ def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="gateway + worker + embedded Redis in one process (tiny demo model by default)")
     p.add_argument("--host", default=None, help="bind address (default SR3D_HOST, 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default SR3D_PORT, 8000)")
-    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight jobs on shutdown")
+    add_drain_timeout(p)
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    from service.commands.worker import _setup_logging
-
-    settings = Settings()
+    settings = settings_from(args)
     _setup_logging(settings)
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
-    asyncio.run(serve(settings, host, port, args.drain_timeout))
+    asyncio.run(serve(settings, host, port))
     return 0
 
 
-async def serve(settings: Settings, host: str, port: int, drain_timeout_s: float) -> None:
+async def serve(settings: Settings, host: str, port: int) -> None:
     import uvicorn
 
-    from service.gateway import create_app
+    from service.api.app import create_app
     from service.redis_conn import redis_client, start_embedded_redis
     from service.runtime import QuietServer, banner_if_demo, build_worker, install_stop_handlers
 
@@ -58,7 +57,7 @@ async def serve(settings: Settings, host: str, port: int, drain_timeout_s: float
     http = QuietServer(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5))
     http_task = asyncio.create_task(http.serve())
     try:
-        build = asyncio.create_task(build_worker(settings, redis, consumer=None, drain_timeout_s=drain_timeout_s))
+        build = asyncio.create_task(build_worker(settings, redis, consumer=None))
         stop_wait = asyncio.create_task(stopping.wait())
         await asyncio.wait([build, stop_wait, http_task], return_when=asyncio.FIRST_COMPLETED)
         if build.done() and not stopping.is_set() and not http_task.done():
@@ -84,12 +83,12 @@ async def serve(settings: Settings, host: str, port: int, drain_timeout_s: float
 def _gate_readyz(app: Any, is_ready: Callable[[], bool]) -> Any:
     """In one process, "ready" also means the in-process worker loaded the model and passed its
     warm-up; the gateway's own /readyz only knows about Redis."""
-    from starlette.responses import JSONResponse
+    from service.api.errors import error_response
 
     async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope.get("path") == "/readyz" and not is_ready():
-            body = {"error": {"code": "worker_not_ready", "message": "model loading or warm-up not passed yet"}}
-            await JSONResponse(body, status_code=503, headers={"Retry-After": "5"})(scope, receive, send)
+            not_ready = error_response("worker_not_ready", "model loading or warm-up not passed yet", {"Retry-After": "5"})
+            await not_ready(scope, receive, send)
             return
         await app(scope, receive, send)
 

@@ -16,12 +16,26 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-host", default="0.0.0.0", help="bind address of the health/metrics server")
     p.add_argument("--metrics-port", type=int, default=None, help="default SR3D_WORKER_METRICS_PORT (9100)")
     p.add_argument("--consumer", default=None, help="consumer name in the group (default host-pid)")
-    p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to finish in-flight jobs after SIGTERM")
+    add_drain_timeout(p)
     p.set_defaults(func=main)
 
 
-def main(args: argparse.Namespace) -> int:
+def add_drain_timeout(p: argparse.ArgumentParser) -> None:
+    """`--drain-timeout`, shared with `sr3d serve`; unset keeps SR3D_DRAIN_TIMEOUT_S."""
+    p.add_argument("--drain-timeout", type=float, default=None,
+                   help="seconds to finish in-flight jobs after SIGTERM (default SR3D_DRAIN_TIMEOUT_S, 60)")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, with the command line's --drain-timeout on top."""
     settings = Settings()
+    if args.drain_timeout is not None:
+        settings = settings.model_copy(update={"drain_timeout_s": args.drain_timeout})
+    return settings
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
     _setup_logging(settings)
     if not settings.redis_url:
         print(
@@ -31,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
         )
         return 2
     port = args.metrics_port if args.metrics_port is not None else settings.worker_metrics_port
-    asyncio.run(run_worker(settings, args.metrics_host, port, args.consumer, args.drain_timeout))
+    asyncio.run(run_worker(settings, args.metrics_host, port, args.consumer))
     return 0
 
 
@@ -44,7 +58,7 @@ def _setup_logging(settings: Settings) -> None:
         logging.basicConfig(level=settings.log_level)
 
 
-async def run_worker(settings: Settings, host: str, port: int, consumer: str | None, drain_timeout_s: float) -> None:
+async def run_worker(settings: Settings, host: str, port: int, consumer: str | None) -> None:
     import uvicorn
 
     from service.redis_conn import redis_client
@@ -60,7 +74,7 @@ async def run_worker(settings: Settings, host: str, port: int, consumer: str | N
     )
     http_task = asyncio.create_task(http.serve())
     try:
-        build = asyncio.create_task(build_worker(settings, redis, consumer=consumer, drain_timeout_s=drain_timeout_s))
+        build = asyncio.create_task(build_worker(settings, redis, consumer=consumer))
         stop_wait = asyncio.create_task(stopping.wait())
         await asyncio.wait([build, stop_wait], return_when=asyncio.FIRST_COMPLETED)
         if not build.done():  # SIGTERM while loading: nothing claimed yet, just leave

@@ -4,12 +4,11 @@
 """
 from __future__ import annotations
 
-from typing import Any
-
 from service.engines.protocol import Engine
+from service.settings import Settings
 
 
-def make_engine(settings: Any) -> Engine:
+def make_engine(settings: Settings) -> Engine:
     if settings.engine == "vllm":
         from service.engines.vllm_engine import VLLMEngine
 

@@ -10,6 +10,11 @@ import numpy as np
 from model.inputs import GenerationParams, SpatialQuery, TokenDelta
 
 
+class EngineError(RuntimeError):
+    """An engine failed (device, model or runtime; not the caller's input). The worker does not
+    report it as the client's error: the job is left for redelivery."""
+
+
 @dataclass
 class EngineRequest:
     request_id: str

@@ -29,19 +29,11 @@ from typing import Any
 from model.inputs import TokenDelta
 from service import metrics
 from service.build_once import build_once
-from service.engines.protocol import EngineRequest, warm_up
+from service.engines.protocol import EngineError, EngineRequest, warm_up
 
 log = logging.getLogger(__name__)
 
 _END = object()  # sentinel closing a request's queue
-
-
-class EngineError(RuntimeError):
-    """The engine failed while running a batch (not the caller's input). The worker retries these."""
-
-
-class EngineNotStarted(EngineError):
-    pass
 
 
 def ensure_tiny_checkpoint(data_dir: str | os.PathLike[str]) -> Path:
@@ -124,7 +116,7 @@ class TorchEngine:
     # ---- requests ----------------------------------------------------------------------------
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
         if self.model is None or self._ready_q is None:
-            raise EngineNotStarted("engine not started")
+            raise EngineError("engine not started")
         if request.request_id in self._live:
             raise ValueError(f"request id {request.request_id!r} is already running")
         r = _Request(request, asyncio.Queue())

@@ -13,7 +13,7 @@ same video with the same regions skips hashing and reuses the processor cache, t
 prefix cache; different regions on the same media get a different uuid (their embeddings differ).
 
 Knobs: SR3D_MODEL (flat dir, or an NVILA-layout dir converted once to DATA_DIR/vllm-flat/<digest>; unset =
-the tiny demo checkpoint) and SR3D_VLLM_* (see VLLMSettings). Selected with SR3D_ENGINE=vllm.
+the tiny demo checkpoint) and SR3D_VLLM_* (`VLLMSettings` in service/settings.py). Selected with SR3D_ENGINE=vllm.
 """
 from __future__ import annotations
 
@@ -29,43 +29,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
 from model.config import SR3DConfig, config_from_dict
 from model.errors import ModelInputError
 from model.inputs import GenerationParams, SpatialQuery, TokenDelta
 from service import metrics
 from service.build_once import build_once
-from service.engines.protocol import EngineRequest, warm_up
+from service.engines.protocol import EngineError, EngineRequest, warm_up
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class VLLMSettings(BaseSettings):
-    """SR3D_VLLM_* environment knobs (engine internals; the service's Settings stays engine-agnostic)."""
-
-    model_config = SettingsConfigDict(env_prefix="SR3D_VLLM_", extra="ignore", frozen=True)
-
-    max_model_len: int = Field(8192, ge=256)
-    # The worker's depth model shares the GPU: DA-V2-L on 128-frame batches needs ~16 GB, and 0.8 ran out
-    # of memory on an H100 (loadtests/results/engine-h100, run 4).
-    gpu_memory_utilization: float = Field(0.7, gt=0, le=1)
-    enforce_eager: bool = False
-    dtype: str = "auto"
-    load_format: str = "auto"  # "dummy" = random weights (benchmarks)
-    max_num_seqs: int = Field(64, ge=1)
-    max_num_batched_tokens: int | None = None
-    mm_processor_cache_gb: float = Field(4, ge=0)
-    # Threads preparing SR-3D items (tiling 32 frames + point maps: ~0.4 s of one core per request) before
-    # vLLM; 0 = one per CPU core. PIL resizes and torch ops release the GIL, so requests prepare in parallel.
-    prepare_workers: int = Field(0, ge=0)
-    enable_prefix_caching: bool = True
-    seed: int = 0
-
-
-class EngineError(RuntimeError):
-    """vLLM failed (not the caller's input). The worker retries these."""
 
 
 # ------------------------------------------------------------------------------ checkpoint
@@ -119,9 +91,9 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, settings: Any, *, engine_args: dict[str, Any] | None = None, warmup: bool = True) -> None:
+    def __init__(self, settings: Settings, *, engine_args: dict[str, Any] | None = None, warmup: bool = True) -> None:
         self.settings = settings
-        self.vllm_settings = VLLMSettings()
+        self.vllm_settings = settings.vllm
         self.extra_args = dict(engine_args or {})
         self.warmup = warmup
         self.llm: Any = None
@@ -163,8 +135,7 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         loop = asyncio.get_running_loop()
-        data_dir = str(getattr(self.settings, "data_dir", "./var"))
-        model_dir = await loop.run_in_executor(None, resolve_flat_checkpoint, getattr(self.settings, "model", None), data_dir)
+        model_dir = await loop.run_in_executor(None, resolve_flat_checkpoint, self.settings.model, self.settings.data_dir)
         self.model_dir = model_dir
         self.config = config_from_dict(json.loads((model_dir / "config.json").read_text()))
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from model.inputs import GenerationParams, RegionMask, SpatialQuery
+from service.settings import Settings
 
 MAX_TOKENS = 24
 
@@ -67,7 +67,7 @@ def test_vllm_greedy_tokens_equal_model_core(checkpoint: Path, tmp_path: Path) -
     torch.cuda.empty_cache()
 
     async def vllm_tokens() -> dict[str, tuple[list[int], str, int]]:
-        engine = VLLMEngine(SimpleNamespace(model=str(checkpoint), data_dir=str(tmp_path)),
+        engine = VLLMEngine(Settings(model=str(checkpoint), data_dir=tmp_path),
                             engine_args=dict(enforce_eager=True, dtype=dtype, gpu_memory_utilization=0.3))
         await engine.start()
         try:

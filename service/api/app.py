@@ -1,0 +1,49 @@
+"""The gateway's ASGI app: wiring only (state, routers, error handlers, middleware)."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from service.api import errors, jobs, ops
+from service.api.deps import open_state
+from service.api.middleware import BodySizeLimit, RequestMetrics
+from service.settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The gateway. Redis: REDIS_URL, else the embedded server under SR3D_DATA_DIR."""
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with open_state(settings) as gw:
+            app.state.gw = gw
+            yield
+
+    app = FastAPI(
+        title="SR-3D spatial QA",
+        version="0.1.0",
+        description="Ask spatial questions about regions of a video or an image; answers stream back as SSE.",
+        lifespan=lifespan,
+        openapi_tags=[{"name": "spatial-qa", "description": "jobs: submit, status, events, cancel"},
+                      {"name": "ops", "description": "health, readiness, metrics"}],
+    )
+    errors.install(app, settings)
+    app.include_router(jobs.router)
+    app.include_router(ops.router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=False,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "Idempotency-Key", "Last-Event-ID", "Accept"],
+            expose_headers=["Location", "Retry-After", "Idempotent-Replayed"],
+        )
+    # Body cap: multipart overhead on top of the media cap (masks, fields, boundaries).
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 1024 * 1024)
+    app.add_middleware(RequestMetrics)
+    return app

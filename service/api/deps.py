@@ -1,0 +1,132 @@
+"""The gateway's state and its FastAPI dependencies: who is calling (API key), whether they may
+(rate limit), and whether a job is theirs. Routers import these; nothing here knows a route."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from fastapi import Depends, Request
+from redis.exceptions import RedisError
+
+from service import metrics
+from service.blobs import BlobStore, DirBlobStore, make_blob_store
+from service.errors import ApiError
+from service.queue import JobQueue
+from service.ratelimit import RateLimiter
+from service.redis_conn import EmbeddedRedis, redis_client, resolve_redis_url
+from service.schemas import JobView
+from service.settings import Settings
+
+log = logging.getLogger("sr3d.gateway")
+
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass
+class GatewayState:
+    settings: Settings
+    redis: aioredis.Redis
+    queue: JobQueue
+    blobs: BlobStore
+    limiter: RateLimiter
+
+
+@contextlib.asynccontextmanager
+async def open_state(settings: Settings) -> AsyncIterator[GatewayState]:
+    """Connections for one gateway process. Redis: REDIS_URL, else the embedded server under
+    SR3D_DATA_DIR. A directory blob store also gets its expiry sweeper."""
+    url, embedded = await asyncio.to_thread(resolve_redis_url, settings)
+    redis = redis_client(url)
+    blobs = make_blob_store(settings, redis)
+    queue = JobQueue(redis, settings, blobs=blobs)
+    limiter = RateLimiter(redis, settings.rate_limit_per_min, settings.rate_limit_burst)
+    with contextlib.suppress(RedisError, OSError):
+        await queue.ensure_group()
+    sweeper = asyncio.create_task(_sweep_blobs(blobs)) if isinstance(blobs, DirBlobStore) else None
+    try:
+        yield GatewayState(settings, redis, queue, blobs, limiter)
+    finally:
+        if sweeper is not None:
+            sweeper.cancel()
+        await queue.aclose()
+        await blobs.aclose()
+        await redis.aclose()
+        if isinstance(embedded, EmbeddedRedis):
+            embedded.stop()
+
+
+async def _sweep_blobs(blobs: DirBlobStore, every_s: float = 300.0) -> None:
+    while True:
+        with contextlib.suppress(OSError):
+            removed = await asyncio.to_thread(blobs.sweep)
+            if removed:
+                log.info("expired blobs removed", extra={"removed": removed})
+        await asyncio.sleep(every_s)
+
+
+def state(request: Request) -> GatewayState:
+    return request.app.state.gw
+
+
+@dataclass
+class Caller:
+    key_id: str | None  # short hash of the API key (never the key itself); None when keys are off
+    bucket: str  # rate-limit bucket: the key id, or the client address when keys are off
+
+
+def key_id_of(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def authenticate(request: Request) -> Caller:
+    """Optional API keys: `Authorization: Bearer KEY` or `X-API-Key: KEY`, compared in constant
+    time against every configured key (no early exit that would leak which one matched)."""
+    keys = state(request).settings.api_keys
+    if not keys:
+        host = request.client.host if request.client else "unknown"
+        return Caller(None, f"ip:{host}")
+    given = request.headers.get("x-api-key") or ""
+    auth = request.headers.get("authorization") or ""
+    if not given and auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if not given:
+        raise ApiError("unauthorized", "an API key is required (Authorization: Bearer KEY or X-API-Key)", challenge)
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given.encode(), key.encode())
+    if not matched:
+        raise ApiError("unauthorized", "invalid API key", challenge)
+    kid = key_id_of(given)
+    return Caller(kid, kid)
+
+
+async def rate_limited(request: Request, caller: Caller = Depends(authenticate)) -> Caller:
+    """The caller, after taking one token from its bucket (429 + Retry-After when empty). Use it
+    as the dependency of every route that creates work."""
+    decision = await state(request).limiter.hit(caller.bucket)
+    if not decision.allowed:
+        metrics.JOBS_REJECTED.labels(reason="rate_limited").inc()
+        raise ApiError("rate_limited", "too many requests for this API key", {"Retry-After": str(decision.retry_after_s)})
+    return caller
+
+
+async def owned_job(gw: GatewayState, job_id: str, caller: Caller) -> JobView:
+    """The job, or 404 when unknown, expired, or submitted under another API key."""
+    if not JOB_ID.match(job_id):
+        raise ApiError("job_not_found", f"no job {job_id!r}")
+    view = await gw.queue.get(job_id)
+    if view is not None and caller.key_id is not None:
+        spec = await gw.queue.get_spec(job_id)
+        if spec is not None and spec.api_key_id != caller.key_id:
+            view = None
+    if view is None:
+        raise ApiError("job_not_found", f"no job {job_id!r} (unknown or expired)")
+    return view

@@ -1,0 +1,117 @@
+"""The one place that turns error codes into HTTP statuses, and every error into
+`{"error": {"code", "message"}}`.
+
+Errors below the API layer carry only `.code` and `.message` (ApiError, service.media.MediaError, the
+model core's coded errors): `status_for` looks the code up here. A code that is not listed is an
+input error the model or decoder added later: 422 (the request was understood but cannot be
+computed), never a 500.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import ApiError
+from service.schemas import ErrorBody
+from service.settings import Settings
+
+log = logging.getLogger("sr3d.gateway")
+
+DEFAULT_INPUT_STATUS = 422
+
+# code -> status. 422 codes are listed only where the name alone would suggest another status.
+STATUS: dict[str, int] = {
+    # 400: the request is malformed
+    "bad_request": 400, "regions_not_json": 400, "options_not_json": 400, "bad_idempotency_key": 400,
+    "bad_last_event_id": 400, "invalid_argument": 400, "invalid_box": 400, "invalid_scene_file": 400,
+    # 401/403/404/405/409
+    "unauthorized": 401, "forbidden": 403, "not_found": 404, "job_not_found": 404, "method_not_allowed": 405,
+    "job_finished": 409,
+    # 413: over a size cap
+    "upload_too_large": 413, "file_too_large": 413, "resolution_too_large": 413, "too_long": 413,
+    # 415: a type the service does not decode
+    "unsupported_media_type": 415, "unsupported_container": 415, "unsupported_codec": 415,
+    "unsupported_image_format": 415, "no_video_stream": 415,
+    # 429/503: come back later (with Retry-After)
+    "rate_limited": 429, "queue_full": 429, "redis_unavailable": 503, "worker_not_ready": 503,
+}
+
+# Starlette's own HTTPExceptions (unknown route, wrong method) get a code from their status.
+_CODE_OF_STATUS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                   405: "method_not_allowed", 413: "upload_too_large", 415: "unsupported_media_type",
+                   429: "rate_limited"}
+
+# For the OpenAPI document: every status a route can answer with the error body.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)
+}
+
+
+class CodedError(Protocol):
+    """What every error the API reports has (model.errors' base, MediaError, ApiError)."""
+
+    code: str
+    message: str
+
+
+def status_for(code: str) -> int:
+    return STATUS.get(code, DEFAULT_INPUT_STATUS)
+
+
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    return {"error": {"code": code, "message": message}}
+
+
+def error_response(code: str, message: str, headers: dict[str, str] | None = None,
+                   status: int | None = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status or status_for(code), headers=headers)
+
+
+def coded_response(exc: CodedError) -> JSONResponse:
+    return error_response(exc.code, exc.message, getattr(exc, "headers", None))
+
+
+def _coded_types() -> tuple[type[Exception], ...]:
+    """Exception types whose instances carry `.code`/`.message`: the API's own, the model core's
+    base (model.errors is light: no torch), and ValueError, which the media decoder's and the
+    geometry's errors subclass (importing those modules would pull PyAV and torch into the gateway)."""
+    import model.errors
+
+    base = getattr(model.errors, "CodedError", model.errors.ModelInputError)
+    return (ApiError, base, ValueError)
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Exception handlers: every error leaves as `{"error": {"code", "message"}}`."""
+
+    async def coded(_: Request, exc: Exception) -> JSONResponse:
+        if not (isinstance(getattr(exc, "code", None), str) and isinstance(getattr(exc, "message", None), str)):
+            raise exc  # an uncoded ValueError is a bug: the server-error path logs it as a 500
+        return coded_response(exc)  # type: ignore[arg-type]
+
+    for exc_type in _coded_types():
+        app.add_exception_handler(exc_type, coded)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _CODE_OF_STATUS.get(exc.status_code, f"http_{exc.status_code}")
+        return error_response(code, str(exc.detail), dict(exc.headers or {}), status=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error_response("invalid_request", f"{where}: {first.get('msg')}")
+
+    @app.exception_handler(RedisError)
+    async def redis_down(_: Request, exc: RedisError) -> JSONResponse:
+        log.error("redis error", extra={"error": repr(exc)})
+        return error_response("redis_unavailable", "the job store is unavailable; retry later",
+                              {"Retry-After": str(settings.retry_after_s)})

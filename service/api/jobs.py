@@ -1,0 +1,99 @@
+"""The spatial-QA routes: submit (202, SSE stream or wait), status, events (resumable SSE), cancel."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from service.api.deps import Caller, GatewayState, authenticate, owned_job, rate_limited, state
+from service.api.errors import ERROR_RESPONSES
+from service.api.submission import store_and_submit, wait_for_terminal
+from service.api.upload import SUBMIT_BODY, parse_submit
+from service.errors import ApiError
+from service.queue import ENTRY_ID
+from service.schemas import JobView, SubmitResponse
+from service.sse import sse_response
+
+router = APIRouter(prefix="/v1", tags=["spatial-qa"])
+
+
+@router.post(
+    "/spatial-qa",
+    status_code=202,
+    response_model=SubmitResponse,
+    responses={**ERROR_RESPONSES, 200: {"description": "SSE stream (Accept: text/event-stream or ?stream=true) or "
+                                        "the finished job (?wait=true)", "content": {"text/event-stream": {}}}},
+    openapi_extra=SUBMIT_BODY,
+    summary="Ask a spatial question about regions of a video or an image",
+)
+async def submit(
+    request: Request,
+    stream: bool = Query(False, description="stream events as SSE (same as Accept: text/event-stream)"),
+    wait: bool = Query(False, description="wait for the answer (202 if not done within the wait timeout)"),
+    caller: Caller = Depends(rate_limited),
+    gw: GatewayState = Depends(state),
+) -> Response:
+    settings = gw.settings
+    idem = request.headers.get("idempotency-key")
+    if idem is not None and not (1 <= len(idem) <= 255):
+        raise ApiError("bad_idempotency_key", "Idempotency-Key must be 1..255 characters")
+    sub = await parse_submit(request, settings)
+    wants_stream = stream or "text/event-stream" in request.headers.get("accept", "")
+
+    # A repeat of a known key skips storing the uploads again.
+    job_id = await gw.queue.lookup_idempotent(idem, caller.key_id) if idem else None
+    created = False
+    if job_id is None:
+        job_id, created = await store_and_submit(gw, sub, caller, idem)
+    headers = {"Location": f"/v1/spatial-qa/{job_id}"}
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    if wants_stream:
+        return sse_response(gw.queue, job_id, ping_s=settings.sse_ping_s,
+                            cancel_on_disconnect=sub.options.cancel_on_disconnect, headers=headers)
+    if wait:
+        view = await wait_for_terminal(gw.queue, job_id, settings.wait_timeout_s)
+        if view is not None:
+            return JSONResponse(view.model_dump(mode="json"), status_code=200, headers=headers)
+    base = str(request.base_url).rstrip("/")
+    body = SubmitResponse(job_id=job_id, status_url=f"{base}/v1/spatial-qa/{job_id}",
+                          events_url=f"{base}/v1/spatial-qa/{job_id}/events")
+    return JSONResponse(body.model_dump(mode="json"), status_code=202, headers=headers)
+
+
+@router.get("/spatial-qa/{job_id}", response_model=JobView, responses=ERROR_RESPONSES, summary="Job status and answer")
+async def get_job(job_id: str, caller: Caller = Depends(authenticate), gw: GatewayState = Depends(state)) -> JobView:
+    return await owned_job(gw, job_id, caller)
+
+
+@router.get(
+    "/spatial-qa/{job_id}/events",
+    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}, "description": "SSE: queued, progress, "
+                                        "token, done | error; resumes after Last-Event-ID"}},
+    summary="Stream (or resume) a job's events",
+)
+async def job_events(
+    request: Request,
+    job_id: str,
+    last_event_id: str | None = Query(None, description="resume after this event id (or the Last-Event-ID header)"),
+    caller: Caller = Depends(authenticate),
+    gw: GatewayState = Depends(state),
+) -> Response:
+    after = request.headers.get("last-event-id") or last_event_id or "0-0"
+    if not ENTRY_ID.match(after):
+        raise ApiError("bad_last_event_id", f"Last-Event-ID {after!r} is not an event id like 1718000000000-0")
+    await owned_job(gw, job_id, caller)
+    spec = await gw.queue.get_spec(job_id)
+    cancel = bool(spec and spec.options.cancel_on_disconnect)
+    return sse_response(gw.queue, job_id, after=after, ping_s=gw.settings.sse_ping_s, cancel_on_disconnect=cancel)
+
+
+@router.delete(
+    "/spatial-qa/{job_id}", status_code=202, response_model=JobView, responses=ERROR_RESPONSES, summary="Cancel a job"
+)
+async def cancel_job(job_id: str, caller: Caller = Depends(authenticate), gw: GatewayState = Depends(state)) -> JSONResponse:
+    view = await owned_job(gw, job_id, caller)
+    if view.status.terminal or not await gw.queue.request_cancel(job_id):
+        current = await gw.queue.get(job_id) or view
+        raise ApiError("job_finished", f"job {job_id} is already {current.status.value}")
+    after = await gw.queue.get(job_id) or view
+    return JSONResponse(after.model_dump(mode="json"), status_code=202)

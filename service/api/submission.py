@@ -1,0 +1,197 @@
+"""Turning a checked request into a queued job, for any router (the multipart route in jobs.py, and
+others that take the same job in another wire format):
+
+  check_fields(...)         question, regions and options validated against the deployment caps
+  store_and_submit(...)     uploads -> blob store (media hashed while stored: one read) -> JobSpec -> queue
+  wait_for_terminal(...)    the finished JobView, or None after a timeout
+
+Routers add their own parsing in front and their own response shape behind; the rules live here.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Literal
+
+from pydantic import ValidationError
+
+from service import keys, metrics
+from service.api.deps import Caller, GatewayState
+from service.blobs import BlobStore, BlobTooLarge
+from service.errors import ApiError
+from service.queue import JobQueue, QueueFull
+from service.schemas import (
+    BoxRegion,
+    GenerationOptions,
+    JobSpec,
+    JobStatus,
+    JobView,
+    MaskRef,
+    RegionSpec,
+    RegionsInput,
+    check_question,
+)
+from service.settings import Settings
+
+log = logging.getLogger("sr3d.gateway")
+
+MediaKind = Literal["video", "image"]
+
+
+@dataclass
+class Submission:
+    """One job as the client asked for it, checked, before anything is stored. File objects are
+    read from their start; `masks` maps the part name a MaskRegion names to its PNG."""
+
+    media: BinaryIO
+    media_kind: MediaKind
+    media_filename: str
+    question: str
+    regions: list[RegionSpec]
+    masks: dict[str, BinaryIO]
+    scene: BinaryIO | None
+    options: GenerationOptions
+
+
+class HashingReader:
+    """A read-only file view that hashes what is read through it, so storing an upload also yields
+    its sha256 (one pass over the bytes). Seeking back to 0 restarts the hash, like a fresh read."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self._hash = hashlib.sha256()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if (offset, whence) != (0, 0):
+            raise ValueError("HashingReader only rewinds to the start")
+        self._hash = hashlib.sha256()
+        return self._file.seek(0)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._file.read(size)
+        self._hash.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = err["loc"]
+    # Drop the discriminator tags pydantic puts in the path ("box"/"mask"), keep the field name.
+    where = ".".join(str(p) for i, p in enumerate(loc) if not (p in ("box", "mask") and i < len(loc) - 1))
+    return f"{where}: {err['msg']}" if where else err["msg"]
+
+
+def check_fields(kind: MediaKind, question: str, regions: Any, options: Any,
+                 settings: Settings) -> tuple[str, list[RegionSpec], GenerationOptions]:
+    """Everything about a job that can be checked without its media: region shapes and caps,
+    generation options and caps, the question (reserved tokens, region references)."""
+    try:
+        parsed = RegionsInput.model_validate({"regions": regions}).regions
+    except ValidationError as e:
+        raise ApiError("regions_invalid", first_error(e)) from None
+    if len(parsed) > settings.max_regions:
+        raise ApiError("too_many_regions", f"{len(parsed)} regions > cap {settings.max_regions}")
+    for k, region in enumerate(parsed):
+        if len(region) > settings.max_masks_per_region:
+            raise ApiError("too_many_annotations",
+                           f"region {k} has {len(region)} annotations > cap {settings.max_masks_per_region}")
+        for ann in region:
+            if kind == "image" and ann.frame != 0:
+                raise ApiError("region_frame_out_of_range", f"region {k}: an image has only frame 0, not {ann.frame}")
+    try:
+        opts = GenerationOptions.model_validate(options)
+    except ValidationError as e:
+        raise ApiError("options_invalid", first_error(e)) from None
+    except TypeError:
+        raise ApiError("options_invalid", "options must be a JSON object") from None
+    opts = opts.check_caps(settings)
+    return check_question(question, len(parsed), settings), parsed, opts
+
+
+async def store_and_submit(gw: GatewayState, sub: Submission, caller: Caller,
+                           idempotency_key: str | None = None) -> tuple[str, bool]:
+    """Store the uploads and queue the job. Returns (job_id, created); created is False when the
+    Idempotency-Key already named a job (that job's id is returned, nothing of this one is kept).
+    Raises ApiError queue_full (429) or upload_too_large (413); stored blobs never outlive a failure."""
+    job_id = uuid.uuid4().hex
+    ttl = gw.settings.job_max_age_s
+    stored: list[str] = []
+
+    async def put(key: str, data: Any) -> str:
+        await gw.blobs.put(key, data, ttl)
+        stored.append(key)
+        return key
+
+    try:
+        media = HashingReader(sub.media)
+        media_key = await put(keys.media_blob(job_id), media)
+        mask_keys = {name: await put(keys.mask_blob(job_id, name), f) for name, f in sub.masks.items()}
+        scene_key = await put(keys.scene_blob(job_id), sub.scene) if sub.scene is not None else None
+        regions = [
+            [ann if isinstance(ann, BoxRegion) else MaskRef(frame=ann.frame, mask_blob=mask_keys[ann.mask]) for ann in region]
+            for region in sub.regions
+        ]
+        spec = JobSpec(
+            job_id=job_id, media_kind=sub.media_kind, media_blob=media_key, media_hash=media.hexdigest(),
+            media_filename=os.path.basename(sub.media_filename)[:200], question=sub.question,
+            regions=regions, scene_blob=scene_key, options=sub.options, created_at=time.time(),
+            api_key_id=caller.key_id,
+        )
+        got_id, created = await gw.queue.submit(spec, idempotency_key)
+    except QueueFull as e:
+        await _delete(gw.blobs, stored)
+        metrics.JOBS_REJECTED.labels(reason="queue_full").inc()
+        raise ApiError("queue_full", str(e), {"Retry-After": str(e.retry_after_s)}) from None
+    except BlobTooLarge as e:
+        await _delete(gw.blobs, stored)
+        raise ApiError("upload_too_large", str(e)) from None
+    except BaseException:
+        await _delete(gw.blobs, stored)
+        raise
+    if not created:  # lost an idempotency race: the other request's job stands
+        await _delete(gw.blobs, stored)
+    log.info("job submitted", extra={"job_id": got_id, "media_kind": sub.media_kind, "new_job": created,
+                                     "regions": len(sub.regions), "api_key_id": caller.key_id})
+    return got_id, created
+
+
+async def _delete(blobs: BlobStore, blob_keys: list[str]) -> None:
+    for key in blob_keys:
+        with contextlib.suppress(Exception):
+            await blobs.delete(key)
+
+
+async def wait_for_terminal(queue: JobQueue, job_id: str, timeout_s: float) -> JobView | None:
+    """The finished job, or None if it is not finished within timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    after = "0-0"
+    while (left := deadline - time.monotonic()) > 0:
+        for ev in await queue.read_events(job_id, after=after, block_ms=max(1, int(min(left, 5.0) * 1000))):
+            after = ev.id
+            if ev.terminal:
+                view = await queue.get(job_id)
+                if view is not None and not view.status.terminal:
+                    # The terminal event is written just before finish(): report what it says.
+                    view = _view_from_event(view, ev.type, ev.data)
+                return view
+    return None
+
+
+def _view_from_event(view: JobView, type_: str, data: dict[str, Any]) -> JobView:
+    update: dict[str, Any] = {"timings": data.get("timings") or view.timings}
+    if data.get("usage"):
+        update["usage"] = data["usage"]
+    if type_ == "done":
+        update.update(status=JobStatus.done, answer=data.get("answer"), finish_reason=data.get("finish_reason"))
+    else:
+        update.update(status=JobStatus.cancelled if data.get("code") == "cancelled" else JobStatus.failed,
+                      error={"code": str(data.get("code")), "message": str(data.get("message"))})
+    return JobView.model_validate({**view.model_dump(), **update})

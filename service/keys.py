@@ -1,0 +1,51 @@
+"""Every Redis key name the service uses, in one place (deploy/ and KEDA read `sr3d:jobs` and the group).
+
+  sr3d:jobs                 stream of {job_id}; consumer group sr3d-workers
+  sr3d:job:{id}             hash: the job's spec and state (service.queue)
+  sr3d:job:{id}:events      stream of {type, data(JSON)}: the client's single source of truth
+  sr3d:dlq                  stream of dead-lettered jobs
+  sr3d:idem:{hash}          job id for an Idempotency-Key, scoped by API key
+  sr3d:rl:{key id}          token bucket of one API key (service.ratelimit)
+  sr3d:blob:{blob key}      an upload, as a list of chunks (service.blobs)
+
+Blob keys (`{job_id}/media`, `{job_id}/mask/{part}`, `{job_id}/scene`) are built here too, so the
+gateway that stores them and the tools that inspect them agree.
+"""
+from __future__ import annotations
+
+import hashlib
+
+JOBS = "sr3d:jobs"
+GROUP = "sr3d-workers"
+DLQ = "sr3d:dlq"
+BLOB_PREFIX = "sr3d:blob:"
+
+
+def job_key(job_id: str) -> str:
+    return f"sr3d:job:{job_id}"
+
+
+def events_key(job_id: str) -> str:
+    return f"sr3d:job:{job_id}:events"
+
+
+def idem_key(idempotency_key: str, api_key_id: str | None) -> str:
+    # Hashed: bounded key length, and one tenant's key can never name another tenant's job.
+    digest = hashlib.sha256(f"{api_key_id or ''}\n{idempotency_key}".encode()).hexdigest()[:40]
+    return f"sr3d:idem:{digest}"
+
+
+def rate_key(bucket: str) -> str:
+    return f"sr3d:rl:{bucket}"
+
+
+def media_blob(job_id: str) -> str:
+    return f"{job_id}/media"
+
+
+def mask_blob(job_id: str, part: str) -> str:
+    return f"{job_id}/mask/{part}"
+
+
+def scene_blob(job_id: str) -> str:
+    return f"{job_id}/scene"
