@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from httpx_sse import EventSource
+
+from service.sse_client import aiter_events
 
 TERMINAL = frozenset({"done", "error"})
 _RESUMABLE = (httpx.ReadError, httpx.RemoteProtocolError, httpx.ReadTimeout, httpx.ConnectError, httpx.WriteError)
@@ -161,8 +162,8 @@ def stream_id_key(entry_id: str) -> tuple[int, int]:
 
 
 async def iter_sse(response: httpx.Response) -> AsyncIterator[SSEEvent]:
-    """The stream's events (httpx-sse parses the WHATWG framing), data decoded as JSON where it is JSON."""
-    async for sse in EventSource(response).aiter_sse():
+    """The stream's events (WHATWG framing, keep-alive pings skipped), data decoded as JSON where it is JSON."""
+    async for sse in aiter_events(response):
         try:
             payload: Any = json.loads(sse.data)
         except ValueError:

@@ -51,7 +51,8 @@ def parse_mask(spec: str, index: int) -> tuple[dict[str, Any], str, Path]:
 
 def main(args: argparse.Namespace) -> int:
     import httpx
-    from httpx_sse import EventSource
+
+    from service.sse_client import iter_events
 
     headers = {"Accept": "text/event-stream", "Idempotency-Key": uuid.uuid4().hex}
     if args.api_key:
@@ -92,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
                         return 1
                     if job_id is None and "location" in r.headers:
                         job_id = r.headers["location"].rsplit("/", 1)[1]
-                    for ev in EventSource(r).iter_sse():
+                    for ev in iter_events(r):
                         last_id = ev.id or last_id
                         payload = json.loads(ev.data)
                         kind_ = ev.event
