@@ -16,7 +16,8 @@ request (no cross-request cache hits in the throughput phases).
 the item (`prepare_item`, the engine's thread pool) one at a time and with --prepare-workers threads, the
 renderer's share (vLLM's processor on the prepared item, processor cache on), and the bytes per request.
 GPU memory is read device-wide (vLLM's engine core is another process). nvila-lite-8b uses random weights
-(vLLM load_format=dummy; the core allocated on the device in bf16) and the tiny tokenizer: speed only.
+(vLLM load_format=dummy; the core allocated on the device in bf16) and a tokenizer covering all 152,064 ids
+(model/dummy_checkpoint.py), so every generated token streams as text: speed only, the answers are noise.
 Prints JSON; writes DIR/engine.json (updated after every phase, so a cut-off run keeps what it measured)
 and DIR/engine.png.
 """
@@ -114,17 +115,10 @@ def _model_dir(args: argparse.Namespace, work: Path) -> tuple[Path, Path | None,
         if not (flat / "config.json").exists():
             convert_to_flat(nvila, flat)
         return flat, nvila, "auto"
-    from model.checkpoint import _config_dict, nvila_lite_8b_config  # the core's own flat config writer
-    from model.config import SR3DConfig
-    from model.tokenizer_build import build_tokenizer
+    from model.checkpoint import nvila_lite_8b_config
+    from model.dummy_checkpoint import build_dummy_flat
 
-    flat = work / "nvila-lite-8b-flat"
-    flat.mkdir(parents=True, exist_ok=True)
-    cfg = nvila_lite_8b_config()
-    d = _config_dict(cfg, SR3DConfig.model_type, ["SR3DForConditionalGeneration"])
-    d["torch_dtype"] = "bfloat16"
-    (flat / "config.json").write_text(json.dumps(d, indent=2))
-    build_tokenizer().save_pretrained(str(flat))
+    flat = build_dummy_flat(work / "nvila-lite-8b-flat", nvila_lite_8b_config())
     return flat, None, "dummy"
 
 

@@ -50,9 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def tiny_png(side: int = 64) -> bytes:
     from PIL import Image
 
-    from loadtests.scenarios import IMAGE_SRC
+    from loadtests.scenarios import IMAGE_SRC, fixture
 
-    with Image.open(IMAGE_SRC) as im:
+    with Image.open(fixture(IMAGE_SRC)) as im:
         buf = io.BytesIO()
         im.convert("RGB").resize((side, side)).save(buf, format="PNG")
     return buf.getvalue()

@@ -63,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kill-one", action="store_true", help="extra phase at the largest level: SIGKILL one worker mid-load")
     p.add_argument("--gpus", default="auto", help="auto (all visible GPUs, else CPU) | none (CPU) | comma-separated ids")
     p.add_argument("--dummy-8b", action="store_true",
-                   help="vLLM engine on NVILA-Lite-8B shapes with random weights (load_format=dummy) and a "
+                   help="vLLM engine on NVILA-Lite-8B shapes with random weights (load_format=dummy), a tokenizer "
+                        "covering its whole vocabulary, and a "
                         "Depth-Anything-V2-Large-shaped random depth model, built under --work-dir")
     p.add_argument("--work-dir", type=Path, default=None, help="stack logs, data dir, built checkpoints (default: temp)")
     p.add_argument("--ready-timeout", type=float, default=420.0, help="seconds a worker may take to become ready")
@@ -122,7 +123,7 @@ def stack_env(args: argparse.Namespace, users: int, work: Path, gpus: list[str] 
 
 
 def dummy_8b_env(work: Path) -> dict[str, str]:
-    """Build (once per work dir) the flat NVILA-Lite-8B config + tokenizer that vLLM fills with random weights,
+    """Build the flat NVILA-Lite-8B config + full-vocabulary tokenizer that vLLM fills with random weights,
     and a random Depth-Anything-V2-Large-shaped depth model; -> the env that makes the workers use them."""
     from types import SimpleNamespace
 

@@ -6,8 +6,10 @@
 - `cancel`: a long answer the user gives up on after the first token (DELETE -> engine abort)
 - `resume`: the connection drops after a few events and the client resumes with Last-Event-ID
 
-Media are the real CC BY 4.0 fixtures (see /work/shared/fixtures/*/SOURCE.md); the image is a real
-TUM frame downscaled so that a CPU run spends its time in the service, not in PNG decoding.
+Media are the real CC BY 4.0 fixtures the repository ships in tests/data/ (provenance and attribution in
+tests/data/SOURCE.md), found relative to this file, so a run works from any clone and any working directory;
+SR3D_FIXTURES may point at another folder with the same layout. The image is a real TUM frame downscaled so
+that a CPU run spends its time in the service, not in PNG decoding.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from loadtests.client import JobRequest, JobResult, Media, SR3DClient
 
-FIXTURES = Path(os.environ.get("SR3D_FIXTURES", "/work/shared/fixtures"))
+FIXTURES = Path(os.environ.get("SR3D_FIXTURES") or Path(__file__).resolve().parents[1] / "tests" / "data")
 VIDEO = FIXTURES / "video" / "intel_bottles_tabletop_8s.mp4"
 VIDEO_SIZE = (640, 360)  # w, h of the clip above
 VIDEO_FRAMES = 250  # region `frame` indexes the upload's own frames (the worker samples around them)
@@ -36,16 +38,24 @@ QUESTIONS = (
 )
 
 
+def fixture(path: Path) -> Path:
+    """`path` under FIXTURES, or a clear error (an installed wheel has no tests/ folder)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"load-test media {path} not found: run from a source checkout (tests/data/) "
+                                "or set SR3D_FIXTURES to a folder with video/ and rgbd/color/ like tests/data/")
+    return path
+
+
 @lru_cache(maxsize=None)
 def video_media() -> Media:
-    return Media.from_path(VIDEO, "video")
+    return Media.from_path(fixture(VIDEO), "video")
 
 
 @lru_cache(maxsize=None)
 def image_media(width: int = 320) -> Media:
     from PIL import Image
 
-    with Image.open(IMAGE_SRC) as im:
+    with Image.open(fixture(IMAGE_SRC)) as im:
         im = im.convert("RGB")
         im = im.resize((width, round(im.height * width / im.width)))
         buf = io.BytesIO()

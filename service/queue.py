@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -286,13 +287,16 @@ class JobQueue:
     # ------------------------------------------------------------------------------------------
     # Worker side
 
-    async def claim(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
+    async def claim(self, consumer: str, count: int, block_ms: int, running: Collection[str] = ()) -> list[Delivery]:
         """Up to `count` jobs for `consumer`, in this order:
         1. the first calls after a (re)start return this consumer's own pending entries (jobs it had
            when it died); 2. XAUTOCLAIM entries idle > claim_idle_ms from dead/stalled consumers;
         3. XREADGROUP new entries, blocking up to block_ms only when 1 and 2 gave nothing.
         Entries delivered more than max_deliveries times are dead-lettered (DLQ entry, `error`
-        event code "dead_lettered", status failed, acked) and not returned."""
+        event code "dead_lettered", status failed, acked) and not returned.
+        `running`: entry ids this consumer is still working on. When its heartbeat came late they are
+        idle too; step 2 then only refreshes them (no delivery-count bump, not returned), instead of
+        handing the consumer a second copy of its own job or dead-lettering it while it runs."""
         out: list[Delivery] = []
         cursor = self._recover_cursor.get(consumer, "0")
         if cursor is not None:
@@ -301,14 +305,27 @@ class JobQueue:
             self._recover_cursor[consumer] = entries[-1][0] if len(entries) == count else None
             out += await self._deliveries(entries, reclaimed=False)
         if len(out) < count:
-            res = await self.redis.xautoclaim(JOBS, GROUP, consumer, min_idle_time=self.settings.claim_idle_ms,
-                                              start_id="0-0", count=count - len(out))
-            out += await self._deliveries(res[1] if res else [], reclaimed=True)
+            out += await self._reclaim(consumer, count - len(out), set(running))
         if len(out) < count:
             block = block_ms if (not out and block_ms > 0) else None
             res = await self._blocking.xreadgroup(GROUP, consumer, {JOBS: ">"}, count=count - len(out), block=block)
             out += await self._deliveries([e for _, es in (res or []) for e in es], reclaimed=False, fresh=True)
         return out
+
+    async def _reclaim(self, consumer: str, count: int, running: set[str]) -> list[Delivery]:
+        # JUSTID takes the idle entries without counting a delivery; only the ones that are not
+        # already running here are then claimed for real (XCLAIM counts the delivery, returns fields).
+        res = await self.redis.xautoclaim(JOBS, GROUP, consumer, min_idle_time=self.settings.claim_idle_ms,
+                                          start_id="0-0", count=count + len(running), justid=True)
+        ids = [i for i in res or [] if i not in running][:count]  # redis-py returns just the ids with JUSTID
+        if not ids:
+            return []
+        entries = [e for e in await self.redis.xclaim(JOBS, GROUP, consumer, 0, ids) if e]
+        got = {eid for eid, _ in entries}
+        for eid in ids:  # deleted from the stream while pending: nothing left to run
+            if eid not in got:
+                await self.ack(eid)
+        return await self._deliveries(entries, reclaimed=True)
 
     async def _deliveries(self, entries: list[Any], *, reclaimed: bool, fresh: bool = False) -> list[Delivery]:
         if not entries:

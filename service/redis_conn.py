@@ -29,7 +29,7 @@ from service.settings import Settings
 
 log = logging.getLogger("sr3d.redis")
 
-# sun_path is 108 bytes on Linux; longer data dirs get a short socket dir under /tmp.
+# sun_path is 108 bytes on Linux; longer data dirs get a short socket dir in the system temp dir.
 _MAX_SOCKET_PATH = 100
 
 

@@ -146,7 +146,7 @@ class Worker:
                     await self._wait_any_or_stop()
                     continue
                 try:
-                    deliveries = await self.queue.claim(self.consumer, free, self.config.claim_block_ms)
+                    deliveries = await self.queue.claim(self.consumer, free, self.config.claim_block_ms, self._running)
                 except Exception:  # Redis restarting: keep the worker alive, retry shortly
                     log.warning("claim failed; retrying", exc_info=True)
                     await self._sleep_or_stop(1.0)

@@ -6,8 +6,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from loadtests.client import JobRequest, JobResult, Media, SR3DClient, box_regions, iter_sse
 
 HERE = Path(__file__).parent
@@ -15,10 +13,10 @@ BOTTLE_NAME = "intel_bottles_tabletop_8s.mp4"  # 640x360, 250 frames (CC BY 4.0,
 
 
 def find_fixture(name: str) -> Path:
-    for d in (HERE / "data" / "video", HERE / "data", HERE.parent.parent / "shared" / "fixtures" / "video", Path("/work/shared/fixtures/video")):
-        if (d / name).exists():
-            return d / name
-    pytest.skip(f"fixture clip {name} not found in tests/data or ../shared/fixtures/video")
+    """A clip the repository ships under tests/data/video (a missing one is a broken checkout: fail, not skip)."""
+    path = HERE / "data" / "video" / name
+    assert path.is_file(), f"fixture clip {path} is missing from the checkout"
+    return path
 
 
 # Small and fast on 2 cores: 4 sampled frames, short answers unless a test needs a long one.

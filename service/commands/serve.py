@@ -32,6 +32,9 @@ def main(args: argparse.Namespace) -> int:
     _setup_logging(settings)
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
+    from service.lifeline import bind_children
+
+    bind_children()  # the engine's processes die with us, even on SIGKILL
     asyncio.run(serve(settings, host, port))
     return 0
 

@@ -45,6 +45,9 @@ def main(args: argparse.Namespace) -> int:
         )
         return 2
     port = args.metrics_port if args.metrics_port is not None else settings.worker_metrics_port
+    from service.lifeline import bind_children
+
+    bind_children()  # the engine's processes (vLLM's engine core) die with us, even on SIGKILL
     asyncio.run(run_worker(settings, args.metrics_host, port, args.consumer))
     return 0
 
