@@ -225,7 +225,7 @@ class JobQueue:
         h = await self.redis.hgetall(job_key(job_id))
         if not h or "status" not in h:
             return None
-        spec = JobSpec.model_validate_json(h["spec"]) if h.get("spec") else None
+        spec = _spec_or_none(h.get("spec"))
         return JobView(
             id=job_id,
             status=JobStatus(h["status"]),
@@ -245,8 +245,8 @@ class JobQueue:
         )
 
     async def get_spec(self, job_id: str) -> JobSpec | None:
-        raw = await self.redis.hget(job_key(job_id), "spec")
-        return JobSpec.model_validate_json(raw) if raw else None
+        """The job's spec; None when unknown, expired or unreadable (see `fail_unreadable`)."""
+        return _spec_or_none(await self.redis.hget(job_key(job_id), "spec"))
 
     async def request_cancel(self, job_id: str) -> bool:
         """Ask for a job to stop. A queued job is cancelled at once (terminal `error` event with
@@ -341,10 +341,18 @@ class JobQueue:
             deliveries = int(p[0]["times_delivered"]) if p else 1
             if reclaimed:
                 metrics.REDELIVERIES.inc()
-            spec = await self.get_spec(job_id)
-            if spec is None:  # job hash expired (job_max_age_s): drop it
+            raw = await self.redis.hget(job_key(job_id), "spec")
+            if raw is None:  # job hash expired (job_max_age_s): drop it
                 log.warning("job hash gone, dropping entry", extra={"job_id": job_id, "entry_id": eid})
                 await self.ack(eid)
+                continue
+            try:
+                spec = JobSpec.model_validate_json(raw)
+            except ValueError as e:  # pydantic's ValidationError is a ValueError
+                # A spec no worker can read (an older gateway stored `Infinity` as null, a hand-edited
+                # hash) fails the same way on every delivery: fail it now with a code and ack, so it
+                # neither blocks this claim batch nor sits in the pending list until dead-lettered.
+                await self.fail_unreadable(eid, job_id, e)
                 continue
             if deliveries > self.settings.max_deliveries:
                 await self.dead_letter(eid, job_id, deliveries)
@@ -353,6 +361,15 @@ class JobQueue:
                 metrics.QUEUE_WAIT.observe(max(0.0, time.time() - spec.created_at))
             out.append(Delivery(entry_id=eid, job=spec, deliveries=deliveries))
         return out
+
+    async def fail_unreadable(self, entry_id: str, job_id: str, error: Exception) -> None:
+        """Terminal `error` event {code: "invalid_job_spec"}, status failed, ack."""
+        if await self.terminal_event(job_id) is None:
+            err = {"code": "invalid_job_spec", "message": f"the stored job spec is invalid: {str(error)[:500]}"}
+            await self.append_event(job_id, "error", err)
+            await self.finish(job_id, JobStatus.failed, error=err)
+        await self.ack(entry_id)
+        log.warning("job spec unreadable; failed", extra={"job_id": job_id, "entry_id": entry_id})
 
     async def dead_letter(self, entry_id: str, job_id: str, deliveries: int, reason: str = "too many deliveries") -> None:
         """Move a job to sr3d:dlq: DLQ entry, terminal `error` event (unless one exists), status
@@ -456,6 +473,15 @@ class JobQueue:
             cancelled = event.data.get("code") == "cancelled"
             await self.finish(job_id, JobStatus.cancelled if cancelled else JobStatus.failed,
                               error={"code": str(event.data.get("code")), "message": str(event.data.get("message"))})
+
+
+def _spec_or_none(raw: str | None) -> JobSpec | None:
+    if not raw:
+        return None
+    try:
+        return JobSpec.model_validate_json(raw)
+    except ValueError:
+        return None
 
 
 def _event(entry_id: str, fields: dict[str, str]) -> Event:
