@@ -25,7 +25,16 @@ from model.errors import ModelInputError
 from model.inputs import RegionMask, SpatialQuery
 from service import metrics
 from service.build_once import build_once
-from service.media import MediaError, MediaLimits, decode_image, decode_video, mask_from_box, mask_from_png, resize_mask
+from service.media import (
+    MediaError,
+    MediaLimits,
+    decode_image,
+    decode_video,
+    image_size,
+    mask_from_box,
+    mask_from_png,
+    resize_mask,
+)
 from service.schemas import BoxRegion, JobSpec, MaskRef
 from service.settings import Settings
 
@@ -185,13 +194,15 @@ class Pipeline:
         region_frames = sorted({a.frame for region in job.regions for a in region})
         if job.media_kind == "image":
             data = await self.blobs.get(job.media_blob)
-            frame = await asyncio.to_thread(decode_image, data, self.limits)
+            # Downscaled like video frames: a 40 MP photo must not reach depth and tiling at full size.
+            source_size = await asyncio.to_thread(image_size, data, self.limits)
+            frame = await asyncio.to_thread(decode_image, data, self.limits, VIDEO_MAX_SIDE)
+            del data
             bad = [f for f in region_frames if f != 0]
             if bad:
                 raise MediaError("frame_out_of_range", f"an image has only frame 0; a region is on frame {bad[0]}")
             frames = frame[None]
             indices: tuple[int, ...] = (0,)
-            source_size = (frame.shape[1], frame.shape[0])
             position = {0: 0}
         else:
             num_frames = min(int(job.options.num_frames or self.settings.num_frames), self.settings.max_frames)
@@ -206,18 +217,29 @@ class Pipeline:
             position = {f: video.index_of(f) for f in region_frames}
         out_size = (frames.shape[2], frames.shape[1])
         regions: list[list[RegionMask]] = []
+        # One decode per mask blob however many annotations name it, kept only at frame size (the
+        # full-resolution array is dropped as soon as it is resized): memory is one full-size mask
+        # at a time plus the small copies, not annotations x full size.
+        mask_cache: dict[str, np.ndarray] = {}
         for region in job.regions:
             masks = []
             for ann in region:
                 if isinstance(ann, BoxRegion):
                     mask = mask_from_box(ann.box, source_size)
                 elif isinstance(ann, MaskRef):
-                    mask = await asyncio.to_thread(mask_from_png, await self.blobs.get(ann.mask_blob), source_size)
+                    if ann.mask_blob not in mask_cache:
+                        mask_cache[ann.mask_blob] = await asyncio.to_thread(self._mask, await self.blobs.get(ann.mask_blob), source_size, out_size)
+                    masks.append(RegionMask(frame=position[ann.frame], mask=mask_cache[ann.mask_blob]))
+                    continue
                 else:  # pragma: no cover - schemas only store these two
                     raise MediaError("invalid_argument", f"unknown region annotation {type(ann).__name__}")
                 masks.append(RegionMask(frame=position[ann.frame], mask=resize_mask(mask, out_size)))
             regions.append(masks)
         return Decoded(frames=frames, indices=indices, regions=regions, is_video=job.media_kind == "video")
+
+    @staticmethod
+    def _mask(data: bytes, source_size: tuple[int, int], out_size: tuple[int, int]) -> np.ndarray:
+        return resize_mask(mask_from_png(data, source_size), out_size)
 
     # ---- point maps --------------------------------------------------------------------------
     async def pointmaps(self, job: JobSpec, decoded: Decoded) -> tuple[np.ndarray, np.ndarray | None, str]:
