@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from model.errors import ModelInputError
 from model.inputs import RegionMask, SpatialQuery
 from service import metrics
 from service.build_once import build_once
@@ -42,13 +42,20 @@ log = logging.getLogger(__name__)
 
 from model.geometry import SceneError, cache_key
 
-# Client errors: reported as an `error` event with the exception's code; never retried.
-INPUT_ERRORS: tuple[type[Exception], ...] = (MediaError, ModelInputError, SceneError)
-
 # Frames are decoded at most this large: video frames become one 448 tile each and depth runs at
-# ~518, so decoding 1080p/4K at full size would only cost memory. Images keep full resolution
-# (dynamic tiling uses up to 12 tiles).
+# ~518, so decoding 1080p/4K at full size would only cost memory.
 VIDEO_MAX_SIDE = 896
+# Images: dynamic tiling resizes to at most 12 tiles of 448 px (2.4 MP); an image is decoded at no
+# more than twice that (aspect kept), which still leaves the tiler's grid choice (aspect, and area
+# above half the grid's) unchanged, while a 40 MP photo no longer reaches depth and point maps at
+# full size (+2.3 GB in issue 14).
+IMAGE_MAX_PIXELS = 2 * 12 * 448 * 448
+
+
+def image_max_side(size: tuple[int, int]) -> int:
+    """The long side at which an image of `size` (W, H) has IMAGE_MAX_PIXELS pixels."""
+    w, h = size
+    return max(1, int(math.sqrt(IMAGE_MAX_PIXELS * max(w, h) / min(w, h))))
 
 StageCallback = Callable[[str, dict[str, Any]], Awaitable[None]]
 
@@ -194,9 +201,8 @@ class Pipeline:
         region_frames = sorted({a.frame for region in job.regions for a in region})
         if job.media_kind == "image":
             data = await self.blobs.get(job.media_blob)
-            # Downscaled like video frames: a 40 MP photo must not reach depth and tiling at full size.
             source_size = await asyncio.to_thread(image_size, data, self.limits)
-            frame = await asyncio.to_thread(decode_image, data, self.limits, VIDEO_MAX_SIDE)
+            frame = await asyncio.to_thread(decode_image, data, self.limits, image_max_side(source_size))
             del data
             bad = [f for f in region_frames if f != 0]
             if bad:

@@ -160,3 +160,52 @@ def test_poison_specs_fail_with_code_and_valid_jobs_in_same_batch_run(data_dir: 
         assert all(v.attempts == 0 for v in views)  # failed at claim time, never started
 
     _run(data_dir, redis_url, body)
+
+
+# ---- worker: input errors fail at once (item 6) ----------------------------------------------------
+
+
+def test_input_errors_fail_at_once_without_retry(data_dir: Any, redis_url: str) -> None:  # noqa: F811
+    """A 1x40000 PNG and a scene npz whose shape product overflows int64 were retried 3-4 min."""
+    import io
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    async def submit(h: Harness, image: bytes, scene: bytes | None) -> str:
+        jid = uuid.uuid4().hex
+        await h.blobs.put(f"{jid}/media", image)
+        if scene is not None:
+            await h.blobs.put(f"{jid}/scene", scene)
+        spec = JobSpec.model_validate({
+            "job_id": jid, "media_kind": "image", "media_blob": f"{jid}/media", "media_hash": uuid.uuid4().hex,
+            "media_filename": "a.png", "question": "What is here?", "created_at": time.time(),
+            "scene_blob": f"{jid}/scene" if scene is not None else None, "options": {"max_tokens": 4}})
+        await h.queue.submit(spec)
+        return jid
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40000, 1)).save(buf, format="PNG")
+    thin = buf.getvalue()
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buf, format="PNG")
+    small = buf.getvalue()
+    npz = io.BytesIO()
+    with zipfile.ZipFile(npz, "w") as zf:
+        for name, arr in (("intrinsics", np.eye(3)), ("poses", np.eye(4)[None])):
+            with zf.open(f"{name}.npy", "w") as f:
+                np.lib.format.write_array(f, arr)
+        with zf.open("depth.npy", "w") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (2**40, 2**40, 2**40)})
+            f.write(b"\0" * 64)
+
+    async def body(h: Harness) -> None:
+        h.start()
+        cases = {await submit(h, thin, None): "aspect_ratio_too_large", await submit(h, small, npz.getvalue()): "scene_too_large"}
+        for jid, code in cases.items():
+            view = await h.wait_terminal(jid, timeout=30)
+            assert view.status is JobStatus.failed and view.error.code == code and view.attempts == 1, view
+        assert await h.pending_after_ack() == 0
+
+    _run(data_dir, redis_url, body)
