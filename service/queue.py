@@ -31,6 +31,7 @@ from redis.exceptions import ResponseError
 
 from service import metrics
 from service.blobs import BlobStore, make_blob_store
+from service.consumer_name import is_dead_local_consumer
 from service.redis_conn import clone_client
 from service.schemas import ErrorInfo, JobSpec, JobStatus, JobView, Usage, TERMINAL_EVENTS
 from service.settings import Settings
@@ -262,7 +263,7 @@ class JobQueue:
             return False
         if res == 2:
             metrics.JOBS_FINISHED.labels(status=JobStatus.cancelled.value).inc()
-            await self._expire_blobs(job_id)
+            await self._delete_blobs(job_id)
         await self.redis.publish(CANCEL_CHANNEL, job_id)
         return True
 
@@ -309,6 +310,8 @@ class JobQueue:
         Entries delivered more than max_deliveries times are dead-lettered (DLQ entry, `error`
         event code "dead_lettered", status failed, acked) and not returned."""
         out: list[Delivery] = []
+        if consumer not in self._recover_cursor:  # first claim of this consumer in this process
+            await self._adopt_dead_local(consumer)
         cursor = self._recover_cursor.get(consumer, "0")
         if cursor is not None:
             res = await self.redis.xreadgroup(GROUP, consumer, {JOBS: cursor}, count=count)
@@ -324,6 +327,28 @@ class JobQueue:
             res = await self._blocking.xreadgroup(GROUP, consumer, {JOBS: ">"}, count=count - len(out), block=block)
             out += await self._deliveries([e for _, es in (res or []) for e in es], reclaimed=False, fresh=True)
         return out
+
+    async def _adopt_dead_local(self, consumer: str) -> None:
+        """Move the pending entries of crashed predecessors on this host (consumers named
+        `{host}-{pid}` whose pid is gone, see service.consumer_name) to `consumer`, so the own-pending
+        step below runs them now instead of after claim_idle_ms; then drop those consumers from the
+        group. JUSTID: the own-pending read counts the redelivery, not this move."""
+        try:
+            consumers = await self.redis.xinfo_consumers(JOBS, GROUP)
+        except ResponseError:  # no group yet
+            return
+        for c in consumers:
+            name = c["name"]
+            if name == consumer or not is_dead_local_consumer(name):
+                continue
+            while True:
+                pending = await self.redis.xpending_range(JOBS, GROUP, min="-", max="+", count=100, consumername=name)
+                if not pending:
+                    break
+                ids = [p["message_id"] for p in pending]
+                await self.redis.xclaim(JOBS, GROUP, consumer, min_idle_time=0, message_ids=ids, justid=True)
+                log.warning("adopted pending jobs of a dead local worker", extra={"from": name, "to": consumer, "entries": len(ids)})
+            await self.redis.xgroup_delconsumer(JOBS, GROUP, name)
 
     async def _deliveries(self, entries: list[Any], *, reclaimed: bool, fresh: bool = False) -> list[Delivery]:
         if not entries:
@@ -427,8 +452,8 @@ class JobQueue:
         timings: dict[str, float] | None = None,
         finish_reason: str | None = None,
     ) -> None:
-        """Record the terminal state for GET (after the terminal event is written) and start the
-        TTL (job_ttl_s) on the job hash, its events and its blobs. Counts sr3d_jobs_finished_total."""
+        """Record the terminal state for GET (after the terminal event is written), start the TTL
+        (job_ttl_s) on the job hash and its events, and delete its blobs. Counts sr3d_jobs_finished_total."""
         if not status.terminal:
             raise ValueError(f"finish() needs a terminal status, not {status}")
         mapping: dict[str, str] = {"status": status.value, "finished_at": repr(time.time())}
@@ -448,7 +473,7 @@ class JobQueue:
             pipe.expire(job_key(job_id), ttl)
             pipe.expire(events_key(job_id), ttl)
             await pipe.execute()
-        await self._expire_blobs(job_id)
+        await self._delete_blobs(job_id)
         metrics.JOBS_FINISHED.labels(status=status.value).inc()
 
     async def ack(self, entry_id: str) -> None:
@@ -457,10 +482,16 @@ class JobQueue:
 
     # ------------------------------------------------------------------------------------------
 
-    async def _expire_blobs(self, job_id: str) -> None:
+    async def _delete_blobs(self, job_id: str) -> None:
+        """Uploads are only inputs: once the job is terminal nothing reads them again (a redelivery
+        of a terminal job is acked without running), so they go now instead of living job_ttl_s in
+        Redis memory and its AOF. An unreadable spec's blobs keep their job_max_age_s safety TTL."""
         spec = await self.get_spec(job_id)
         for key in spec.blob_keys() if spec else []:
-            await self.blobs.expire(key, self.settings.job_ttl_s)
+            try:
+                await self.blobs.delete(key)
+            except Exception:  # the job's outcome stands; the safety TTL still removes the blob
+                log.warning("could not delete blob", extra={"job_id": job_id, "blob": key}, exc_info=True)
 
     async def _finish_from_event(self, job_id: str, event: Event) -> None:
         status = await self.redis.hget(job_key(job_id), "status")
