@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     api_keys: CsvList = Field(default_factory=list)
     cors_origins: CsvList = Field(default_factory=list)
     sse_ping_s: float = Field(15, gt=0)
+    # Event streams (SSE + ?wait=true) per gateway process, all served by one blocking Redis
+    # connection (service.stream_hub); beyond this a new stream gets 503 + Retry-After.
+    sse_max_clients: int = Field(4096, ge=1)
     wait_timeout_s: float = Field(60, gt=0, description="?wait=true gives up with 202 after this long")
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 429 at the queue cap and 503")
 
