@@ -80,6 +80,13 @@ class Settings(BaseSettings):
     sse_max_clients: int = Field(4096, ge=1)
     wait_timeout_s: float = Field(60, gt=0, description="?wait=true gives up with 202 after this long")
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 429 at the queue cap and 503")
+    # Read timeouts (service.http_timeouts): a client trickling its request must not hold a
+    # connection (and a spooled upload file) forever.
+    http_header_timeout_s: float = Field(10, gt=0, description="a request head must be complete this long after the connection opened or the previous response ended")
+    http_body_idle_s: float = Field(30, gt=0, description="longest wait for the next chunk of a request body (408 after)")
+    http_body_timeout_s: float = Field(600, gt=0, description="a whole request body must arrive within this (64 MB at ~110 KB/s)")
+    http_keepalive_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
+    trusted_proxies: CsvList = Field(default_factory=list, description="proxy addresses whose X-Forwarded-For is believed; empty = none")
 
     # --- queue behaviour --------------------------------------------------------------------------
     job_ttl_s: int = Field(3600, ge=1, description="job hash and events live this long after a terminal state (blobs are deleted at once)")
@@ -92,7 +99,7 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "trusted_proxies", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)

@@ -38,10 +38,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def serve(settings: Settings, host: str, port: int, drain_timeout_s: float) -> None:
-    import uvicorn
-
     from service.consumer_name import consumer_name
     from service.gateway import create_app
+    from service.http_timeouts import uvicorn_config
     from service.redis_conn import redis_client, start_embedded_redis
     from service.runtime import QuietServer, banner_if_demo, build_worker, install_stop_handlers
 
@@ -56,7 +55,7 @@ async def serve(settings: Settings, host: str, port: int, drain_timeout_s: float
     redis = redis_client(settings.redis_url)
     runtime = None
     app = _gate_readyz(create_app(settings), lambda: runtime is not None and runtime.ready)
-    http = QuietServer(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5))
+    http = QuietServer(uvicorn_config(app, settings, host, port, log_level="warning", timeout_graceful_shutdown=5))
     http_task = asyncio.create_task(http.serve())
     try:
         consumer = consumer_name(settings.worker_name)
