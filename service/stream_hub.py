@@ -232,7 +232,8 @@ class StreamHub:
     async def check_resume(self, job_id: str, after: str) -> Literal["live", "ended"]:
         """'ended' when `after` is at or past the job's terminal event; 400 when it is past the
         newest event of an unfinished job (an id this job never sent)."""
-        last = await self.redis.xrevrange(events_key(job_id), count=1)
+        async with self.redis_slots:
+            last = await self.redis.xrevrange(events_key(job_id), count=1)
         if not last:
             return "live"
         newest = _event(*last[0])
