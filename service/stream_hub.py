@@ -179,7 +179,7 @@ class StreamHub:
         max_subscribers: int = 4096,
         retry_after_s: int = 5,
         queue_size: int = 256,
-        block_ms: int = 5000,
+        block_ms: int = 2000,
         idle_check_s: float = 15.0,
         outage_grace_s: float = 30.0,
         page: int = 200,
@@ -206,6 +206,7 @@ class StreamHub:
         self._task: asyncio.Task[None] | None = None
         self._reader_id: int | None = None
         self._blocked = False
+        self._wakers: set[asyncio.Future[None]] = set()
         self._down_since: float | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -290,7 +291,11 @@ class StreamHub:
     def _wake(self) -> None:
         self._changed.set()
         if self._blocked and self._reader_id is not None:
-            asyncio.ensure_future(self._unblock(self._reader_id))
+            # An UNBLOCK that lands just before the XREAD reaches the server is lost; the read
+            # then ends within block_ms anyway, and the new subscriber's catch-up covers the gap.
+            task = asyncio.ensure_future(self._unblock(self._reader_id))
+            self._wakers.add(task)
+            task.add_done_callback(self._wakers.discard)
 
     async def _unblock(self, client_id: int) -> None:
         with contextlib.suppress(RedisError, OSError):
