@@ -139,3 +139,16 @@ def test_restarted_worker_takes_over_dead_local_consumers_pending_at_once(redis_
         await r.aclose()
 
     asyncio.run(go())
+
+
+def test_worker_metrics_bind_loopback_unless_configured() -> None:
+    import argparse
+
+    from service.commands import worker as worker_cmd
+
+    parser = argparse.ArgumentParser()
+    worker_cmd.add(parser.add_subparsers())
+    args = parser.parse_args(["worker"])
+    assert args.metrics_host is None and Settings().worker_metrics_host == "127.0.0.1"  # default: loopback
+    dockerfile = (Path(__file__).resolve().parents[1] / "Dockerfile").read_text()
+    assert dockerfile.count("SR3D_WORKER_METRICS_HOST=0.0.0.0") == 2  # both worker images: scrapeable
