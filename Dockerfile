@@ -56,6 +56,7 @@ FROM cpu-runtime AS cpu-demo
 # Unset SR3D_MODEL = the tiny demo checkpoint is built under SR3D_DATA_DIR on first start.
 ENV SR3D_ENGINE=torch \
     SR3D_DEVICE=cpu \
+    SR3D_WORKER_METRICS_HOST=0.0.0.0 \
     SR3D_HEALTH_URL=http://127.0.0.1:9100/healthz
 EXPOSE 9100
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
@@ -100,6 +101,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     SR3D_ENGINE=vllm \
     SR3D_DEVICE=cuda \
     SR3D_MODEL=/models/sr3d \
+    SR3D_WORKER_METRICS_HOST=0.0.0.0 \
     SR3D_HEALTH_URL=http://127.0.0.1:9100/healthz
 VOLUME ["/models", "/var/lib/sr3d"]
 USER 10001:10001

@@ -24,6 +24,7 @@ from typing import BinaryIO, Protocol
 import redis.asyncio as aioredis
 
 from service.keys import BLOB_PREFIX
+from service.errors import ApiError
 from service.redis_conn import clone_client
 from service.settings import Settings
 
@@ -40,6 +41,26 @@ class BlobNotFound(KeyError):
 
 class BlobTooLarge(ValueError):
     pass
+
+
+class BlobStoreFull(ApiError):
+    """Redis is above the upload high-water mark: refuse the upload (503 + Retry-After) while queue,
+    event and job-hash writes still have room (the server runs `maxmemory-policy noeviction`)."""
+
+    def __init__(self, used: int, limit: int, retry_after_s: int = 5) -> None:
+        super().__init__("upload_store_full", f"the upload store is full ({used} of {limit} bytes in use); retry later",
+                         {"Retry-After": str(retry_after_s)})
+
+
+def _size_of(data: BlobData) -> int:
+    if isinstance(data, bytes):
+        return len(data)
+    if isinstance(data, Path):
+        return data.stat().st_size
+    data.seek(0, os.SEEK_END)
+    size = data.tell()
+    data.seek(0)
+    return size
 
 
 def check_key(key: str) -> str:
@@ -82,16 +103,28 @@ class BlobStore(Protocol):
 
 class RedisBlobStore:
     def __init__(
-        self, redis: aioredis.Redis, max_bytes: int, chunk_bytes: int = 1 << 20, default_ttl_s: int = 86400
+        self, redis: aioredis.Redis, max_bytes: int, chunk_bytes: int = 1 << 20, default_ttl_s: int = 86400,
+        high_water: float = 0.7,
     ) -> None:
         # Blobs are bytes: a client of the same server with decode_responses=False.
         self.redis = clone_client(redis, decode_responses=False)
         self.max_bytes = max_bytes
         self.chunk_bytes = chunk_bytes
         self.default_ttl_s = default_ttl_s
+        self.high_water = high_water
+
+    async def check_room(self, size: int) -> None:
+        """Raise BlobStoreFull when storing `size` more bytes would take Redis past high_water x
+        maxmemory. No maxmemory set (0) = no check: the operator chose an unbounded server."""
+        info = await self.redis.info("memory")
+        limit = int(info.get("maxmemory", 0) or 0)
+        used = int(info.get("used_memory", 0) or 0)
+        if limit and used + size > self.high_water * limit:
+            raise BlobStoreFull(used, limit)
 
     async def put(self, key: str, data: BlobData, ttl_s: int | None = None) -> int:
         name = BLOB_PREFIX + check_key(key)
+        await self.check_room(_size_of(data))
         tmp = f"{name}:partial:{os.getpid()}:{time.monotonic_ns()}"
         total = 0
         try:
@@ -234,4 +267,5 @@ def make_blob_store(settings: Settings, redis: aioredis.Redis) -> RedisBlobStore
     """The store SR3D_BLOB_STORE names. Each blob is capped at the upload cap."""
     if settings.blob_store == "dir":
         return DirBlobStore(settings.resolved_blob_dir, settings.max_upload_bytes, settings.job_max_age_s)
-    return RedisBlobStore(redis, settings.max_upload_bytes, settings.blob_chunk_bytes, settings.job_max_age_s)
+    return RedisBlobStore(redis, settings.max_upload_bytes, settings.blob_chunk_bytes, settings.job_max_age_s,
+                          settings.blob_redis_high_water)

@@ -15,3 +15,22 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = headers or {}
+
+
+def _coded_bases() -> tuple[type[BaseException], ...]:
+    try:  # model.errors.CodedError: the base of the model's input errors (added by another branch)
+        from model.errors import CodedError  # type: ignore[attr-defined]
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, CodedError)
+
+
+def is_input_error(exc: BaseException) -> bool:
+    """The one rule that splits failures: True when `exc` is about the request's content, so the
+    same input fails the same way on every attempt (fail at once with its code, never retry).
+
+    An input error carries a non-empty string `.code` and is a ValueError (MediaError, SceneError,
+    ModelInputError) or a model CodedError. Everything else (engine, device, Redis, bugs, a bare
+    ValueError from deep inside a library) is infrastructure: retried, then dead-lettered."""
+    code = getattr(exc, "code", None)
+    return isinstance(code, str) and bool(code) and isinstance(exc, _coded_bases())

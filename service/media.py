@@ -72,15 +72,26 @@ class MediaLimits:
     # frames sampled for the model (including region frames); the deployment's SR3D_MAX_FRAMES default
     max_frames: int = Settings.model_fields["max_frames"].default
     decode_timeout_s: float = 60.0
+    # A 1x40000 image passes every pixel cap but scales to a 0-pixel side in the depth model and the
+    # tiler; 32:1 is far past any real camera or panorama (360 degree: 2:1).
+    max_aspect: float = 32.0
+    # Bytes Pillow holds for one decoded image in its own mode (e.g. RGBA 4 B/px, I;16 2 B/px),
+    # computed from the header before decoding; 40 MP RGB is 120 MB.
+    max_decoded_bytes: int = 192 * 1024 * 1024
 
     def check_size(self, width: int, height: int) -> None:
         long_cap, short_cap = max(self.max_width, self.max_height), min(self.max_width, self.max_height)
         if width <= 0 or height <= 0:
             raise MediaError("corrupt_media", f"invalid frame size {width}x{height}")
+        self.check_aspect(width, height)
         if max(width, height) > long_cap or min(width, height) > short_cap:
             raise MediaError(
                 "resolution_too_large", f"{width}x{height} exceeds the {long_cap}x{short_cap} limit"
             )
+
+    def check_aspect(self, width: int, height: int) -> None:
+        if max(width, height) > self.max_aspect * min(width, height):
+            raise MediaError("aspect_ratio_too_large", f"{width}x{height} is more elongated than {self.max_aspect:g}:1")
 
 
 @dataclass
@@ -470,7 +481,21 @@ def _open_image(data: bytes | str | os.PathLike, limits: MediaLimits) -> Image.I
         raise MediaError("resolution_too_large", f"{w}x{h} exceeds {limits.max_pixels} pixels")
     if w <= 0 or h <= 0:
         raise MediaError("corrupt_media", f"invalid image size {w}x{h}")
+    limits.check_aspect(w, h)
+    decoded = decoded_nbytes(img)
+    if decoded > limits.max_decoded_bytes:
+        raise MediaError("resolution_too_large", f"{w}x{h} {img.mode} decodes to {decoded} bytes > {limits.max_decoded_bytes}")
     return img
+
+
+def decoded_nbytes(img: Image.Image) -> int:
+    """Bytes of the decoded pixel buffer in the image's own mode, from the header alone. Palette
+    images count as RGBA because callers convert them; 1-bit images as 1 byte per pixel."""
+    w, h = img.size
+    if img.mode == "P":
+        return w * h * 4
+    per_band = 2 if img.mode.startswith("I;16") else (4 if img.mode in ("I", "F") else 1)
+    return w * h * max(1, len(img.getbands())) * per_band
 
 
 def _load(img: Image.Image) -> None:
@@ -480,15 +505,41 @@ def _load(img: Image.Image) -> None:
         raise MediaError("corrupt_media", f"cannot decode image: {e}") from None
 
 
-def decode_image(data: bytes | str | os.PathLike, limits: MediaLimits = MediaLimits()) -> np.ndarray:
-    """PNG/JPEG -> uint8 [H, W, 3], EXIF orientation applied (so it matches what the user saw)."""
+def decode_image(data: bytes | str | os.PathLike, limits: MediaLimits = MediaLimits(), max_side: int | None = None) -> np.ndarray:
+    """PNG/JPEG -> uint8 [H, W, 3], EXIF orientation applied (so it matches what the user saw).
+
+    `max_side` downscales (box filter, in Pillow, before the RGB array exists) so the long side is at
+    most that: a 40 MP photo becomes a frame the size of a decoded video frame. JPEGs are decoded
+    at a reduced DCT scale when that still covers `max_side` (`draft`), so they never exist at full
+    size in memory. The original (display) size is `image_size(data)`."""
     img = _open_image(data, limits)
+    if max_side is not None and img.format == "JPEG":
+        w, h = img.size
+        scale = max_side / max(w, h)
+        if scale < 1:
+            img.draft("RGB", (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))))
     _load(img)
     try:
         img = ImageOps.exif_transpose(img)
     except (OSError, SyntaxError, ValueError) as e:
         raise MediaError("corrupt_media", f"bad EXIF data: {e}") from None
-    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    img = img.convert("RGB")
+    if max_side is not None:
+        out = _output_size(img.size, max_side)
+        if out != img.size:
+            img = img.resize(out, Image.Resampling.BOX)
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def image_size(data: bytes | str | os.PathLike, limits: MediaLimits = MediaLimits()) -> tuple[int, int]:
+    """(W, H) of the image as displayed (EXIF rotation applied), from the header only."""
+    img = _open_image(data, limits)
+    w, h = img.size
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError):
+        orientation = 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 # ------------------------------------------------------------------------------------------ masks
@@ -532,10 +583,17 @@ def mask_from_png(data: bytes, size: tuple[int, int], rotation: int = 0) -> np.n
     arr = np.asarray(img)
     if arr.ndim == 2:
         mask = arr != 0
-    elif img.mode in ("LA", "RGBA", "La", "RGBa"):
-        mask = (arr[..., :-1] != 0).any(axis=-1) & (arr[..., -1] != 0)
     else:
-        mask = (arr != 0).any(axis=-1)
+        # Channel by channel, in place: one bool plane of transient memory instead of a bool copy of
+        # every channel (a 40 MP RGBA mask: 40 MB, not 160 MB on top of the pixels).
+        alpha = img.mode in ("LA", "RGBA", "La", "RGBa")
+        colour = arr.shape[-1] - 1 if alpha else arr.shape[-1]
+        mask = arr[..., 0] != 0
+        for c in range(1, colour):
+            mask |= arr[..., c] != 0
+        if alpha:
+            mask &= arr[..., -1] != 0
+    del arr, img
     return _rotate_mask(mask, rotation)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,12 +24,20 @@ from typing import Any
 
 import numpy as np
 
-from model.errors import ModelInputError
 from model.inputs import RegionMask, SpatialQuery
 from service import metrics
 from service.blobs import BlobStore
 from service.build_once import build_once
-from service.media import MediaError, MediaLimits, decode_image, decode_video, mask_from_box, mask_from_png, resize_mask
+from service.media import (
+    MediaError,
+    MediaLimits,
+    decode_image,
+    decode_video,
+    image_size,
+    mask_from_box,
+    mask_from_png,
+    resize_mask,
+)
 from service.schemas import BoxRegion, JobSpec, MaskRef
 from service.settings import Settings
 
@@ -36,13 +45,20 @@ log = logging.getLogger(__name__)
 
 from model.geometry import SceneError, cache_key
 
-# Client errors: reported as an `error` event with the exception's code; never retried.
-INPUT_ERRORS: tuple[type[Exception], ...] = (MediaError, ModelInputError, SceneError)
-
 # Frames are decoded at most this large: video frames become one 448 tile each and depth runs at
-# ~518, so decoding 1080p/4K at full size would only cost memory. Images keep full resolution
-# (dynamic tiling uses up to 12 tiles).
+# ~518, so decoding 1080p/4K at full size would only cost memory.
 VIDEO_MAX_SIDE = 896
+# Images: dynamic tiling resizes to at most 12 tiles of 448 px (2.4 MP); an image is decoded at no
+# more than twice that (aspect kept), which still leaves the tiler's grid choice (aspect, and area
+# above half the grid's) unchanged, while a 40 MP photo no longer reaches depth and point maps at
+# full size (+2.3 GB in issue 14).
+IMAGE_MAX_PIXELS = 2 * 12 * 448 * 448
+
+
+def image_max_side(size: tuple[int, int]) -> int:
+    """The long side at which an image of `size` (W, H) has IMAGE_MAX_PIXELS pixels."""
+    w, h = size
+    return max(1, int(math.sqrt(IMAGE_MAX_PIXELS * max(w, h) / min(w, h))))
 
 StageCallback = Callable[[str, dict[str, Any]], Awaitable[None]]
 
@@ -215,13 +231,14 @@ class Pipeline:
         region_frames = sorted({a.frame for region in job.regions for a in region})
         if job.media_kind == "image":
             data = await self.blobs.get(job.media_blob)
-            frame = await asyncio.to_thread(decode_image, data, self.limits)
+            source_size = await asyncio.to_thread(image_size, data, self.limits)
+            frame = await asyncio.to_thread(decode_image, data, self.limits, image_max_side(source_size))
+            del data
             bad = [f for f in region_frames if f != 0]
             if bad:
                 raise MediaError("frame_out_of_range", f"an image has only frame 0; a region is on frame {bad[0]}")
             frames = frame[None]
             indices: tuple[int, ...] = (0,)
-            source_size = (frame.shape[1], frame.shape[0])
             position = {0: 0}
         else:
             num_frames = job.options.with_defaults(self.settings).num_frames
@@ -236,18 +253,29 @@ class Pipeline:
             position = {f: video.index_of(f) for f in region_frames}
         out_size = (frames.shape[2], frames.shape[1])
         regions: list[list[RegionMask]] = []
+        # One decode per mask blob however many annotations name it, kept only at frame size (the
+        # full-resolution array is dropped as soon as it is resized): memory is one full-size mask
+        # at a time plus the small copies, not annotations x full size.
+        mask_cache: dict[str, np.ndarray] = {}
         for region in job.regions:
             masks = []
             for ann in region:
                 if isinstance(ann, BoxRegion):
                     mask = mask_from_box(ann.box, source_size)
                 elif isinstance(ann, MaskRef):
-                    mask = await asyncio.to_thread(mask_from_png, await self.blobs.get(ann.mask_blob), source_size)
+                    if ann.mask_blob not in mask_cache:
+                        mask_cache[ann.mask_blob] = await asyncio.to_thread(self._mask, await self.blobs.get(ann.mask_blob), source_size, out_size)
+                    masks.append(RegionMask(frame=position[ann.frame], mask=mask_cache[ann.mask_blob]))
+                    continue
                 else:  # pragma: no cover - schemas only store these two
                     raise MediaError("invalid_argument", f"unknown region annotation {type(ann).__name__}")
                 masks.append(RegionMask(frame=position[ann.frame], mask=resize_mask(mask, out_size)))
             regions.append(masks)
         return Decoded(frames=frames, indices=indices, regions=regions, is_video=job.media_kind == "video")
+
+    @staticmethod
+    def _mask(data: bytes, source_size: tuple[int, int], out_size: tuple[int, int]) -> np.ndarray:
+        return resize_mask(mask_from_png(data, source_size), out_size)
 
     # ---- point maps --------------------------------------------------------------------------
     def _backend(self, route: str) -> Any:

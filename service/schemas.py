@@ -3,6 +3,7 @@ and what clients get from the API. Pydantic v2; no Redis, no HTTP here.
 """
 from __future__ import annotations
 
+import json
 import re
 from enum import Enum
 from typing import Annotated, Any, Literal
@@ -14,23 +15,94 @@ from service.settings import Settings
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "3"/true are not frame numbers and `max_tokens: true` is not 1 (no lax coercion);
+    # allow_inf_nan=False: Infinity/NaN/1e400 are rejected here instead of being stored as null
+    # (which the worker then cannot read back). The worker validates the stored spec with the same
+    # models, so a spec that got past the gateway somehow is still caught before it runs.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON form fields: parsed with bounds before pydantic sees them
+
+MAX_JSON_DEPTH = 16  # regions nest 3 deep, options 1: anything deeper is an attack, not a request
+MAX_JSON_INT_DIGITS = 20  # 2**64 has 20 digits; the largest meaningful integer here is a seed < 2**63
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_depth(raw: str) -> int:
+    """Maximum bracket nesting of a JSON text, counted without recursion (strings skipped)."""
+    depth = deepest = 0
+    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub('""', raw)):
+        depth += 1 if match.group(0) in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits (max {MAX_JSON_INT_DIGITS})")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text[:32]!r} is not a finite number")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def parse_json_field(raw: str | None, field: str, default: Any) -> Any:
+    """A JSON form field (`regions`, `options`) as Python data, or ApiError("<field>_not_json").
+
+    Bounded before anything recursive runs: nesting depth (json.loads would raise RecursionError, a
+    500), integer digits (int() of 5,000 digits raises a plain ValueError), and no Infinity/NaN/1e400
+    (Python's json accepts them; JSON does not)."""
+    if raw is None or raw.strip() == "":
+        return default
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise ApiError(f"{field}_not_json", f"{field} is nested {depth} deep (max {MAX_JSON_DEPTH})")
+    try:
+        return json.loads(raw, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise ApiError(f"{field}_not_json", f"{field} is not valid JSON: {e.msg} at char {e.pos}") from None
+    except (ValueError, RecursionError) as e:
+        raise ApiError(f"{field}_not_json", f"{field} is not valid JSON: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------
 # Generation options
 
 
+MIN_TEMPERATURE = 0.01  # vLLM's own floor (it clamps smaller values); below it sampling is numerically greedy
+MIN_TOP_P = 0.01  # smaller keeps only the top token anyway; reject rather than pass degenerate floats on
+
+
 class GenerationOptions(_Strict):
     """Client-tunable generation knobs. Absolute bounds here; deployment caps in `check_caps`."""
 
     max_tokens: int | None = Field(None, ge=1, description="None = SR3D_... default_max_tokens")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description=f"0 = greedy; otherwise >= {MIN_TEMPERATURE}")
+    top_p: float = Field(1.0, ge=MIN_TOP_P, le=1.0)
     num_frames: int | None = Field(None, ge=1, description="frames sampled from a video; None = SR3D_NUM_FRAMES")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     cancel_on_disconnect: bool = Field(False, description="cancel the job when the streaming client goes away")
     ignore_eos: bool = Field(False, description="generate exactly max_tokens (fixed-length benchmarks); still capped")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_floor(cls, value: float) -> float:
+        # logits / 1e-300 overflow to inf, softmax gives NaN and torch.multinomial raises; vLLM
+        # silently clamps below 0.01. One rule for both engines: 0 (greedy) or a usable temperature.
+        if 0.0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}")
+        return value
 
     def check_caps(self, settings: Settings) -> GenerationOptions:
         """Raise ApiError (422) with a specific code when over a deployment cap; return a copy with defaults filled."""
@@ -108,6 +180,8 @@ StoredRegion = list[StoredAnnotation]  # one region, as the worker reads it
 class RegionsInput(BaseModel):
     """The `regions` form field: a JSON list; each item is one region, either a single annotation
     object or a list of annotations (the same object seen on several frames)."""
+
+    model_config = ConfigDict(strict=True)
 
     regions: list[RegionSpec]
 

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     worker_concurrency: int = Field(4, ge=1, le=256)
     worker_metrics_port: int = 9100
+    # Loopback by default: /metrics is not for the world. Container images set 0.0.0.0 (Dockerfile),
+    # where the network namespace is the boundary and Prometheus/kubelet must reach it.
+    worker_metrics_host: str = "127.0.0.1"
+    worker_name: str | None = Field(None, description="stable consumer name (one live worker per name); unset = host-pid, see service.consumer_name")
+    # The torch engine waits this long for concurrent requests to join one batch.
     # Point maps of recent uploads, so a second question on a video skips decode and depth
     # (one 16-frame 640x360 clip is ~44 MB).
     pointmap_cache_mb: int = Field(256, ge=0)
@@ -74,6 +79,12 @@ class Settings(BaseSettings):
     blob_dir: Path | None = Field(None, description="shared directory for SR3D_BLOB_STORE=dir; default data_dir/blobs")
     # Redis values of many MB stall the server; blobs are stored as chunks of this size.
     blob_chunk_bytes: int = Field(1 << 20, ge=4096)
+    # Redis runs `maxmemory-policy noeviction` (an evicted job hash or stream would lose a job
+    # silently; volatile-* cannot help, job keys carry TTLs too). So uploads stop at this fraction of
+    # maxmemory with 503 upload_store_full, and queue/event writes keep the rest. Blobs are deleted
+    # when their job is terminal. Production with large uploads: SR3D_BLOB_STORE=dir.
+    blob_redis_high_water: float = Field(0.7, gt=0, le=1)
+    redis_maxmemory_mb: int = Field(1024, ge=0, description="maxmemory of the embedded redis-server; 0 = unlimited")
 
     # --- caps (checked by the gateway before anything expensive) --------------------------------
     max_upload_mb: float = Field(64, gt=0)
@@ -94,11 +105,21 @@ class Settings(BaseSettings):
     api_keys: CsvList = Field(default_factory=list)
     cors_origins: CsvList = Field(default_factory=list)
     sse_ping_s: float = Field(15, gt=0)
+    # Event streams (SSE + ?wait=true) per gateway process, all served by one blocking Redis
+    # connection (service.stream_hub); beyond this a new stream gets 503 + Retry-After.
+    sse_max_clients: int = Field(4096, ge=1)
     wait_timeout_s: float = Field(60, gt=0, description="?wait=true gives up with 202 after this long")
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 429 at the queue cap and 503")
+    # Read timeouts (service.http_timeouts): a client trickling its request must not hold a
+    # connection (and a spooled upload file) forever.
+    http_header_timeout_s: float = Field(10, gt=0, description="a request head must be complete this long after the connection opened or the previous response ended")
+    http_body_idle_s: float = Field(30, gt=0, description="longest wait for the next chunk of a request body (408 after)")
+    http_body_timeout_s: float = Field(600, gt=0, description="a whole request body must arrive within this (64 MB at ~110 KB/s)")
+    http_keepalive_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
+    trusted_proxies: CsvList = Field(default_factory=list, description="proxy addresses whose X-Forwarded-For is believed; empty = none")
 
     # --- queue behaviour --------------------------------------------------------------------------
-    job_ttl_s: int = Field(3600, ge=1, description="job hash, events and blobs live this long after a terminal state")
+    job_ttl_s: int = Field(3600, ge=1, description="job hash and events live this long after a terminal state (blobs are deleted at once)")
     job_max_age_s: int = Field(86400, ge=60, description="safety TTL on a job that never finishes")
     idempotency_ttl_s: int = Field(86400, ge=1)
     claim_idle_ms: int = Field(60000, ge=100, description="a pending job idle this long is reclaimed by another worker")
@@ -108,7 +129,7 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "trusted_proxies", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)

@@ -7,7 +7,8 @@ That order is what makes redelivery safe: a job is acked only after the client-v
 event exists, and a redelivered job that already has one is just acked again.
 
 Failure policy:
-* bad input (MediaError / ModelInputError / SceneError): `error` event with the error's code,
+* bad input (`service.errors.is_input_error`: a ValueError or model CodedError with a string
+  `.code`, e.g. MediaError / ModelInputError / SceneError): `error` event with the error's code,
   status failed, ack. Never retried: the same bytes fail the same way.
 * anything else (engine, device, bug): counted in ENGINE_ERRORS, NOT acked and no longer
   heartbeated, so the entry goes idle and is reclaimed (XAUTOCLAIM) by any worker after
@@ -35,7 +36,8 @@ from typing import Any
 from model.inputs import GenerationParams
 from service import metrics
 from service.engines.protocol import Engine, EngineRequest
-from service.pipeline import INPUT_ERRORS, Pipeline
+from service.errors import is_input_error
+from service.pipeline import Pipeline
 from service.queue import Delivery, JobQueue
 from service.schemas import JobSpec, JobStatus
 from service.settings import Settings
@@ -246,7 +248,9 @@ class Worker:
             except JobCancelled:
                 await self._terminal_cancelled(job, stream, None, timings)
                 return
-            except INPUT_ERRORS as e:
+            except Exception as e:
+                if not is_input_error(e):
+                    raise  # infrastructure: not acked, redelivered (see the failure policy above)
                 err = {"code": getattr(e, "code", "bad_input"), "message": getattr(e, "message", None) or str(e)}
                 await self.queue.append_event(jid, "error", err)
                 await self.queue.finish(jid, JobStatus.failed, error=err, timings=timings)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from service.api.errors import status_for
 import torch
 from PIL import Image
 
@@ -118,7 +120,7 @@ def test_route_choice(setting: str, is_video: bool, depth: bool, poses: bool, ro
 def test_forced_scene_backend_without_a_scene_is_a_coded_422(setting: str, depth: bool, poses: bool) -> None:
     with pytest.raises(SceneError) as e:
         choose_route(setting, is_video=True, scene_depth=depth, scene_poses=poses)
-    assert e.value.code == "backend_needs_scene" and e.value.http_status == 422
+    assert e.value.code == "backend_needs_scene" and status_for(e.value.code) == 422
 
 
 # ---- the worker's pipeline -------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from service.api.errors import status_for
+
 from model.geometry.pose_recovery import (
     PoseRecoveryResult,
     pointmaps_from_recovered,
@@ -227,7 +229,7 @@ def test_nothing_registrable_is_a_scene_error() -> None:
     depth = np.ones((2, H, W))
     with pytest.raises(SceneError) as e:
         pointmaps_without_poses(depth, K, np.zeros((2, H, W, 3), np.uint8))
-    assert e.value.code == "scene_unregistrable" and e.value.http_status == 422
+    assert e.value.code == "scene_unregistrable" and status_for(e.value.code) == 422
     with pytest.raises(ValueError):
         recover_poses(depth, K, np.zeros((2, H, W + 1, 3), np.uint8))
 

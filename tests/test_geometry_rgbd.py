@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from service.api.errors import status_for
 from PIL import Image
 
 from model.geometry import (
@@ -158,7 +160,7 @@ def test_bad_scenes(mutate, code) -> None:
     mutate(arrays)
     with pytest.raises(SceneError) as e:
         load_scene_npz(_npz(**arrays))
-    assert e.value.code == code and 400 <= e.value.http_status < 500
+    assert e.value.code == code and 400 <= status_for(e.value.code) < 500
 
 
 def test_scene_without_poses_loads_for_pose_recovery() -> None:

@@ -172,8 +172,17 @@ def test_ttls_after_terminal_state(redis_url: str) -> None:
         assert 3000 < await redis.ttl(job_key(job.job_id)) <= 86400 and await redis.ttl(events_key(job.job_id)) > 3000
         await q.append_event(job.job_id, "error", {"code": "media_invalid", "message": "bad"})
         await q.finish(job.job_id, JobStatus.failed, error={"code": "media_invalid", "message": "bad"})
-        for key in (job_key(job.job_id), events_key(job.job_id), f"sr3d:blob:{job.media_blob}"):
+        for key in (job_key(job.job_id), events_key(job.job_id)):
             assert 0 < await redis.ttl(key) <= 30, key
+        # Blobs are deleted as soon as the job is terminal (issue 14 item 7), not kept job_ttl_s.
+        assert not await redis.exists(f"sr3d:blob:{job.media_blob}")
+        # Same for a queued job cancelled before any worker saw it.
+        queued = spec(regions=[[{"frame": 0, "mask_blob": "m/mask/a"}]])
+        for key in queued.blob_keys():
+            await q.blobs.put(key, b"abc")
+        await q.submit(queued)
+        assert await q.request_cancel(queued.job_id)
+        assert not any([await redis.exists(f"sr3d:blob:{k}") for k in queued.blob_keys()])
 
     run(redis_url, body, job_ttl_s=30, job_max_age_s=86400)
 

@@ -40,6 +40,11 @@ STATUS: dict[str, int] = {
     "unsupported_image_format": 415, "no_video_stream": 415,
     # 429/503: come back later (with Retry-After)
     "rate_limited": 429, "queue_full": 429, "redis_unavailable": 503, "worker_not_ready": 503,
+    "too_many_streams": 503, "upload_store_full": 503,
+    # 408: the client did not send its request in time (service/http_timeouts.py answers it itself)
+    "request_timeout": 408,
+    # 413 for scene arrays whose decoded size is over the cap (checked on the .npy headers)
+    "scene_too_large": 413,
 }
 
 # Starlette's own HTTPExceptions (unknown route, wrong method) get a code from their status.

@@ -67,10 +67,16 @@ class HashingReader:
         self._hash = hashlib.sha256()
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        if (offset, whence) != (0, 0):
-            raise ValueError("HashingReader only rewinds to the start")
+        # Rewind (restarts the hash) or jump to the end (the blob store sizes the upload first).
+        if (offset, whence) == (0, os.SEEK_END):
+            return self._file.seek(0, os.SEEK_END)
+        if (offset, whence) != (0, os.SEEK_SET):
+            raise ValueError("HashingReader only rewinds to the start or jumps to the end")
         self._hash = hashlib.sha256()
         return self._file.seek(0)
+
+    def tell(self) -> int:
+        return self._file.tell()
 
     def read(self, size: int = -1) -> bytes:
         data = self._file.read(size)

@@ -3,7 +3,6 @@ file types by extension AND content) before anything is stored (storing: service
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -13,7 +12,7 @@ from starlette.datastructures import UploadFile
 from service import metrics
 from service.api.submission import Submission, check_fields
 from service.errors import ApiError
-from service.schemas import MaskRegion
+from service.schemas import MaskRegion, parse_json_field
 from service.settings import Settings
 from service.sniff import FAMILY_EXT, HEAD_BYTES, sniff
 
@@ -67,15 +66,6 @@ async def _check_type(upload: UploadFile, part: str, allowed_ext: frozenset[str]
                        f"(extension and content must agree; content looks like {family or 'unknown'})")
 
 
-def _json_field(raw: str | None, field: str, default: Any) -> Any:
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ApiError(f"{field}_not_json", f"{field} is not valid JSON: {e.msg} at char {e.pos}") from None
-
-
 async def parse_submit(request: Request, settings: Settings) -> Submission:
     """The multipart request as a checked Submission (its files are the uploads' spooled files)."""
     ctype = request.headers.get("content-type", "")
@@ -106,8 +96,8 @@ async def parse_submit(request: Request, settings: Settings) -> Submission:
         raise ApiError("question_missing", "the `question` field is required")
 
     question, regions, options = check_fields(
-        kind, text["question"], _json_field(text.get("regions"), "regions", []),
-        _json_field(text.get("options"), "options", {}), settings,
+        kind, text["question"], parse_json_field(text.get("regions"), "regions", []),
+        parse_json_field(text.get("options"), "options", {}), settings,
     )
 
     scene = files.pop("scene", None)

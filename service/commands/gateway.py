@@ -17,16 +17,18 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.api.app import create_app
+    from service.http_timeouts import uvicorn_config
     from service.logging import setup_logging
 
     settings = Settings()
     setup_logging(settings.log_level)
-    uvicorn.run(
+    config = uvicorn_config(
         create_app(settings),
-        host=args.host or settings.host,
-        port=args.port if args.port is not None else settings.port,
+        settings,
+        args.host or settings.host,
+        args.port if args.port is not None else settings.port,
         log_config=None,  # keep our JSON logging
         timeout_graceful_shutdown=10,
-        proxy_headers=True,
     )
+    uvicorn.Server(config).run()
     return 0

@@ -40,15 +40,15 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def serve(settings: Settings, host: str, port: int) -> None:
-    import uvicorn
-
     from service.api.app import create_app
+    from service.consumer_name import consumer_name
+    from service.http_timeouts import uvicorn_config
     from service.redis_conn import redis_client, start_embedded_redis
     from service.runtime import QuietServer, banner_if_demo, build_worker, install_stop_handlers
 
     handle = None
     if not settings.redis_url:
-        url, handle = start_embedded_redis(settings.data_dir)
+        url, handle = start_embedded_redis(settings.data_dir, maxmemory_mb=settings.redis_maxmemory_mb)
         settings = settings.model_copy(update={"redis_url": url})
         log.info("embedded redis at %s (data under %s)", url, settings.data_dir)
     banner_if_demo(settings)
@@ -57,10 +57,11 @@ async def serve(settings: Settings, host: str, port: int) -> None:
     redis = redis_client(settings.redis_url)
     runtime = None
     app = _gate_readyz(create_app(settings), lambda: runtime is not None and runtime.ready)
-    http = QuietServer(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5))
+    http = QuietServer(uvicorn_config(app, settings, host, port, log_level="warning", timeout_graceful_shutdown=5))
     http_task = asyncio.create_task(http.serve())
     try:
-        build = asyncio.create_task(build_worker(settings, redis, consumer=None))
+        consumer = consumer_name(settings.worker_name)
+        build = asyncio.create_task(build_worker(settings, redis, consumer=consumer))
         stop_wait = asyncio.create_task(stopping.wait())
         await asyncio.wait([build, stop_wait, http_task], return_when=asyncio.FIRST_COMPLETED)
         if build.done() and not stopping.is_set() and not http_task.done():

@@ -13,9 +13,9 @@ log = logging.getLogger(__name__)
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="run a worker against REDIS_URL (serves /metrics /healthz /readyz on :9100)")
-    p.add_argument("--metrics-host", default="0.0.0.0", help="bind address of the health/metrics server")
+    p.add_argument("--metrics-host", default=None, help="bind address of the health/metrics server (default SR3D_WORKER_METRICS_HOST, 127.0.0.1)")
     p.add_argument("--metrics-port", type=int, default=None, help="default SR3D_WORKER_METRICS_PORT (9100)")
-    p.add_argument("--consumer", default=None, help="consumer name in the group (default host-pid)")
+    p.add_argument("--consumer", default=None, help="consumer name in the group (default SR3D_WORKER_NAME, else host-pid; see service.consumer_name)")
     add_drain_timeout(p)
     p.set_defaults(func=main)
 
@@ -44,11 +44,15 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from service.consumer_name import consumer_name
+
     port = args.metrics_port if args.metrics_port is not None else settings.worker_metrics_port
     from service.lifeline import bind_children
 
     bind_children()  # the engine's processes (vLLM's engine core) die with us, even on SIGKILL
-    asyncio.run(run_worker(settings, args.metrics_host, port, args.consumer))
+    host = args.metrics_host or settings.worker_metrics_host
+    consumer = args.consumer or consumer_name(settings.worker_name)
+    asyncio.run(run_worker(settings, host, port, consumer))
     return 0
 
 

@@ -30,10 +30,17 @@ from model.inputs import TokenDelta
 from service import metrics
 from service.build_once import build_once
 from service.engines.protocol import EngineError, EngineRequest, warm_up
+from service.errors import is_input_error
 
 log = logging.getLogger(__name__)
 
 _END = object()  # sentinel closing a request's queue
+
+
+def _row_error(e: Exception) -> Exception:
+    # The caller's input error (a coded ValueError) reaches the worker unchanged: it fails the job at
+    # once with its code. Anything else is this engine's failure and is retried.
+    return e if is_input_error(e) else EngineError(f"{type(e).__name__}: {e}")
 
 
 def ensure_tiny_checkpoint(data_dir: str | os.PathLike[str]) -> Path:
@@ -163,17 +170,31 @@ class TorchEngine:
             batch = [r for r in batch if not self._finish_if_aborted(r)]
             if not batch:
                 continue
-            metrics.BATCH_SIZE.observe(len(batch))
-            try:
-                results = await loop.run_in_executor(self._decode_pool, self._run_batch, loop, batch)
-            except Exception as e:  # a device/model failure: every row of the batch fails
-                log.exception("engine batch failed")
-                err = EngineError(f"{type(e).__name__}: {e}")
-                for r in batch:
-                    r.queue.put_nowait(err)
-                continue
-            for r, res in zip(batch, results):
-                self._finish(r, res)
+            await self._run_isolated(loop, batch)
+
+    async def _run_isolated(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> None:
+        """Run a batch; if it raises, run each of its rows alone, so one row's failure (e.g. its
+        sampling params making torch.multinomial raise) fails that row only and its neighbours,
+        possibly other tenants' jobs, still get their answers now instead of a retry later.
+        A row that already streamed text cannot be rerun without repeating it: it fails with a
+        retryable EngineError (the worker's redelivery skips what the client already has)."""
+        metrics.BATCH_SIZE.observe(len(batch))
+        try:
+            results = await loop.run_in_executor(self._decode_pool, self._run_batch, loop, batch)
+        except Exception as e:
+            if len(batch) == 1:
+                log.warning("engine row %s failed: %s: %s", batch[0].request.request_id, type(e).__name__, e)
+                batch[0].queue.put_nowait(_row_error(e))
+                return
+            log.warning("engine batch of %d failed (%s: %s); rerunning its rows one by one", len(batch), type(e).__name__, e)
+            for r in batch:
+                if r.emitted:
+                    r.queue.put_nowait(EngineError(f"batch failed after this row streamed: {type(e).__name__}: {e}"))
+                elif not self._finish_if_aborted(r):
+                    await self._run_isolated(loop, [r])
+            return
+        for r, res in zip(batch, results):
+            self._finish(r, res)
 
     def _finish_if_aborted(self, r: _Request) -> bool:
         if r.aborted:

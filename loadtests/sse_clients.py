@@ -1,0 +1,220 @@
+"""Hold N concurrent SSE clients on one job of one gateway process (issue 14 item 3), loopback only.
+
+    python -m loadtests.sse_clients --clients 1000 [--target gateway|hub] [--hold 20] [--out DIR]
+
+Starts its own redis-server and either the real `sr3d gateway` (target `gateway`: today's SSE path)
+or a minimal server that streams through `service.stream_hub` exactly as the gateway hook in its
+docstring does (target `hub`: the new path, until the gateway is wired to it). One job is queued
+through JobQueue; N clients open `GET /v1/spatial-qa/{id}/events` (raw asyncio sockets, ramped in
+steps of --ramp), hold for --hold seconds, then the script writes 20 `token` events and `done` as a
+worker would. Prints JSON: HTTP statuses, streams that got their `queued` event, streams that got
+`done` (the rest were dropped or never opened), the server's peak RSS and Redis connected_clients
+while all streams were open.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+LOOPBACK = "127.0.0.1"
+
+
+# ---- the hub server (target "hub") ---------------------------------------------------------------
+
+
+def hub_app(redis_url: str, max_clients: int) -> Any:
+    from contextlib import asynccontextmanager
+
+    from sse_starlette import EventSourceResponse
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from service.errors import ApiError
+    from service.redis_conn import redis_client
+    from service.stream_hub import HubFull, StreamHub, parse_event_id, sse_events
+
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: Any) -> Any:
+        state["redis"] = redis_client(redis_url)
+        state["hub"] = StreamHub(state["redis"], max_subscribers=max_clients)
+        await state["hub"].start()
+        yield
+        await state["hub"].close()
+        await state["redis"].aclose()
+
+    async def events(request: Request) -> Response:
+        hub: StreamHub = state["hub"]
+        job_id = request.path_params["job_id"]
+        try:
+            after = parse_event_id(request.headers.get("last-event-id") or "0-0")
+            if await hub.check_resume(job_id, after) == "ended":
+                return Response(status_code=204)
+            try:
+                sub = hub.subscribe(job_id, after)
+            except HubFull as e:
+                raise e.api_error() from None
+        except ApiError as e:
+            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        return EventSourceResponse(sse_events(sub), ping=15, headers={"Cache-Control": "no-cache"})
+
+    return Starlette(routes=[Route("/v1/spatial-qa/{job_id}/events", events)], lifespan=lifespan)
+
+
+def serve_hub(port: int, redis_url: str, max_clients: int) -> None:
+    import uvicorn
+
+    uvicorn.run(hub_app(redis_url, max_clients), host=LOOPBACK, port=port, log_level="warning", backlog=4096)
+
+
+# ---- clients ----------------------------------------------------------------------------------------
+
+
+class Client:
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.queued = asyncio.Event()
+        self.done = False
+        self.error: str | None = None
+
+
+async def run_client(port: int, path: str, c: Client) -> None:
+    try:
+        reader, writer = await asyncio.open_connection(LOOPBACK, port, limit=1 << 20)
+    except OSError as e:
+        c.error = f"connect: {e}"
+        c.queued.set()
+        return
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {LOOPBACK}\r\nAccept: text/event-stream\r\n\r\n".encode())
+        await writer.drain()
+        line = await reader.readline()
+        parts = line.split()
+        c.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+        if c.status != 200:
+            c.error = line.decode(errors="replace").strip() or "closed before a status line"
+            return
+        while True:
+            line = await reader.readline()
+            if not line:
+                c.error = "stream ended without done"
+                return
+            if line.startswith(b"event: queued"):
+                c.queued.set()
+            elif line.startswith(b"event: done"):
+                c.done = True
+                return
+    except (OSError, asyncio.IncompleteReadError) as e:
+        c.error = f"{type(e).__name__}: {e}"
+    finally:
+        c.queued.set()
+        writer.close()
+
+
+async def drive(port: int, redis_url: str, server_pid: int, n: int, ramp: int, hold_s: float) -> dict[str, Any]:
+    from loadtests.stack import rss_bytes
+    from service.queue import JobQueue
+    from service.redis_conn import redis_client
+    from service.schemas import JobSpec
+    from service.settings import Settings
+
+    r = redis_client(redis_url)
+    q = JobQueue(r, Settings(redis_url=redis_url, queue_max=100000))
+    await q.ensure_group()
+    jid = uuid.uuid4().hex
+    await q.submit(JobSpec(job_id=jid, media_kind="image", media_blob=f"{jid}/media", media_hash="0" * 64,
+                           media_filename="a.png", question="Where is it?", created_at=time.time()))
+    path = f"/v1/spatial-qa/{jid}/events"
+    clients = [Client() for _ in range(n)]
+    tasks: list[asyncio.Task[None]] = []
+    peak_rss = 0
+    t0 = time.monotonic()
+    for start in range(0, n, ramp):
+        batch = clients[start:start + ramp]
+        tasks += [asyncio.create_task(run_client(port, path, c)) for c in batch]
+        await asyncio.wait_for(asyncio.gather(*(c.queued.wait() for c in batch)), 120)
+        peak_rss = max(peak_rss, rss_bytes(server_pid) or 0)
+    open_s = time.monotonic() - t0
+    redis_clients = []
+    end = time.monotonic() + hold_s
+    while time.monotonic() < end:
+        peak_rss = max(peak_rss, rss_bytes(server_pid) or 0)
+        redis_clients.append(int((await r.info("clients"))["connected_clients"]))
+        await asyncio.sleep(1.0)
+    streaming = sum(1 for c in clients if c.status == 200 and c.error is None)
+    for i in range(20):
+        await q.append_event(jid, "token", {"text": f" t{i}"})
+    await q.append_event(jid, "done", {"answer": "".join(f" t{i}" for i in range(20)), "usage": {}})
+    await asyncio.wait(tasks, timeout=60)
+    for t in tasks:
+        t.cancel()
+    statuses = collections.Counter(str(c.status) for c in clients)
+    errors = collections.Counter((c.error or "")[:60] for c in clients if c.error)
+    await q.aclose()
+    await q.blobs.aclose()
+    await r.aclose()
+    return {
+        "clients": n, "http_status": dict(statuses), "open_seconds": round(open_s, 2),
+        "streaming_after_hold": streaming, "got_done": sum(c.done for c in clients),
+        "dropped_or_refused": n - sum(c.done for c in clients), "errors": dict(errors.most_common(5)),
+        "server_peak_rss_mb": round(peak_rss / 2**20, 1),
+        "redis_connected_clients_max": max(redis_clients or [0]),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=1000)
+    ap.add_argument("--target", choices=["gateway", "hub"], default="gateway")
+    ap.add_argument("--ramp", type=int, default=100, help="clients opened per step")
+    ap.add_argument("--hold", type=float, default=20.0, help="seconds all streams stay open before the answer")
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    ap.add_argument("--serve-hub", nargs=3, metavar=("PORT", "REDIS_URL", "MAX"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.serve_hub:
+        serve_hub(int(args.serve_hub[0]), args.serve_hub[1], int(args.serve_hub[2]))
+        return
+
+    from loadtests.stack import Stack, free_port
+
+    with tempfile.TemporaryDirectory() as d, Stack(Path(d), env={"SR3D_LOG_LEVEL": "WARNING"}) as st:
+        st.start_redis()
+        if args.target == "gateway":
+            proc, url = st.start_gateway()
+            st.wait_ready(url, proc, timeout=60)
+            port = int(url.rsplit(":", 1)[1])
+        else:
+            port = free_port()
+            proc = st._spawn("hub", [sys.executable, "-m", "loadtests.sse_clients", "--serve-hub", str(port),
+                                     st.redis_url, str(max(4096, args.clients))])
+            import httpx
+
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    httpx.get(f"http://{LOOPBACK}:{port}/", timeout=1)
+                    break
+                except httpx.HTTPError:
+                    assert time.monotonic() < deadline and proc.alive(), proc.log_tail()
+                    time.sleep(0.2)
+        result = asyncio.run(drive(port, st.redis_url, proc.pid, args.clients, args.ramp, args.hold))
+        result = {"target": args.target, **result, "server_alive": proc.alive()}
+    print(json.dumps(result))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"sse_clients_{args.target}.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
