@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
+from model.errors import ModelInputError
+from model.region_refs import parse_region_refs
 from service.errors import ApiError
 from service.settings import Settings
 
@@ -124,26 +126,18 @@ class RegionsInput(BaseModel):
 # --------------------------------------------------------------------------------------------------
 # Questions
 
-# Placeholder tokens the model's prompt builder owns; a user typing them could inject media slots.
-_FORBIDDEN_TOKENS = re.compile(r"<\|[^|>]*\|>|<\s*(image|video|region|mask|depth|vila/[^>]*)\s*>", re.IGNORECASE)
-REGION_REF = re.compile(r"<region(\d+)>")
-
-
 def check_question(question: str, n_regions: int, settings: Settings) -> str:
-    """Validate the user question; region references are written <region0>, <region1>, ..."""
+    """Validate the user question at submit: length here, every region-reference rule in the model's own
+    parser (`model.region_refs`), so a question the model would refuse is a 422 before anything is stored."""
     question = question.strip()
     if not question:
         raise ApiError(422, "question_empty", "question must not be empty")
     if len(question) > settings.max_question_chars:
         raise ApiError(422, "question_too_long", f"question is {len(question)} chars > cap {settings.max_question_chars}")
-    bad = _FORBIDDEN_TOKENS.search(question)
-    if bad:
-        raise ApiError(422, "placeholder_in_question", f"question must not contain the reserved token {bad.group(0)!r}")
-    for match in REGION_REF.finditer(question):
-        if int(match.group(1)) >= n_regions:
-            raise ApiError(
-                422, "region_reference_out_of_range", f"{match.group(0)} refers to a region that was not given ({n_regions} regions)"
-            )
+    try:
+        parse_region_refs(question, n_regions, settings.max_regions)
+    except ModelInputError as e:
+        raise ApiError(422, e.code, e.message) from None
     return question
 
 

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     engine: Literal["torch", "vllm"] = "torch"
     depth_model: str | None = Field(None, description="Depth Anything V2 dir; unset = tiny random demo depth model")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # How region questions reach the model (model/marks.py): `embedding` = SR-3D's trained region modules,
+    # `marks` = regions drawn into the frames and named in words; `auto` picks by what the checkpoint has.
+    region_mode: Literal["auto", "embedding", "marks"] = "auto"
     worker_concurrency: int = Field(4, ge=1, le=256)
     worker_metrics_port: int = 9100
     # The torch engine waits this long for concurrent requests to join one batch.
@@ -49,7 +52,7 @@ class Settings(BaseSettings):
     # --- caps (checked by the gateway before anything expensive) --------------------------------
     max_upload_mb: float = Field(64, gt=0)
     max_frames: int = Field(64, ge=1)
-    num_frames: int = Field(16, ge=1)
+    num_frames: int = Field(32, ge=1, description="frames sampled per video by default (SR-3D's paper: 32)")
     max_regions: int = Field(8, ge=1)
     max_masks_per_region: int = Field(8, ge=1)
     max_tokens: int = Field(512, ge=1)

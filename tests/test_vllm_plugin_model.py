@@ -75,8 +75,7 @@ def test_embed_multimodal_equals_model_core(vllm_model, tiny_model) -> None:  # 
     from vllm.multimodal.processing import ProcessorInputs, TimingContext
     from vllm.multimodal.utils import group_and_batch_mm_kwargs
 
-    from model.prompt import build_prompt
-    from model.tiling import frame_grid, tiles_for_grid
+    from model.prompt import layout_query
     from model.vllm_plugin.processing import prepare_item
 
     rng = np.random.default_rng(0)
@@ -94,8 +93,7 @@ def test_embed_multimodal_equals_model_core(vllm_model, tiny_model) -> None:  # 
     cfg, tok = proc.info.get_hf_config(), proc.info.get_tokenizer()
     items = []
     for q in queries:
-        n, h, w = q.frames.shape[:3]
-        lay = build_prompt(q.question, [tiles_for_grid(frame_grid(w, h, q.is_video, cfg))] * n, len(q.regions), tok, cfg)
+        _, lay = layout_query(q, tok, cfg, context=1 << 20)
         mm = proc.info.parse_mm_data({"image": prepare_item(q, lay.region_order, cfg)})
         items.append(("image", proc.apply(ProcessorInputs(lay.input_ids, mm, None), TimingContext(enabled=False))["mm_kwargs"]["image"][0]))
     # both items in one encoder batch, as vLLM's model runner does

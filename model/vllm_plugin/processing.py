@@ -1,8 +1,8 @@
 """vLLM multimodal processing for SR-3D: one `image` item = frames + point maps + region masks.
 
-Layout (the model core's, `model.prompt`): the prompt the engine sends is `build_prompt(...).input_ids`,
-i.e. one `<image>` per tile (the visual prefix, first) and one `<region>` per `<regionK>` reference in the
-question. The processor tiles the item with `model.tiling` and expands the prompt with
+Layout (the model core's, `model.prompt`): the prompt the engine sends is `layout_query(...)[1].input_ids`,
+i.e. one `<image>` per image tile / video frame (the visual prefix, first) and one `<region>` per
+`<regionK>` reference in the question. The processor tiles the item with `model.tiling` and expands the prompt with
 `model.prompt.expand_prompt`, so both engines feed the LLM the same token layout.
 
 One item has ONE PlaceholderRange from its first image slot to its last region slot; `is_embed` selects
@@ -196,7 +196,8 @@ class SR3DProcessingInfo(BaseProcessingInfo):
     def _layout(self, num_tiles: int, region_order: list[int]) -> PromptLayout:
         question = " ".join(f"<region{k}>" for k in region_order) or "?"
         regions = max(region_order) + 1 if region_order else 0
-        return build_prompt(question, [1] * num_tiles, regions, self.get_tokenizer(), self.get_hf_config())
+        # The image layout (a literal newline per tile) is the costlier one: budgets from it are upper bounds.
+        return build_prompt(question, num_tiles, False, regions, self.get_tokenizer(), self.get_hf_config())
 
     def max_tiles_per_item(self, seq_len: int) -> int:
         """Most tiles one item can have: a `max_frames` video or a `max_tiles` image + thumbnail, capped so the

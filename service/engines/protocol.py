@@ -10,6 +10,10 @@ import numpy as np
 from model.inputs import GenerationParams, SpatialQuery, TokenDelta
 
 
+class EngineError(RuntimeError):
+    """The engine failed (not the caller's input). The worker retries these."""
+
+
 @dataclass
 class EngineRequest:
     request_id: str
@@ -20,6 +24,7 @@ class EngineRequest:
 @runtime_checkable
 class Engine(Protocol):
     name: str
+    region_mode: str  # "embedding" | "marks", known once started (model/marks.py)
 
     async def start(self) -> None:
         """Load weights and run one warm-up generation; readiness depends on it."""
