@@ -322,8 +322,8 @@ def _config_dict(config: SR3DConfig, model_type: str, architectures: list[str]) 
     return d
 
 
-def save_model(model: SR3DForConditionalGeneration, path: str | Path) -> None:
-    """Write the NVILA layout (+ sr3d/ extras)."""
+def save_model(model: SR3DForConditionalGeneration, path: str | Path, extras: bool = True) -> None:
+    """Write the NVILA layout (+ sr3d/ extras unless `extras=False`, i.e. a plain NVILA checkpoint)."""
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -336,8 +336,9 @@ def save_model(model: SR3DForConditionalGeneration, path: str | Path) -> None:
     _save_tensors(model.mm_projector, root / "mm_projector")
     (root / "mm_projector" / "config.json").write_text(json.dumps(
         {"model_type": "v2l_projector", "architectures": ["MultimodalProjector"], **cfg.mm_projector_cfg}, indent=2))
-    extras = {f"{n}.{k}": v for n in EXTRAS for k, v in getattr(model, n).state_dict().items()}
-    _save_tensors(extras, root / EXTRAS_DIR)
+    if not extras:
+        return
+    _save_tensors({f"{n}.{k}": v for n in EXTRAS for k, v in getattr(model, n).state_dict().items()}, root / EXTRAS_DIR)
     (root / EXTRAS_DIR / "config.json").write_text(json.dumps({"pos3d_cfg": cfg.pos3d_cfg, "region_cfg": cfg.region_cfg}, indent=2))
 
 
