@@ -200,6 +200,8 @@ class JobView(BaseModel):
     media_kind: str | None = None
     answer: str | None = None
     finish_reason: str | None = None
+    # `embedding` (SR-3D's region vectors) or `marks` (regions drawn into the frames); set when done.
+    region_mode: Literal["embedding", "marks"] | None = None
     error: ErrorInfo | None = None
     usage: Usage | None = None
     timings: dict[str, float] = Field(default_factory=dict)
@@ -222,7 +224,7 @@ class SubmitResponse(BaseModel):
 #   queued   {}                                   written by the gateway at submit
 #   progress {stage: str, ...timings}             worker: "decode", "depth", "encode", "generate", ...
 #   token    {text: str}                          worker: one delta of the answer
-#   done     {answer, usage, timings, finish_reason}   terminal
+#   done     {answer, usage, timings, finish_reason, region_mode}   terminal
 #   error    {code, message}                      terminal (also cancellation: code "cancelled")
 EVENT_TYPES = ("queued", "progress", "token", "done", "error")
 TERMINAL_EVENTS = ("done", "error")
@@ -235,3 +237,4 @@ class DoneData(BaseModel):
     usage: Usage
     timings: dict[str, float] = Field(default_factory=dict)
     finish_reason: str | None = None
+    region_mode: Literal["embedding", "marks"] | None = None
