@@ -232,6 +232,12 @@ def _load_extras(model: SR3DForConditionalGeneration, tensors: dict[str, torch.T
     return any(k.startswith("region_extractor.") for k in mapped)
 
 
+def _unprefixed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SigLIP keys as NVILA stores them (transformers 4: `vision_model.embeddings.…`) or as transformers 5
+    saves them (`embeddings.…`) -> ours (transformers 5)."""
+    return {k.removeprefix("vision_model."): v for k, v in tensors.items()}
+
+
 def _read_config(root: Path, flat: bool) -> SR3DConfig:
     raw = _read_json(root / "config.json")
     try:
@@ -275,14 +281,15 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None 
         tensors = _read_tensors(root, "cpu")
         for name in (*PARTS, *EXTRAS):
             part = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-            _load_into(getattr(model, name), part, f"{root} [{name}.]")
+            _load_into(getattr(model, name), _unprefixed(part) if name == "vision_tower" else part, f"{root} [{name}.]")
         stray = [k for k in tensors if k.split(".", 1)[0] not in (*PARTS, *EXTRAS)]
         if stray:
             raise CheckpointError("unknown_keys", f"{root}: keys outside known submodules, e.g. {stray[:5]}")
         trained = bool(config.region_cfg.get("trained", False))
     else:
         for name, sub in PARTS.items():
-            _load_into(getattr(model, name), _read_tensors(root / sub, "cpu"), str(root / sub))
+            tensors = _read_tensors(root / sub, "cpu")
+            _load_into(getattr(model, name), _unprefixed(tensors) if name == "vision_tower" else tensors, str(root / sub))
         resize_vocab(model, vila_vocab)
         extras_dir = root / EXTRAS_DIR
         if extras_dir.is_dir() and _shards_exist(extras_dir):
@@ -333,6 +340,10 @@ def save_model(model: SR3DForConditionalGeneration, path: str | Path, extras: bo
     model.tokenizer.save_pretrained(str(root / "llm"))
     _save_tensors(model.vision_tower, root / "vision_tower")
     model.vision_tower.config.save_pretrained(str(root / "vision_tower"))
+    for sub, arch in (("llm", "Qwen2ForCausalLM"), ("vision_tower", "SiglipVisionModel")):
+        # VILA picks the tower class from `architectures` (NVILA's files have it; _from_config leaves it unset)
+        f = root / sub / "config.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "architectures": [arch]}, indent=2))
     _save_tensors(model.mm_projector, root / "mm_projector")
     (root / "mm_projector" / "config.json").write_text(json.dumps(
         {"model_type": "v2l_projector", "architectures": ["MultimodalProjector"], **cfg.mm_projector_cfg}, indent=2))

@@ -141,6 +141,51 @@ def build_replica_checkpoint(path: Path, seed: int = 0) -> Path:
     cfg["vision_tower_cfg"]["_name_or_path"] = str(path / "vision_tower")
     cfg["mm_projector_cfg"]["_name_or_path"] = str(path / "mm_projector")
     cfg["resume_path"] = str(path)
+    cfg["mm_hidden_size"] = cfg["vision_tower_cfg"]["hidden_size"]  # VILA builds the projector from it
+    cfg["hidden_size"] = cfg["llm_cfg"]["hidden_size"]
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     (path / "vision_tower" / "preprocessor_config.json").write_text(json.dumps(SIGLIP_PREPROCESSOR, indent=2))
+    _v4_vision_keys(path / "vision_tower")
+    llm_cfg = json.loads((path / "llm" / "config.json").read_text())
+    llm_cfg["rope_theta"] = llm_cfg["rope_parameters"]["rope_theta"]  # transformers 4 (NVILA's files) reads this
+    (path / "llm" / "config.json").write_text(json.dumps(llm_cfg, indent=2))
+    _v4_tokenizer_files(path / "llm", tokenizer)
     return path
+
+
+def _v4_vision_keys(folder: Path) -> None:
+    """NVILA's SigLIP shards were written by transformers 4: keys carry the `vision_model.` level."""
+    from safetensors.torch import load_file, save_file
+
+    for shard in folder.glob("*.safetensors"):
+        tensors = load_file(str(shard))
+        save_file({f"vision_model.{k}": v for k, v in tensors.items()}, str(shard), metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {f"vision_model.{k}": v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
+
+
+def _v4_tokenizer_files(folder: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The file set of a Qwen2 `llm/` saved by transformers 4 (what NVILA ships): vocab.json, merges.txt,
+    tokenizer.json, tokenizer_config.json (class Qwen2Tokenizer, added tokens, chat template inline),
+    added_tokens.json, special_tokens_map.json."""
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    (folder / "vocab.json").write_text(json.dumps(tj["model"]["vocab"], ensure_ascii=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    added = {t["content"]: t["id"] for t in tj["added_tokens"]}
+    (folder / "added_tokens.json").write_text(json.dumps(added, indent=2))
+    decoder = {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+               for t in tj["added_tokens"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "add_prefix_space": False, "added_tokens_decoder": decoder, "additional_special_tokens": QWEN_SPECIALS,
+        "bos_token": "[BOS]", "eos_token": "<|im_end|>", "pad_token": "[PAD]", "unk_token": None,
+        "chat_template": tokenizer.chat_template, "clean_up_tokenization_spaces": False, "errors": "replace",
+        "model_max_length": 32768, "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer",
+    }, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "additional_special_tokens": QWEN_SPECIALS, "bos_token": "[BOS]", "eos_token": "<|im_end|>", "pad_token": "[PAD]",
+    }, indent=2))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
