@@ -21,41 +21,10 @@ from model.inputs import RegionMask, SpatialQuery  # noqa: E402
 
 @pytest.fixture(scope="module")
 def vllm_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch_module):  # type: ignore[no-untyped-def]
-    import vllm.model_executor.layers.attention.attention as attention
-    from safetensors.torch import load_file
-    from vllm.config import DeviceConfig, ModelConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed import (
-        destroy_distributed_environment,
-        destroy_model_parallel,
-        init_distributed_environment,
-        initialize_model_parallel,
-    )
-    from vllm.plugins import load_general_plugins
-    from vllm.v1.attention.backends.flex_attention import FlexAttentionBackend
+    from tests.vllm_support import cpu_vllm_model
 
-    from model.checkpoint import convert_to_flat
-
-    torch.set_num_threads(1)
-    tmp = tmp_path_factory.mktemp("vllm-model")
-    flat = tmp / "flat"
-    convert_to_flat(tiny_checkpoint, flat)
-    load_general_plugins()
-    mc = ModelConfig(model=str(flat), tokenizer=str(flat), max_model_len=4096, dtype="float32")
-    vc = VllmConfig(model_config=mc, device_config=DeviceConfig("cpu"))
-    monkeypatch_module.setattr(attention, "get_attn_backend", lambda *a, **k: FlexAttentionBackend)
-    with set_current_vllm_config(vc):
-        init_distributed_environment(world_size=1, rank=0, local_rank=0,
-                                     distributed_init_method=f"file://{tmp / 'dist'}", backend="gloo")
-        initialize_model_parallel(1, 1)
-        try:
-            from model.vllm_plugin.modeling import SR3DForConditionalGeneration
-
-            model = SR3DForConditionalGeneration(vllm_config=vc).eval()
-            loaded = model.load_weights(load_file(str(flat / "model.safetensors")).items())
-            yield {"model": model, "loaded": loaded, "model_config": mc}
-        finally:
-            destroy_model_parallel()
-            destroy_distributed_environment()
+    with cpu_vllm_model(tiny_checkpoint, tmp_path_factory.mktemp("vllm-model"), monkeypatch_module) as built:
+        yield built
 
 
 @pytest.fixture(scope="module")
