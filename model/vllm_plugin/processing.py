@@ -60,7 +60,7 @@ from model.inputs import RegionMask, SpatialQuery
 from model.pos3d import pool_points_to_patches
 from model.prompt import PromptLayout, build_prompt, expand_prompt, prompt_token_count, special_token_id
 from model.regions import pool_region
-from model.tiling import frame_grid, tile_query, tiles_for_grid, validate_query
+from model.tiling import frame_grid, tile_query, tiles_for_grid
 
 # A question may reference a region more than once ("is <region0> bigger than <region1>; where is <region0>?");
 # each reference is one slot. Slots are capped so get_mm_max_tokens_per_item has a finite worst case.
@@ -90,8 +90,8 @@ def _check_order(query: SpatialQuery, order: list[int], config: SR3DConfig) -> N
 
 
 def header_item(query: SpatialQuery, region_order: Sequence[int], config: SR3DConfig) -> SR3DItem:
-    """What the processor needs for the prompt layout only (cheap): for an item vLLM's cache already holds."""
-    validate_query(query, config)
+    """What the processor needs for the prompt layout only (cheap): for an item vLLM's cache already holds.
+    The query was validated by `model.prompt.layout_query` (the engine's one check; not repeated here)."""
     order = [int(k) for k in region_order]
     _check_order(query, order, config)
     n, h, w = query.frames.shape[:3]
