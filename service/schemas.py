@@ -3,7 +3,6 @@ and what clients get from the API. Pydantic v2; no Redis, no HTTP here.
 """
 from __future__ import annotations
 
-import re
 from enum import Enum
 from typing import Annotated, Any, Literal
 
