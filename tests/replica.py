@@ -129,9 +129,8 @@ def build_replica_checkpoint(path: Path, seed: int = 0) -> Path:
     config = tiny_config(152064)  # Qwen2-7B's padded embedding table
     for k, v in NVILA_FIELDS.items():
         setattr(config, k, v)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model(config, tokenizer, "cpu", torch.float32)
+    model = build_model(config, tokenizer, "cpu", torch.float32)
+    _fill(model, seed)
     save_model(model, path, extras=False)
     cfg = json.loads((path / "config.json").read_text())
     for k in ("pos3d_cfg", "region_cfg", "tile_text", "video_frame_text", "region_text", "mark_text",
@@ -151,6 +150,24 @@ def build_replica_checkpoint(path: Path, seed: int = 0) -> Path:
     (path / "llm" / "config.json").write_text(json.dumps(llm_cfg, indent=2))
     _v4_tokenizer_files(path / "llm", tokenizer)
     return path
+
+
+def _fill(model, seed: int) -> None:  # type: ignore[no-untyped-def]
+    """Weights from our own seeded generator, parameter by parameter in name order, so the replica (and the
+    VILA reference numbers made from it) do not depend on how a transformers version initialises modules.
+    Norm scales near 1, biases small, matrices N(0, 0.5) (large logit margins keep greedy decoding stable)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.02 * noise)
+            else:
+                p.copy_(0.5 * noise)
 
 
 def _v4_vision_keys(folder: Path) -> None:
