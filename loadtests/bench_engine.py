@@ -347,8 +347,7 @@ def cpu_preprocess(args: argparse.Namespace, flat: Path) -> dict[str, Any]:
     from vllm.multimodal.processing import ProcessorInputs, TimingContext
     from vllm.plugins import load_general_plugins
 
-    from model.prompt import build_prompt
-    from model.tiling import frame_grid, tiles_for_grid
+    from model.prompt import layout_query
     from model.vllm_plugin.processing import prepare_item
 
     load_general_plugins()
@@ -357,8 +356,7 @@ def cpu_preprocess(args: argparse.Namespace, flat: Path) -> dict[str, Any]:
     cfg, tok = proc.info.get_hf_config(), proc.info.get_tokenizer()
     media = [_media(args, seed=s) for s in range(2)]
     queries = [_query(media[i % 2], i, f"cpu-{i}") for i in range(max(4, args.requests))]
-    n, h, w = args.frames, args.height, args.width
-    layout = build_prompt(queries[0].question, [tiles_for_grid(frame_grid(w, h, n > 1, cfg))] * n, 1, tok, cfg)
+    _, layout = layout_query(queries[0], tok, cfg, context=args.max_model_len, reserve=0)
 
     def prepare(q: Any) -> dict[str, Any]:
         return prepare_item(q, layout.region_order, cfg)

@@ -6,8 +6,18 @@ NVILA layout (what `Efficient-Large-Model/NVILA-Lite-8B` ships, plus SR-3D's opt
     llm/                 HF Qwen2ForCausalLM: config.json, *.safetensors (sharded + index), tokenizer files
     vision_tower/        HF SiglipVisionModel: config.json, *.safetensors
     mm_projector/        config.json, model.safetensors with keys layers.{1,2,4,5,7}.{weight,bias}
-    sr3d/                optional: model.safetensors with pos3d.* and region_extractor.* keys.
-                         Absent -> 3D-PE zero-initialised (2D behaviour), region projector random (warning).
+    sr3d/                optional: SR-3D's 3D-PE and region modules, keys mapped through EXTRA_KEY_TABLE.
+                         Absent -> 3D-PE zero (2D behaviour) and no region embeddings: region questions run in
+                         `marks` mode (model/marks.py); `embedding` mode is refused.
+
+Loading follows VILA (NVlabs/VILA `llava/model/language_model/builder.py`, `llava/model/builder.py`):
+- `llm/config.json` and `vision_tower/config.json` are the truth (the top-level dict copies are ignored);
+- the media tokens are added to the `llm/` tokenizer when absent, in VILA's order: `<vila/sentinel>` (added
+  first, by `infer_stop_tokens`), then `<image>`, `<vila/video>` (`MEDIA_TOKENS`); on a Qwen2 tokenizer with
+  VILA's `[BOS]`/`[PAD]` they get ids 151648, 151649, 151650, the ids `llava/constants.py` lists;
+- the LLM's embedding table and head are resized to `len(tokenizer)` (VILA: `resize_token_embeddings`);
+- then SR-3D's `<region>` is added after them: its id lies past the table; region slots are never looked up.
+What we cannot serve faithfully is refused (`unsupported_config`): see `check_servable`.
 
 Flat layout (`convert_to_flat`; one directory vLLM's default loader reads without secondary sources):
     config.json          model_type "sr3d", architectures ["SR3DForConditionalGeneration"], same fields
@@ -37,6 +47,7 @@ from transformers import AutoTokenizer
 
 from model.config import NVILAConfig, SR3DConfig, config_from_dict
 from model.errors import CheckpointError
+from model.marks import resolve_region_mode
 from model.modeling import SR3DForConditionalGeneration
 
 log = logging.getLogger(__name__)
@@ -45,6 +56,21 @@ PARTS = {"llm": "llm", "vision_tower": "vision_tower", "mm_projector": "mm_proje
 EXTRAS = ("pos3d", "region_extractor")
 EXTRAS_DIR = "sr3d"
 MAX_SHARD = "5GB"
+# VILA's media tokens in the order VILA adds them (sentinel first), see the module doc.
+VILA_ADDED_TOKENS = ("<vila/sentinel>", "<image>", "<vila/video>")
+# The one table mapping SR-3D module weights (keys in sr3d/*.safetensors) to our modules: checkpoint key
+# prefix -> our key prefix. A release of SR-3D whose keys are named differently needs only an entry here.
+EXTRA_KEY_TABLE: dict[str, str] = {
+    "pos3d.": "pos3d.",  # pos3d.mlp.{0,2}.{weight,bias}
+    "region_extractor.": "region_extractor.",  # region_extractor.region_projector.{0,2}.{weight,bias}
+}
+# What NVILA-Lite-8B's config.json says and we implement; anything else is refused (check_servable).
+SERVABLE = {
+    "image_aspect_ratio": {"dynamic"},
+    "image_encoder": {"llava.model.encoders.BasicImageEncoder"},
+    "video_encoder": {"llava.model.encoders.BasicVideoEncoder"},
+    "mm_projector_type": {"mlp_downsample_3x3_fix"},
+}
 
 
 # ------------------------------------------------------------------ reading
@@ -117,67 +143,166 @@ def build_model(config: SR3DConfig, tokenizer, device: str | torch.device = "cpu
     return model.eval()
 
 
-def _check_tokenizer(tokenizer, config: SR3DConfig, where: Path) -> None:  # type: ignore[no-untyped-def]
-    vocab = tokenizer.get_vocab()
-    if config.image_token not in vocab:
-        raise CheckpointError("bad_config", f"tokenizer in {where} has no {config.image_token!r} token")
-    if config.region_token not in vocab:
-        # NVILA's tokenizer predates SR-3D: add the placeholder. Its id may exceed the embedding table; that is
-        # fine, region slots are filled by region vectors and never looked up.
-        tokenizer.add_special_tokens({"additional_special_tokens": [config.region_token]})
+def add_media_tokens(tokenizer, config: SR3DConfig) -> int:  # type: ignore[no-untyped-def]
+    """Add VILA's media tokens (when absent, in VILA's order), then `<region>`. Returns the vocabulary size
+    VILA resizes the LLM to (before `<region>`, which VILA does not have)."""
+    for token in VILA_ADDED_TOKENS:
+        if token not in tokenizer.get_vocab():
+            tokenizer.add_tokens([token], special_tokens=True)
+    vila_vocab = len(tokenizer)
+    if config.region_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([config.region_token], special_tokens=True)
+    return vila_vocab
 
 
-def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> SR3DForConditionalGeneration:
-    root = Path(path)
+def _target(value: Any) -> Any:
+    """VILA stores encoder configs as JSON strings or dicts with a `_target_` class path."""
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        value = json.loads(value)
+    return value.get("_target_") if isinstance(value, dict) else value
+
+
+def _encoder_extras(value: Any) -> dict[str, Any]:
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        value = json.loads(value)
+    return {k: v for k, v in value.items() if k != "_target_"} if isinstance(value, dict) else {}
+
+
+def check_servable(config: SR3DConfig, where: Path) -> None:
+    """Refuse, with the field named, any NVILA option whose behaviour we do not implement (rather than
+    silently serving a different model)."""
+    fields = {
+        "image_aspect_ratio": getattr(config, "image_aspect_ratio", "dynamic"),
+        "image_encoder": _target(getattr(config, "image_encoder", None) or "llava.model.encoders.BasicImageEncoder"),
+        "video_encoder": _target(getattr(config, "video_encoder", None) or "llava.model.encoders.BasicVideoEncoder"),
+        "mm_projector_type": config.mm_projector_cfg.get("mm_projector_type", "mlp_downsample_3x3_fix"),
+    }
+    for name, value in fields.items():
+        if value not in SERVABLE[name]:
+            raise CheckpointError("unsupported_config", f"{where}: {name}={value!r} is not implemented "
+                                  f"(supported: {sorted(SERVABLE[name])})")
+    for name in ("image_encoder", "video_encoder"):
+        extras = _encoder_extras(getattr(config, name, None))
+        if extras.get("start_tokens") is not None or extras.get("end_tokens", "\n") != "\n" or set(extras) - {
+                "start_tokens", "end_tokens"}:
+            raise CheckpointError("unsupported_config", f"{where}: {name} options {extras} are not implemented "
+                                  "(only the default: no start tokens, end token \"\\n\")")
+    if int(getattr(config, "video_max_tiles", 1) or 1) > 1:
+        raise CheckpointError("unsupported_config", f"{where}: video_max_tiles > 1 (tiled video frames) is not implemented")
+    if getattr(config, "dynamic_s2", False) or getattr(config, "s2", False):
+        raise CheckpointError("unsupported_config", f"{where}: S2 multi-scale features are not implemented")
+    if int(getattr(config, "min_tiles", 1) or 1) != 1:
+        raise CheckpointError("unsupported_config", f"{where}: min_tiles != 1 is not implemented")
+
+
+def resize_vocab(model: SR3DForConditionalGeneration, rows: int) -> None:
+    """Resize the LLM's embedding table and head to `rows`, as VILA does after adding its tokens: shrinking
+    drops the padded rows; new rows get the mean of the old ones (deterministic)."""
+    emb = model.llm.get_input_embeddings().weight
+    old = emb.shape[0]
+    if old == rows:
+        return
+    mean_in = emb.detach().float().mean(0)
+    head = model.llm.get_output_embeddings()
+    mean_out = head.weight.detach().float().mean(0) if head is not None else None
+    model.llm.resize_token_embeddings(rows, mean_resizing=False)
+    if rows > old:
+        with torch.no_grad():
+            model.llm.get_input_embeddings().weight[old:] = mean_in.to(emb.dtype)
+            if mean_out is not None:
+                model.llm.get_output_embeddings().weight[old:] = mean_out.to(emb.dtype)
+    model.config.llm_cfg["vocab_size"] = rows
+    model.config.__dict__.pop("_sr3d_cache_text_config", None)
+
+
+def _load_extras(model: SR3DForConditionalGeneration, tensors: dict[str, torch.Tensor], where: str) -> bool:
+    """Map sr3d/ tensors through EXTRA_KEY_TABLE into pos3d / region_extractor. -> region modules trained?"""
+    mapped: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        prefix = next((p for p in EXTRA_KEY_TABLE if key.startswith(p)), None)
+        if prefix is None:
+            raise CheckpointError("unknown_keys", f"{where}: {key!r} matches no entry of EXTRA_KEY_TABLE")
+        mapped[EXTRA_KEY_TABLE[prefix] + key[len(prefix):]] = t
+    for name in EXTRAS:
+        part = {k[len(name) + 1:]: v for k, v in mapped.items() if k.startswith(name + ".")}
+        if part:
+            _load_into(getattr(model, name), part, f"{where} [{name}.]")
+        elif name == "pos3d":
+            model.pos3d.reset_output()
+    return any(k.startswith("region_extractor.") for k in mapped)
+
+
+def _unprefixed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SigLIP keys as NVILA stores them (transformers 4: `vision_model.embeddings.…`) or as transformers 5
+    saves them (`embeddings.…`) -> ours (transformers 5)."""
+    return {k.removeprefix("vision_model."): v for k, v in tensors.items()}
+
+
+def _read_config(root: Path, flat: bool) -> SR3DConfig:
     raw = _read_json(root / "config.json")
-    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    flat = not (root / "llm").is_dir()
     try:
         if not flat:
-            raw.setdefault("llm_cfg", {})
-            raw.setdefault("vision_tower_cfg", {})
-            if not raw["llm_cfg"]:
-                raw["llm_cfg"] = _read_json(root / "llm" / "config.json")
-            if not raw["vision_tower_cfg"]:
-                raw["vision_tower_cfg"] = _read_json(root / "vision_tower" / "config.json")
+            # VILA reads the subfolders' config.json; the top-level dict copies can be stale.
+            raw["llm_cfg"] = _read_json(root / "llm" / "config.json")
+            raw["vision_tower_cfg"] = _read_json(root / "vision_tower" / "config.json")
+            proj = root / "mm_projector" / "config.json"
+            if proj.is_file():
+                raw["mm_projector_cfg"] = {k: v for k, v in _read_json(proj).items()
+                                           if k not in ("architectures", "model_type", "_name_or_path")}
+            extras_cfg = root / EXTRAS_DIR / "config.json"
+            if extras_cfg.is_file():
+                raw.update({k: v for k, v in _read_json(extras_cfg).items() if k in ("pos3d_cfg", "region_cfg")})
         config = config_from_dict(raw)
         _ = config.text_config, config.vision_config
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - any malformed config is a checkpoint problem, reported as such
         raise CheckpointError("bad_config", f"{root / 'config.json'}: {e}") from e
+    check_servable(config, root)
+    return config
+
+
+def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+               region_mode: str = "auto") -> SR3DForConditionalGeneration:
+    """Load either layout. `region_mode` (auto | embedding | marks, model/marks.py) is resolved against what
+    the checkpoint carries and stored on the model; `embedding` without trained region modules is refused."""
+    root = Path(path)
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    flat = not (root / "llm").is_dir()
+    config = _read_config(root, flat)
     tok_dir = root if flat else root / "llm"
     if not any((tok_dir / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
         raise CheckpointError("missing_file", f"no tokenizer files in {tok_dir}")
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    _check_tokenizer(tokenizer, config, tok_dir)
+    vila_vocab = add_media_tokens(tokenizer, config)
 
     model = build_model(config, tokenizer, device, dtype)
     if flat:
         tensors = _read_tensors(root, "cpu")
         for name in (*PARTS, *EXTRAS):
             part = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-            _load_into(getattr(model, name), part, f"{root} [{name}.]")
+            _load_into(getattr(model, name), _unprefixed(part) if name == "vision_tower" else part, f"{root} [{name}.]")
         stray = [k for k in tensors if k.split(".", 1)[0] not in (*PARTS, *EXTRAS)]
         if stray:
             raise CheckpointError("unknown_keys", f"{root}: keys outside known submodules, e.g. {stray[:5]}")
-        return model
-
-    for name, sub in PARTS.items():
-        _load_into(getattr(model, name), _read_tensors(root / sub, "cpu"), str(root / sub))
-    extras_dir = root / EXTRAS_DIR
-    if extras_dir.is_dir() and _shards_exist(extras_dir):
-        tensors = _read_tensors(extras_dir, "cpu")
-        for name in EXTRAS:
-            part = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-            _load_into(getattr(model, name), part, f"{extras_dir} [{name}.]")
-        stray = [k for k in tensors if k.split(".", 1)[0] not in EXTRAS]
-        if stray:
-            raise CheckpointError("unknown_keys", f"{extras_dir}: unexpected keys, e.g. {stray[:5]}")
+        trained = bool(config.region_cfg.get("trained", False))
     else:
-        model.pos3d.reset_output()
-        log.warning("%s has no %s/ weights: 3D positional encoding is zero (2D behaviour) and the region "
-                    "projector is untrained", root, EXTRAS_DIR)
+        for name, sub in PARTS.items():
+            tensors = _read_tensors(root / sub, "cpu")
+            _load_into(getattr(model, name), _unprefixed(tensors) if name == "vision_tower" else tensors, str(root / sub))
+        resize_vocab(model, vila_vocab)
+        extras_dir = root / EXTRAS_DIR
+        if extras_dir.is_dir() and _shards_exist(extras_dir):
+            trained = _load_extras(model, _read_tensors(extras_dir, "cpu"), str(extras_dir))
+        else:
+            model.pos3d.reset_output()
+            trained = False
+            log.warning("%s has no %s/ weights: 3D positional encoding is zero (2D behaviour) and there are no "
+                        "trained region modules", root, EXTRAS_DIR)
+        config.region_cfg["trained"] = trained
+    model.region_mode = resolve_region_mode(region_mode, trained)
+    log.info("loaded %s: vocabulary %d (+ placeholders: %d tokens), region_mode=%s", root,
+             model.llm.get_input_embeddings().weight.shape[0], len(tokenizer), model.region_mode)
     return model
 
 
@@ -204,8 +329,8 @@ def _config_dict(config: SR3DConfig, model_type: str, architectures: list[str]) 
     return d
 
 
-def save_model(model: SR3DForConditionalGeneration, path: str | Path) -> None:
-    """Write the NVILA layout (+ sr3d/ extras)."""
+def save_model(model: SR3DForConditionalGeneration, path: str | Path, extras: bool = True) -> None:
+    """Write the NVILA layout (+ sr3d/ extras unless `extras=False`, i.e. a plain NVILA checkpoint)."""
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -215,11 +340,16 @@ def save_model(model: SR3DForConditionalGeneration, path: str | Path) -> None:
     model.tokenizer.save_pretrained(str(root / "llm"))
     _save_tensors(model.vision_tower, root / "vision_tower")
     model.vision_tower.config.save_pretrained(str(root / "vision_tower"))
+    for sub, arch in (("llm", "Qwen2ForCausalLM"), ("vision_tower", "SiglipVisionModel")):
+        # VILA picks the tower class from `architectures` (NVILA's files have it; _from_config leaves it unset)
+        f = root / sub / "config.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "architectures": [arch]}, indent=2))
     _save_tensors(model.mm_projector, root / "mm_projector")
     (root / "mm_projector" / "config.json").write_text(json.dumps(
         {"model_type": "v2l_projector", "architectures": ["MultimodalProjector"], **cfg.mm_projector_cfg}, indent=2))
-    extras = {f"{n}.{k}": v for n in EXTRAS for k, v in getattr(model, n).state_dict().items()}
-    _save_tensors(extras, root / EXTRAS_DIR)
+    if not extras:
+        return
+    _save_tensors({f"{n}.{k}": v for n in EXTRAS for k, v in getattr(model, n).state_dict().items()}, root / EXTRAS_DIR)
     (root / EXTRAS_DIR / "config.json").write_text(json.dumps({"pos3d_cfg": cfg.pos3d_cfg, "region_cfg": cfg.region_cfg}, indent=2))
 
 
@@ -229,6 +359,10 @@ def save_flat(model: SR3DForConditionalGeneration, path: str | Path) -> None:
     d = _config_dict(model.config, SR3DConfig.model_type, ["SR3DForConditionalGeneration"])
     # vLLM reads these at top level of the model config.
     d["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    # The plugin tells vLLM which placeholder ids may lie past the embedding table (handle_oov_mm_token).
+    tok = model.tokenizer
+    d["sr3d_token_ids"] = {"image": int(tok.convert_tokens_to_ids(model.config.image_token)),
+                           "region": int(tok.convert_tokens_to_ids(model.config.region_token))}
     (root / "config.json").write_text(json.dumps(d, indent=2))
     model.tokenizer.save_pretrained(str(root))
     sd = {k: v for k, v in model.state_dict().items() if k.split(".", 1)[0] in (*PARTS, *EXTRAS)}

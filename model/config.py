@@ -40,8 +40,11 @@ class SR3DConfig(PretrainedConfig):
     image_token: str = "<image>"
     region_token: str = "<region>"
     # [I] The paper does not publish the prompt text; these are configuration, not code.
-    tile_text: str = "<image>\n"
+    tile_text: str = "<image>\n"  # per image tile (NVILA's dynamic tiling)
+    video_frame_text: str = "<image>"  # per video frame: no literal newline (see model/prompt.py)
     region_text: str = "Region [{k}] <region>"
+    # `marks` region mode (model/marks.py): what `<regionK>` becomes when regions are drawn into the frames.
+    mark_text: str = "the region marked {k} ({colour} outline)"
     system_prompt: str = "You are a helpful assistant"
     # qwen2 chat template with one user turn and the generation prompt (NVILA's conversation format).
     prompt_template: str = (

@@ -19,13 +19,12 @@ from torch import nn
 from transformers import DynamicCache, Qwen2ForCausalLM, SiglipVisionModel
 
 from model.config import SR3DConfig
-from model.errors import ModelInputError
 from model.inputs import GenerationParams, SpatialQuery, TokenDelta
 from model.pos3d import PositionEncoding3D, pool_points_to_patches
-from model.prompt import PromptLayout, build_prompt, expand_prompt
+from model.prompt import PromptLayout, expand_prompt, layout_query, stop_token_ids
 from model.projector import MultimodalProjector
 from model.regions import RegionExtractor
-from model.tiling import TiledInputs, frame_grid, normalize_pixels, tile_query, tiles_for_grid, validate_query
+from model.tiling import TiledInputs, normalize_pixels, tile_query
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +111,9 @@ class SR3DForConditionalGeneration(nn.Module):
         self.pos3d = PositionEncoding3D(config.vision_hidden_size, config.pos3d_cfg)
         self.region_extractor = RegionExtractor(config.vision_hidden_size, config.hidden_size, config.region_cfg)
         self.llm = Qwen2ForCausalLM._from_config(config.text_config, attn_implementation="sdpa")
-        self._stop_ids = self._find_stop_ids()
-
-    def _find_stop_ids(self) -> set[int]:
-        ids = set()
-        for tok in ("<|im_end|>", "<|endoftext|>"):
-            tid = self.tokenizer.convert_tokens_to_ids(tok)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
-                ids.add(tid)
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        return ids
+        self._stop_ids = set(stop_token_ids(tokenizer))
+        # `embedding` (SR-3D's region vectors) or `marks` (regions drawn into the frames); set by the loader.
+        self.region_mode = "embedding"
 
     @property
     def device(self) -> torch.device:
@@ -136,14 +127,8 @@ class SR3DForConditionalGeneration(nn.Module):
     def prepare(self, query: SpatialQuery) -> PreparedInputs:
         """Validate, tile and lay out the prompt. CPU only, thread-safe (no module state touched)."""
         cfg = self.config
-        validate_query(query, cfg)
-        n, h, w = query.frames.shape[:3]
-        # The prompt needs only the tile counts; check it (cheap) before resizing any pixel.
-        per_frame = tiles_for_grid(frame_grid(w, h, query.is_video, cfg))
-        layout = build_prompt(query.question, [per_frame] * n, len(query.regions), self.tokenizer, cfg)
-        limit = int(cfg.text_config.max_position_embeddings)
-        if layout.num_tokens >= limit:
-            raise ModelInputError("prompt_too_long", f"prompt is {layout.num_tokens} tokens; context is {limit}")
+        context = int(cfg.text_config.max_position_embeddings)
+        query, layout = layout_query(query, self.tokenizer, cfg, context, region_mode=self.region_mode)
         tiled = tile_query(query, cfg)
         ids, image_pos = expand_prompt(layout)
         return PreparedInputs(tiled=tiled, layout=layout, input_ids=ids, image_positions=image_pos)

@@ -1,27 +1,36 @@
-"""Prompt layout shared by both engines: the same text, the same token ids, the same slot positions.
+"""The one prompt layout both engines use: the same text, the same token ids, the same slot positions.
 
-User turn = one `tile_text` ("<image>\\n") per tile first (a visual prefix identical for every question on the
-same media, so prefix caching reuses its KV), then the question with `<regionK>` rewritten to
-`region_text` ("Region [K] <region>") [I: SR-3D's exact wording is not published; both strings are config].
-Expansion: each `<image>` becomes `tokens_per_tile` image slots followed by the ids of "\\n" (NVILA appends the
-newline embedding after every tile's features); each `<region>` is one slot filled by a region vector.
+NVILA's layout (NVlabs/VILA; `llava/utils/media.py` `extract_media`, `llava_arch.generate_content`,
+`encoders/image/basic.py`, `encoders/video/basic.py`):
+- image (dynamic tiling): the user turn starts with `"<image>\\n"` per tile (thumbnail included), then the text;
+- video: `"<image>"` per frame with NO literal newline between frames (VILA's `extract_media` writes one media
+  token per frame; its HF remote code writes one `<vila/video>` that `BasicVideoEncoder` expands per frame the
+  same way: the embeddings the LLM sees are identical);
+- every media token becomes `tokens_per_tile` (121) projected features followed by the embedding of `"\\n"`.
+So a tile of an image costs 123 prompt positions and a frame of a video 122.
+The user text is normalised as VILA does (the user turn is `.strip()`ped: trailing whitespace of the question
+goes), and the chat template is the checkpoint tokenizer's own when it has one (`config.prompt_template` with
+`config.system_prompt` otherwise). SR-3D's `<regionK>` becomes `config.region_text` ("Region [K] <region>")
+[I: SR-3D's exact wording is not published]; each `<region>` is one slot filled by a region vector.
+The visual prefix comes first and is the same for every question on the same media, so prefix caching reuses
+its KV.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from model.config import SR3DConfig
 from model.errors import ModelInputError
-
-REGION_REF = re.compile(r"<region(\d+)>")
-# Anything that looks like a control token of the model or of our own placeholder scheme.
-_RESERVED = re.compile(r"<\|[^|>]*\|>|<vila/[^>]*>|<image>|<region>|<video>")
+from model.inputs import SpatialQuery
+from model.marks import mark_regions
+from model.region_refs import REGION_REF, parse_region_refs
+from model.tiling import frame_grid, tiles_for_grid, validate_query
 
 
 @dataclass
 class PromptLayout:
-    input_ids: list[int]  # one image_token_id per tile, one region_token_id per region reference
+    input_ids: list[int]  # one image_token_id per tile / frame, one region_token_id per region reference
     image_token_id: int
     region_token_id: int
     newline_ids: list[int]
@@ -43,7 +52,7 @@ def prompt_token_count(layout: PromptLayout) -> int:
     return len(layout.input_ids) + layout.num_tiles * (layout.num_image_tokens_per_tile - 1)
 
 
-def special_token_id(tokenizer, token: str) -> int:  # type: ignore[no-untyped-def]
+def special_token_id(tokenizer: Any, token: str) -> int:
     ids = tokenizer.convert_tokens_to_ids([token])
     tid = ids[0] if ids else None
     if tid is None or tid == tokenizer.unk_token_id:
@@ -51,33 +60,46 @@ def special_token_id(tokenizer, token: str) -> int:  # type: ignore[no-untyped-d
     return int(tid)
 
 
-def check_question(question: str, num_regions: int, tokenizer, config: SR3DConfig) -> list[int]:  # type: ignore[no-untyped-def]
-    """Validate the question; return the region index of each `<regionK>` reference in order."""
-    if num_regions > config.max_regions:
-        raise ModelInputError("too_many_regions", f"{num_regions} regions > limit {config.max_regions}")
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The stop rule of both engines: EOS, <|im_end|>, <|endoftext|> (whichever the tokenizer has).
+    VILA stops on EOS and on the token that ends an assistant turn in the chat template (<|im_end|>)."""
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    for tok in ("<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(ids)
+
+
+def check_question(question: str, num_regions: int, tokenizer: Any, config: SR3DConfig) -> list[int]:
+    """The region-reference rules (`model.region_refs`) plus the one rule that needs the tokenizer: the
+    user must not type any token the tokenizer treats as special (they differ per checkpoint)."""
+    order = parse_region_refs(question, num_regions, config.max_regions)
     reserved = set(getattr(tokenizer, "all_special_tokens", [])) | set(tokenizer.get_added_vocab())
-    reserved |= {config.image_token, config.region_token}
-    hit = _RESERVED.search(question)
-    typed = hit.group(0) if hit else next((t for t in reserved if t and t in question), None)
+    typed = next((t for t in sorted(reserved) if t and t in question), None)
     if typed is not None:
         raise ModelInputError("placeholder_in_question", f"the question contains the reserved token {typed!r}")
-    order = [int(m.group(1)) for m in REGION_REF.finditer(question)]
-    for k in order:
-        if k >= num_regions:
-            raise ModelInputError("region_out_of_range", f"<region{k}> referenced but only {num_regions} region(s) given")
-    missing = sorted(set(range(num_regions)) - set(order))
-    if missing:
-        raise ModelInputError("unreferenced_region", f"region(s) {missing} given but never referenced as <regionK>")
     return order
 
 
-def build_prompt(question: str, tiles_per_frame: list[int], num_regions: int, tokenizer, config: SR3DConfig) -> PromptLayout:  # type: ignore[no-untyped-def]
+def media_text(num_tiles: int, is_video: bool, config: SR3DConfig) -> str:
+    return (config.video_frame_text if is_video else config.tile_text) * num_tiles
+
+
+def chat_text(user: str, tokenizer: Any, config: SR3DConfig) -> str:
+    """One user turn + the generation prompt, through the checkpoint's chat template when it has one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+    return config.prompt_template.format(system=config.system_prompt, user=user)
+
+
+def build_prompt(question: str, num_tiles: int, is_video: bool, num_regions: int, tokenizer: Any,
+                 config: SR3DConfig) -> PromptLayout:
     order = check_question(question, num_regions, tokenizer, config)
     text = REGION_REF.sub(lambda m: config.region_text.format(k=m.group(1)), question)
-    num_tiles = sum(tiles_per_frame)
-    user = config.tile_text * num_tiles + text
-    full = config.prompt_template.format(system=config.system_prompt, user=user)
-    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    user = (media_text(num_tiles, is_video, config) + text).strip()  # VILA strips the user turn
+    ids = tokenizer(chat_text(user, tokenizer, config), add_special_tokens=False)["input_ids"]
     image_id = special_token_id(tokenizer, config.image_token)
     region_id = special_token_id(tokenizer, config.region_token)
     if ids.count(image_id) != num_tiles or ids.count(region_id) != len(order):
@@ -91,6 +113,25 @@ def build_prompt(question: str, tiles_per_frame: list[int], num_regions: int, to
         num_tiles=num_tiles,
         region_order=order,
     )
+
+
+def layout_query(query: SpatialQuery, tokenizer: Any, config: SR3DConfig, context: int, reserve: int = 1,
+                 region_mode: str = "embedding") -> tuple[SpatialQuery, PromptLayout]:
+    """Every cheap check of a query, then its prompt layout: the one entry point of both engines.
+    `context` is the engine's context length; `reserve` the tokens that must still fit after the prompt.
+    In `marks` region mode the returned query is the marked one (regions drawn, referenced in words)."""
+    validate_query(query, config)
+    if region_mode == "marks" and query.regions:
+        check_question(query.question, len(query.regions), tokenizer, config)  # the rules, on the user's text
+        query = mark_regions(query, config)
+    n, h, w = query.frames.shape[:3]
+    # The prompt needs only the tile counts; check it (cheap) before resizing any pixel.
+    per_frame = tiles_for_grid(frame_grid(w, h, query.is_video, config))
+    layout = build_prompt(query.question, n * per_frame, query.is_video, len(query.regions), tokenizer, config)
+    if layout.num_tokens + reserve > context:
+        raise ModelInputError("prompt_too_long",
+                              f"prompt {layout.num_tokens} + {reserve} generated tokens > context {context}")
+    return query, layout
 
 
 def expand_prompt(layout: PromptLayout) -> tuple[list[int], list[int]]:

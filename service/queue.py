@@ -218,6 +218,7 @@ class JobQueue:
             media_kind=spec.media_kind if spec else None,
             answer=h.get("answer"),
             finish_reason=h.get("finish_reason"),
+            region_mode=h.get("region_mode"),
             error=ErrorInfo(**_loads(h["error"])) if h.get("error") else None,
             usage=Usage(**_loads(h["usage"])) if h.get("usage") else None,
             timings=_loads(h.get("timings")) or {},
@@ -460,6 +461,7 @@ class JobQueue:
         usage: dict[str, int] | Usage | None = None,
         timings: dict[str, float] | None = None,
         finish_reason: str | None = None,
+        region_mode: str | None = None,
     ) -> None:
         """Record the terminal state for GET (after the terminal event is written), start the TTL
         (job_ttl_s) on the job hash and its events, and delete its blobs. Counts sr3d_jobs_finished_total."""
@@ -470,6 +472,8 @@ class JobQueue:
             mapping["answer"] = answer
         if finish_reason is not None:
             mapping["finish_reason"] = finish_reason
+        if region_mode is not None:
+            mapping["region_mode"] = region_mode
         if error is not None:
             mapping["error"] = json.dumps(error.model_dump() if isinstance(error, ErrorInfo) else error)
         if usage is not None:

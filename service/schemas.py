@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
+from model.errors import ModelInputError
+from model.region_refs import parse_region_refs
 from service.errors import ApiError
 from service.settings import Settings
 
@@ -203,26 +205,18 @@ class RegionsInput(BaseModel):
 # --------------------------------------------------------------------------------------------------
 # Questions
 
-# Placeholder tokens the model's prompt builder owns; a user typing them could inject media slots.
-_FORBIDDEN_TOKENS = re.compile(r"<\|[^|>]*\|>|<\s*(image|video|region|mask|depth|vila/[^>]*)\s*>", re.IGNORECASE)
-REGION_REF = re.compile(r"<region(\d+)>")
-
-
 def check_question(question: str, n_regions: int, settings: Settings) -> str:
-    """Validate the user question; region references are written <region0>, <region1>, ..."""
+    """Validate the user question at submit: length here, every region-reference rule in the model's own
+    parser (`model.region_refs`), so a question the model would refuse is a 422 before anything is stored."""
     question = question.strip()
     if not question:
         raise ApiError("question_empty", "question must not be empty")
     if len(question) > settings.max_question_chars:
         raise ApiError("question_too_long", f"question is {len(question)} chars > cap {settings.max_question_chars}")
-    bad = _FORBIDDEN_TOKENS.search(question)
-    if bad:
-        raise ApiError("placeholder_in_question", f"question must not contain the reserved token {bad.group(0)!r}")
-    for match in REGION_REF.finditer(question):
-        if int(match.group(1)) >= n_regions:
-            raise ApiError(
-                "region_reference_out_of_range", f"{match.group(0)} refers to a region that was not given ({n_regions} regions)"
-            )
+    try:
+        parse_region_refs(question, n_regions, settings.max_regions)
+    except ModelInputError as e:
+        raise ApiError(e.code, e.message) from None
     return question
 
 
@@ -285,6 +279,8 @@ class JobView(BaseModel):
     media_kind: str | None = None
     answer: str | None = None
     finish_reason: str | None = None
+    # `embedding` (SR-3D's region vectors) or `marks` (regions drawn into the frames); set when done.
+    region_mode: Literal["embedding", "marks"] | None = None
     error: ErrorInfo | None = None
     usage: Usage | None = None
     timings: dict[str, float | str] = Field(default_factory=dict)  # seconds; pointmaps_backend names the backend
@@ -309,6 +305,6 @@ class SubmitResponse(BaseModel):
 #                                                 "encode" (also recorded in the job's `progress` for GET);
 #                                                 {stage: "restream", discard: true} = drop the tokens so far
 #   token    {text}                               the worker: one delta of the answer
-#   done     {job_id, answer, usage, timings, finish_reason}   terminal
+#   done     {job_id, answer, usage, timings, finish_reason, region_mode}   terminal
 #   error    {job_id, code, message}              terminal (also cancellation: code "cancelled")
 TERMINAL_EVENTS = ("done", "error")

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     pointmap_backend: Literal["auto", "multiview", "single", "rgbd", "pose_recovery"] = "auto"
     multiview_model: str | None = Field(None, description="Depth Anything 3 dir (config.json + model.safetensors); unset = tiny random demo DA3")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # How region questions reach the model (model/marks.py): `embedding` = SR-3D's trained region modules,
+    # `marks` = regions drawn into the frames and named in words; `auto` picks by what the checkpoint has.
+    region_mode: Literal["auto", "embedding", "marks"] = "auto"
     worker_concurrency: int = Field(4, ge=1, le=256)
     worker_metrics_port: int = 9100
     # Loopback by default: /metrics is not for the world. Container images set 0.0.0.0 (Dockerfile),
@@ -89,7 +92,7 @@ class Settings(BaseSettings):
     # --- caps (checked by the gateway before anything expensive) --------------------------------
     max_upload_mb: float = Field(64, gt=0)
     max_frames: int = Field(64, ge=1)
-    num_frames: int = Field(16, ge=1)
+    num_frames: int = Field(32, ge=1, description="frames sampled per video by default (SR-3D's paper: 32)")
     max_regions: int = Field(8, ge=1)
     max_masks_per_region: int = Field(8, ge=1)
     max_tokens: int = Field(512, ge=1)

@@ -265,8 +265,12 @@ class Worker:
             raise RuntimeError("engine aborted the request without a cancel")
         answer = stream.text
         timings["total_s"] = round(time.time() - job.created_at, 4)
-        await self.queue.append_event(jid, "done", {"answer": answer, "usage": usage, "timings": timings, "finish_reason": finish_reason})
-        await self.queue.finish(jid, JobStatus.done, answer=answer, usage=usage, timings=timings, finish_reason=finish_reason)
+        # How the regions reached the model (model/marks.py); engines without regions (bench echo) say None.
+        region_mode = getattr(self.engine, "region_mode", None) or None
+        await self.queue.append_event(jid, "done", {"answer": answer, "usage": usage, "timings": timings,
+                                                    "finish_reason": finish_reason, "region_mode": region_mode})
+        await self.queue.finish(jid, JobStatus.done, answer=answer, usage=usage, timings=timings,
+                                finish_reason=finish_reason, region_mode=region_mode)
         metrics.JOB_SECONDS.observe(time.time() - job.created_at)
 
     async def _stage_done(self, jid: str, stage: str, info: dict[str, Any], timings: dict[str, Any]) -> None:

@@ -51,6 +51,24 @@ def tiny_model(tiny_checkpoint: Path):  # type: ignore[no-untyped-def]
 
     torch.set_num_threads(1)
     return load_model(tiny_checkpoint, device="cpu", dtype=torch.float32)
+@pytest.fixture(scope="session")
+def replica_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """NVILA-Lite-8B's layout with Qwen2's real vocabulary (tests/replica.py), tiny random weights."""
+    from tests.replica import build_replica_checkpoint
+
+    try:
+        return build_replica_checkpoint(tmp_path_factory.mktemp("replica") / "nvila-lite-replica", seed=0)
+    except FileNotFoundError as e:  # no network to PyPI and no cached wheel
+        pytest.skip(f"Qwen2 vocabulary unavailable (qwen.tiktoken from the dashscope wheel): {e}")
+
+
+@pytest.fixture(scope="session")
+def replica_model(replica_checkpoint: Path):  # type: ignore[no-untyped-def]
+    import torch
+
+    from model.checkpoint import load_model
+
+    return load_model(replica_checkpoint, device="cpu", dtype=torch.float32)
 # ==== end model section ===========================================================================
 
 

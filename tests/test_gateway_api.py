@@ -104,7 +104,13 @@ TXT = ("notes.png", b"hello, not an image at all", "image/png")
         ("typed <image>", {"image": ("a.png", IMG)}, {"question": "what is <image> here?"}, 422, "placeholder_in_question"),
         ("typed chat token", {"image": ("a.png", IMG)}, {"question": "<|im_start|>system"}, 422, "placeholder_in_question"),
         ("region ref out of range", {"image": ("a.png", IMG)}, {"question": "where is <region1>?", "regions": BOX},
-         422, "region_reference_out_of_range"),
+         422, "region_out_of_range"),
+        ("region never referenced", {"image": ("a.png", IMG)}, {"question": "how far is it?", "regions": BOX},
+         422, "unreferenced_region"),
+        ("bare <region>", {"image": ("a.png", IMG)}, {"question": "where is <region>?", "regions": BOX},
+         422, "placeholder_in_question"),
+        ("non-ASCII digit ref", {"image": ("a.png", IMG)}, {"question": "is <region0> near <region\u0663>?", "regions": BOX},
+         422, "placeholder_in_question"),
         ("max_tokens over cap", {"image": ("a.png", IMG)}, {"question": "q?", "options": '{"max_tokens": 65}'},
          422, "max_tokens_over_cap"),
         ("num_frames over cap", {"image": ("a.png", IMG)}, {"question": "q?", "options": '{"num_frames": 9}'},
@@ -113,14 +119,14 @@ TXT = ("notes.png", b"hello, not an image at all", "image/png")
          422, "options_invalid"),
         ("unknown option", {"image": ("a.png", IMG)}, {"question": "q?", "options": '{"n": 4}'}, 422, "options_invalid"),
         ("options not JSON", {"image": ("a.png", IMG)}, {"question": "q?", "options": "{"}, 400, "options_not_json"),
-        ("unknown mask part", {"image": ("a.png", IMG)}, {"question": "q?", "regions": MASK_REGIONS}, 422, "mask_part_missing"),
+        ("unknown mask part", {"image": ("a.png", IMG)}, {"question": "<region0>?", "regions": MASK_REGIONS}, 422, "mask_part_missing"),
         ("unreferenced file part", {"image": ("a.png", IMG), "m9": ("m9.png", IMG)}, {"question": "q?"}, 422, "unreferenced_part"),
         ("unknown field", {"image": ("a.png", IMG)}, {"question": "q?", "frames": "99"}, 422, "unknown_field"),
         ("text posing as png", {"image": TXT}, {"question": "q?"}, 415, "unsupported_media_type"),
         ("png posing as mp4", {"video": ("clip.mp4", IMG)}, {"question": "q?"}, 415, "unsupported_media_type"),
         ("gif", {"image": ("a.gif", b"GIF89a" + b"\0" * 20)}, {"question": "q?"}, 415, "unsupported_media_type"),
         ("mask not png", {"image": ("a.png", IMG), "m0": ("m0.png", b"\xff\xd8\xff\xe0" + b"\0" * 20)},
-         {"question": "q?", "regions": MASK_REGIONS}, 415, "unsupported_media_type"),
+         {"question": "<region0>?", "regions": MASK_REGIONS}, 415, "unsupported_media_type"),
     ],
     ids=lambda v: v if isinstance(v, str) and " " in v else "",
 )
@@ -130,6 +136,24 @@ def test_bad_input_gets_specific_4xx(gw: str, redis_url: str, name: str, files: 
     assert r.json()["error"]["code"] == code, r.text
     assert r.json()["error"]["message"]
     assert jobs_in_queue(redis_url) == 0
+
+
+def test_unreferenced_region_is_422_before_anything_is_stored(gw: str, redis_url: str) -> None:
+    """The model's own reference rules run at submit: a region the question never mentions is refused
+    before the upload is stored or a job queued (it used to be accepted, decoded, depth-estimated and only
+    then failed in the worker)."""
+    two = json.dumps([{"frame": 0, "box": [1, 1, 8, 8]}, {"frame": 0, "mask": "m0"}])
+    files = {"image": ("a.png", IMG, "image/png"), "m0": ("m0.png", png_bytes(16, 12, "L"), "image/png")}
+    r = post(gw, files=files, data={"question": "how far is <region0>?", "regions": two})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "unreferenced_region" and "[1]" in r.json()["error"]["message"]
+    assert jobs_in_queue(redis_url) == 0
+    rc = redis_sync.Redis.from_url(redis_url)
+    assert rc.keys("sr3d:blob:*") == [] and rc.keys("sr3d:job:*") == []
+    # the same request with both regions referenced is accepted (the rule, not the form, decided)
+    ok = post(gw, files=files, data={"question": "is <region0> left of <region1>?", "regions": two})
+    assert ok.status_code == 202, ok.text
+    assert rc.keys("sr3d:blob:*")
 
 
 def test_not_multipart_is_415(gw: str) -> None:

@@ -11,6 +11,7 @@ import pytest
 from service.api.errors import status_for
 from PIL import Image
 
+from model.errors import CodedError
 from model.geometry import (
     RGBDBackend,
     SceneError,
@@ -160,7 +161,8 @@ def test_bad_scenes(mutate, code) -> None:
     mutate(arrays)
     with pytest.raises(SceneError) as e:
         load_scene_npz(_npz(**arrays))
-    assert e.value.code == code and 400 <= status_for(e.value.code) < 500
+    assert e.value.code == code and e.value.message and 400 <= status_for(e.value.code) < 500
+    assert isinstance(e.value, CodedError)
 
 
 def test_scene_without_poses_loads_for_pose_recovery() -> None:

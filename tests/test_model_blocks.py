@@ -218,7 +218,7 @@ def test_pool_region_matches_hand_computation() -> None:
 
 # ------------------------------------------------------------------ prompt
 def test_prompt_layout_and_expansion(cfg: SR3DConfig, tok) -> None:  # type: ignore[no-untyped-def]
-    lay = build_prompt("Is <region1> left of <region0>?", [3, 3], 2, tok, cfg)
+    lay = build_prompt("Is <region1> left of <region0>?", 6, False, 2, tok, cfg)
     text = tok.decode(lay.input_ids)
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\n<image>\n")
     assert text.endswith("Is Region [1] <region> left of Region [0] <region>?<|im_end|>\n<|im_start|>assistant\n")
@@ -229,7 +229,7 @@ def test_prompt_layout_and_expansion(cfg: SR3DConfig, tok) -> None:  # type: ign
     assert ids[pos[120] + 1] == lay.newline_ids[0]  # every tile's 121 slots are followed by "\n"
     assert ids.count(lay.region_token_id) == 2
     # the visual prefix is identical for different questions on the same media (prefix caching)
-    other, _ = expand_prompt(build_prompt("What is <region0> and <region1>?", [3, 3], 2, tok, cfg))
+    other, _ = expand_prompt(build_prompt("What is <region0> and <region1>?", 6, False, 2, tok, cfg))
     n = ids.index(lay.region_token_id) - 8
     assert other[:n] == ids[:n]
 
@@ -248,5 +248,5 @@ def test_prompt_layout_and_expansion(cfg: SR3DConfig, tok) -> None:  # type: ign
 )
 def test_prompt_rejects(cfg: SR3DConfig, tok, question: str, regions: int, code: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ModelInputError) as e:
-        build_prompt(question, [1], regions, tok, cfg)
+        build_prompt(question, 1, False, regions, tok, cfg)
     assert e.value.code == code

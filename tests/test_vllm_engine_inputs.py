@@ -20,7 +20,8 @@ def engine(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):  # 
     from transformers import AutoTokenizer
 
     from model.config import config_from_dict
-    from service.engines.vllm_engine import VLLMEngine, resolve_flat_checkpoint, stop_token_ids
+    from model.prompt import stop_token_ids
+    from service.engines.vllm_engine import VLLMEngine, resolve_flat_checkpoint
 
     data = tmp_path_factory.mktemp("vllm-data")
     flat = resolve_flat_checkpoint(str(tiny_checkpoint), data)
@@ -30,6 +31,7 @@ def engine(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):  # 
     eng.config = config_from_dict(json.loads((flat / "config.json").read_text()))
     eng.tokenizer = AutoTokenizer.from_pretrained(str(flat))
     eng._stop_ids = stop_token_ids(eng.tokenizer)
+    eng.region_mode = "embedding"  # the tiny demo carries (random) SR-3D region modules
     return eng
 
 

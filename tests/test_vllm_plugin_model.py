@@ -21,41 +21,10 @@ from model.inputs import RegionMask, SpatialQuery  # noqa: E402
 
 @pytest.fixture(scope="module")
 def vllm_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch_module):  # type: ignore[no-untyped-def]
-    import vllm.model_executor.layers.attention.attention as attention
-    from safetensors.torch import load_file
-    from vllm.config import DeviceConfig, ModelConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed import (
-        destroy_distributed_environment,
-        destroy_model_parallel,
-        init_distributed_environment,
-        initialize_model_parallel,
-    )
-    from vllm.plugins import load_general_plugins
-    from vllm.v1.attention.backends.flex_attention import FlexAttentionBackend
+    from tests.vllm_support import cpu_vllm_model
 
-    from model.checkpoint import convert_to_flat
-
-    torch.set_num_threads(1)
-    tmp = tmp_path_factory.mktemp("vllm-model")
-    flat = tmp / "flat"
-    convert_to_flat(tiny_checkpoint, flat)
-    load_general_plugins()
-    mc = ModelConfig(model=str(flat), tokenizer=str(flat), max_model_len=4096, dtype="float32")
-    vc = VllmConfig(model_config=mc, device_config=DeviceConfig("cpu"))
-    monkeypatch_module.setattr(attention, "get_attn_backend", lambda *a, **k: FlexAttentionBackend)
-    with set_current_vllm_config(vc):
-        init_distributed_environment(world_size=1, rank=0, local_rank=0,
-                                     distributed_init_method=f"file://{tmp / 'dist'}", backend="gloo")
-        initialize_model_parallel(1, 1)
-        try:
-            from model.vllm_plugin.modeling import SR3DForConditionalGeneration
-
-            model = SR3DForConditionalGeneration(vllm_config=vc).eval()
-            loaded = model.load_weights(load_file(str(flat / "model.safetensors")).items())
-            yield {"model": model, "loaded": loaded, "model_config": mc}
-        finally:
-            destroy_model_parallel()
-            destroy_distributed_environment()
+    with cpu_vllm_model(tiny_checkpoint, tmp_path_factory.mktemp("vllm-model"), monkeypatch_module) as built:
+        yield built
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +44,7 @@ def test_embed_multimodal_equals_model_core(vllm_model, tiny_model) -> None:  # 
     from vllm.multimodal.processing import ProcessorInputs, TimingContext
     from vllm.multimodal.utils import group_and_batch_mm_kwargs
 
-    from model.prompt import build_prompt
-    from model.tiling import frame_grid, tiles_for_grid
+    from model.prompt import layout_query
     from model.vllm_plugin.processing import prepare_item
 
     rng = np.random.default_rng(0)
@@ -94,8 +62,7 @@ def test_embed_multimodal_equals_model_core(vllm_model, tiny_model) -> None:  # 
     cfg, tok = proc.info.get_hf_config(), proc.info.get_tokenizer()
     items = []
     for q in queries:
-        n, h, w = q.frames.shape[:3]
-        lay = build_prompt(q.question, [tiles_for_grid(frame_grid(w, h, q.is_video, cfg))] * n, len(q.regions), tok, cfg)
+        _, lay = layout_query(q, tok, cfg, context=1 << 20)
         mm = proc.info.parse_mm_data({"image": prepare_item(q, lay.region_order, cfg)})
         items.append(("image", proc.apply(ProcessorInputs(lay.input_ids, mm, None), TimingContext(enabled=False))["mm_kwargs"]["image"][0]))
     # both items in one encoder batch, as vLLM's model runner does

@@ -54,14 +54,11 @@ def run(proc, query: SpatialQuery, uuid: str | None = None, header: bool = False
     the processor cache holds, its header)."""
     from vllm.multimodal.processing import ProcessorInputs, TimingContext
 
-    from model.prompt import build_prompt
-    from model.tiling import frame_grid, tiles_for_grid
+    from model.prompt import layout_query
     from model.vllm_plugin.processing import header_item, prepare_item
 
     cfg, tok = proc.info.get_hf_config(), proc.info.get_tokenizer()
-    n, h, w = query.frames.shape[:3]
-    per_frame = tiles_for_grid(frame_grid(w, h, query.is_video, cfg))
-    layout = build_prompt(query.question, [per_frame] * n, len(query.regions), tok, cfg)
+    _, layout = layout_query(query, tok, cfg, context=1 << 20)
     make = header_item if header else prepare_item
     items = proc.info.parse_mm_data({"image": make(query, layout.region_order, cfg)})
     uuids = {"image": [uuid]} if uuid else None

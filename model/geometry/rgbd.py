@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from model.errors import CodedError
 from model.geometry.intrinsics import broadcast_intrinsics
 from model.geometry.project import backproject, finalize
 from model.geometry.types import PointMaps
@@ -19,14 +20,8 @@ MAX_SCENE_PIXELS = 3840 * 2160
 _DEPTH_DTYPES = {np.dtype(t) for t in ("uint16", "float16", "float32", "float64")}
 
 
-class SceneError(ValueError):
-    """Invalid RGB-D scene upload; `code` is stable, answered as 422 (400 when not an npz at all)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.http_status = 400 if code == "invalid_scene_file" else 422
+class SceneError(CodedError, ValueError):
+    """Invalid RGB-D scene upload (a client error); `code` is stable, the API layer picks the status."""
 
 
 @dataclass

@@ -78,6 +78,12 @@ class SR3DForConditionalGeneration(nn.Module, SupportsMultiModal):
                 architectures=["Qwen2ForCausalLM"],
             )
         self.make_empty_intermediate_tensors = self.llm.make_empty_intermediate_tensors
+        # `<region>` (and on some checkpoints the media tokens) lie past the embedding table: VILA resizes it to
+        # its own tokens and SR-3D's placeholder comes after. vLLM then masks placeholder positions to id 0
+        # before the text-embedding lookup (as gemma3 does) instead of relying on a padded table.
+        ids = getattr(config, "sr3d_token_ids", None)
+        vocab = int(config.text_config.vocab_size)
+        self.configure_mm_token_handling(vocab, list(ids.values()) if ids else [vocab])
 
     # ------------------------------------------------------------------ multimodal
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:

@@ -1,8 +1,8 @@
 """vLLM multimodal processing for SR-3D: one `image` item = frames + point maps + region masks.
 
-Layout (the model core's, `model.prompt`): the prompt the engine sends is `build_prompt(...).input_ids`,
-i.e. one `<image>` per tile (the visual prefix, first) and one `<region>` per `<regionK>` reference in the
-question. The processor tiles the item with `model.tiling` and expands the prompt with
+Layout (the model core's, `model.prompt`): the prompt the engine sends is `layout_query(...)[1].input_ids`,
+i.e. one `<image>` per image tile / video frame (the visual prefix, first) and one `<region>` per
+`<regionK>` reference in the question. The processor tiles the item with `model.tiling` and expands the prompt with
 `model.prompt.expand_prompt`, so both engines feed the LLM the same token layout.
 
 One item has ONE PlaceholderRange from its first image slot to its last region slot; `is_embed` selects
@@ -60,7 +60,7 @@ from model.inputs import RegionMask, SpatialQuery
 from model.pos3d import pool_points_to_patches
 from model.prompt import PromptLayout, build_prompt, expand_prompt, prompt_token_count, special_token_id
 from model.regions import pool_region
-from model.tiling import frame_grid, tile_query, tiles_for_grid, validate_query
+from model.tiling import frame_grid, tile_query, tiles_for_grid
 
 # A question may reference a region more than once ("is <region0> bigger than <region1>; where is <region0>?");
 # each reference is one slot. Slots are capped so get_mm_max_tokens_per_item has a finite worst case.
@@ -90,8 +90,8 @@ def _check_order(query: SpatialQuery, order: list[int], config: SR3DConfig) -> N
 
 
 def header_item(query: SpatialQuery, region_order: Sequence[int], config: SR3DConfig) -> SR3DItem:
-    """What the processor needs for the prompt layout only (cheap): for an item vLLM's cache already holds."""
-    validate_query(query, config)
+    """What the processor needs for the prompt layout only (cheap): for an item vLLM's cache already holds.
+    The query was validated by `model.prompt.layout_query` (the engine's one check; not repeated here)."""
     order = [int(k) for k in region_order]
     _check_order(query, order, config)
     n, h, w = query.frames.shape[:3]
@@ -196,7 +196,8 @@ class SR3DProcessingInfo(BaseProcessingInfo):
     def _layout(self, num_tiles: int, region_order: list[int]) -> PromptLayout:
         question = " ".join(f"<region{k}>" for k in region_order) or "?"
         regions = max(region_order) + 1 if region_order else 0
-        return build_prompt(question, [1] * num_tiles, regions, self.get_tokenizer(), self.get_hf_config())
+        # The image layout (a literal newline per tile) is the costlier one: budgets from it are upper bounds.
+        return build_prompt(question, num_tiles, False, regions, self.get_tokenizer(), self.get_hf_config())
 
     def max_tiles_per_item(self, seq_len: int) -> int:
         """Most tiles one item can have: a `max_frames` video or a `max_tiles` image + thumbnail, capped so the

@@ -196,7 +196,8 @@ def _view_from_event(view: JobView, type_: str, data: dict[str, Any]) -> JobView
     if data.get("usage"):
         update["usage"] = data["usage"]
     if type_ == "done":
-        update.update(status=JobStatus.done, answer=data.get("answer"), finish_reason=data.get("finish_reason"))
+        update.update(status=JobStatus.done, answer=data.get("answer"), finish_reason=data.get("finish_reason"),
+                      region_mode=data.get("region_mode"))
     else:
         update.update(status=JobStatus.cancelled if data.get("code") == "cancelled" else JobStatus.failed,
                       error={"code": str(data.get("code")), "message": str(data.get("message"))})

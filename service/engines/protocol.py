@@ -25,6 +25,7 @@ class EngineRequest:
 @runtime_checkable
 class Engine(Protocol):
     name: str
+    region_mode: str  # "embedding" | "marks", known once started (model/marks.py)
 
     async def start(self) -> None:
         """Load weights and run one warm-up generation; readiness depends on it."""

@@ -69,6 +69,7 @@ class TorchEngine:
         *,
         data_dir: str = "./var",
         device: str = "auto",
+        region_mode: str = "auto",
         max_batch: int = 8,
         batch_window_s: float = 0.01,
         prepare_workers: int = 2,
@@ -77,6 +78,8 @@ class TorchEngine:
         self.model_path = model_path
         self.data_dir = data_dir
         self.device = device
+        self.region_mode_setting = region_mode
+        self.region_mode = ""  # resolved when the checkpoint is loaded
         self.max_batch = max(1, max_batch)
         self.batch_window_s = batch_window_s
         self.warmup = warmup
@@ -99,8 +102,11 @@ class TorchEngine:
         path = self.model_path or str(await loop.run_in_executor(None, ensure_tiny_checkpoint, self.data_dir))
         device = str(resolve_device(self.device))
         t0 = time.perf_counter()
-        self.model = await loop.run_in_executor(self._decode_pool, lambda: load_model(path, device=device))
-        log.info("engine loaded checkpoint", extra={"path": path, "device": device, "seconds": time.perf_counter() - t0})
+        self.model = await loop.run_in_executor(self._decode_pool, lambda: load_model(path, device=device,
+                                                                                 region_mode=self.region_mode_setting))
+        self.region_mode = self.model.region_mode
+        log.info("engine loaded checkpoint", extra={"path": path, "device": device, "region_mode": self.region_mode,
+                                                    "seconds": time.perf_counter() - t0})
         self._ready_q = asyncio.Queue()
         self._batcher = asyncio.create_task(self._batch_loop(), name="sr3d-torch-batcher")
         if self.warmup:

@@ -29,9 +29,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from model.checkpoint import check_servable
 from model.config import SR3DConfig, config_from_dict
 from model.errors import ModelInputError
 from model.inputs import GenerationParams, SpatialQuery, TokenDelta
+from model.marks import resolve_region_mode
+from model.prompt import stop_token_ids
 from service import metrics
 from service.build_once import build_once
 from service.engines.protocol import EngineError, EngineRequest, warm_up
@@ -77,16 +80,6 @@ def region_digest(query: SpatialQuery, region_order: list[int]) -> str:
     return h.hexdigest()
 
 
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """The core's stop rule: EOS, <|im_end|>, <|endoftext|> (whichever the tokenizer has)."""
-    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    for tok in ("<|im_end|>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ids.add(tid)
-    return sorted(ids)
-
-
 # ------------------------------------------------------------------------------ engine
 class VLLMEngine:
     name = "vllm"
@@ -94,6 +87,8 @@ class VLLMEngine:
     def __init__(self, settings: Settings, *, engine_args: dict[str, Any] | None = None, warmup: bool = True) -> None:
         self.settings = settings
         self.vllm_settings = settings.vllm
+        self.region_mode_setting = settings.region_mode
+        self.region_mode = ""  # resolved from the checkpoint at start
         self.extra_args = dict(engine_args or {})
         self.warmup = warmup
         self.llm: Any = None
@@ -138,8 +133,11 @@ class VLLMEngine:
         model_dir = await loop.run_in_executor(None, resolve_flat_checkpoint, self.settings.model, self.settings.data_dir)
         self.model_dir = model_dir
         self.config = config_from_dict(json.loads((model_dir / "config.json").read_text()))
+        check_servable(self.config, model_dir)  # a flat dir given directly skipped the conversion's check
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self._stop_ids = stop_token_ids(self.tokenizer)
+        self.region_mode = resolve_region_mode(self.region_mode_setting, bool(self.config.region_cfg.get("trained")))
+        log.info("region mode", extra={"region_mode": self.region_mode})
         args = AsyncEngineArgs(**self.engine_args(model_dir))
         t0 = time.perf_counter()
         # Engine start spawns the engine-core process and compiles; keep the event loop (health checks) alive.
@@ -165,22 +163,17 @@ class VLLMEngine:
         """-> (vLLM token prompt with multi_modal_data/uuids, expanded prompt length). Checks every cap
         (context included) first, then prepares the item (the CPU-heavy part; run it in `_prepare_pool`),
         unless `is_cached(uuid)` says vLLM's processor cache holds it: then only its header is sent."""
-        from model.prompt import build_prompt
-        from model.tiling import frame_grid, tiles_for_grid, validate_query
+        from model.prompt import layout_query
         from model.vllm_plugin.processing import header_item, prepare_item
 
         cfg = self.config
         assert cfg is not None
-        validate_query(query, cfg)
-        n, h, w = query.frames.shape[:3]
-        per_frame = tiles_for_grid(frame_grid(w, h, query.is_video, cfg))
-        layout = build_prompt(query.question, [per_frame] * n, len(query.regions), self.tokenizer, cfg)
-        limit = self.vllm_settings.max_model_len
-        if layout.num_tokens + max_tokens > limit:
-            raise ModelInputError(
-                "prompt_too_long", f"prompt {layout.num_tokens} + max_tokens {max_tokens} > context {limit}"
-            )
-        uuid = f"{query.media_key}/{region_digest(query, layout.region_order)}" if query.media_key else None
+        # The uuid names what determines the item's embeddings: the media, the regions and how they are fed.
+        original = query
+        query, layout = layout_query(query, self.tokenizer, cfg, self.vllm_settings.max_model_len,
+                                     reserve=max_tokens, region_mode=self.region_mode)
+        digest = region_digest(original, layout.region_order if self.region_mode == "embedding" else [-1])
+        uuid = f"{query.media_key}/{digest}" if query.media_key else None
         cached = uuid is not None and is_cached is not None and is_cached(uuid)
         item = (header_item if cached else prepare_item)(query, layout.region_order, cfg)
         prompt: dict[str, Any] = {"prompt_token_ids": layout.input_ids, "multi_modal_data": {"image": item}}

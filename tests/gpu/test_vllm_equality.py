@@ -1,5 +1,6 @@
 """(a) Greedy tokens from the vLLM engine (SR-3D plugin, continuous batching) equal the model core's `generate`
-on the tiny checkpoint, for a batch of varied requests sent concurrently.
+on the tiny checkpoint and on the NVILA-Lite replica (Qwen2's real vocabulary), for a batch of varied requests
+sent concurrently.
 
 float32 on both sides by default (SR3D_GPU_TEST_DTYPE=bfloat16 to try bf16): the two stacks use different
 kernels (vLLM's SigLIP/attention vs transformers SDPA), so only float32 makes "same greedy tokens" a sharp test.
@@ -46,11 +47,21 @@ def requests() -> dict[str, SpatialQuery]:
     }
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from model.checkpoint import build_tiny_checkpoint
+@pytest.fixture(scope="module", params=["tiny", "replica"])
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny: the demo checkpoint (region embeddings); replica: NVILA-Lite-8B's layout with Qwen2's real
+    vocabulary (tests/replica.py; no region modules -> `marks` mode on both sides). The replica needs
+    qwen.tiktoken in SR3D_TEST_CACHE (the GPU machine has no network: populate the cache before staging)."""
+    if request.param == "tiny":
+        from model.checkpoint import build_tiny_checkpoint
 
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("gpu-tiny") / "nvila", seed=0)
+        return build_tiny_checkpoint(tmp_path_factory.mktemp("gpu-tiny") / "nvila", seed=0)
+    from tests.replica import build_replica_checkpoint
+
+    try:
+        return build_replica_checkpoint(tmp_path_factory.mktemp("gpu-replica") / "nvila-lite", seed=0)
+    except FileNotFoundError as e:
+        pytest.skip(f"Qwen2 vocabulary unavailable (qwen.tiktoken in SR3D_TEST_CACHE): {e}")
 
 
 def test_vllm_greedy_tokens_equal_model_core(checkpoint: Path, tmp_path: Path) -> None:
