@@ -149,6 +149,10 @@ def check_question(question: str, n_regions: int, settings: Settings) -> str:
             raise ApiError(
                 "region_reference_out_of_range", f"{match.group(0)} refers to a region that was not given ({n_regions} regions)"
             )
+    # The prompt builder refuses a region that has no slot; refuse it here, before the upload is stored.
+    missing = sorted(set(range(n_regions)) - {int(m.group(1)) for m in REGION_REF.finditer(question)})
+    if missing:
+        raise ApiError("unreferenced_region", f"region(s) {missing} given but never referenced as <regionK> in the question")
     return question
 
 
