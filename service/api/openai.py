@@ -48,6 +48,7 @@ from service.api.openai_schemas import (
     ModelCard,
     ModelList,
     TextPart,
+    inline_schema,
 )
 from service.api.submission import Submission, check_fields, store_and_submit, wait_for_terminal
 from service.errors import ApiError
@@ -58,7 +59,9 @@ from service.sse import SSE_HEADERS
 JOB_HEADER = "X-SR3D-Job-Id"
 PART_TYPES = ("text", "image_url", "video_url")
 MAX_STOP = 4  # OpenAI's limit on stop sequences
-NO_RETRY = {"x-should-retry": "false"}  # the openai client would otherwise resubmit on 408/409/5xx
+NO_RETRY = {"x-should-retry": "false"}
+FILE_PURPOSES = ("vision", "user_data")  # OpenAI's purposes for media inputs
+_STARTED = int(time.time())  # the openai client would otherwise resubmit on 408/409/5xx
 
 
 class OpenAIError(ApiError):
@@ -122,11 +125,11 @@ async def list_models(_: Caller = Depends(authenticate), gw: GatewayState = Depe
     return ModelList(data=[ModelCard(id=gw.settings.served_model_name, created=_STARTED)])
 
 
-_STARTED = int(time.time())
-FILE_PURPOSES = ("vision", "user_data")
-
-
-@router.post("/files", response_model=FileObject, summary="Upload an image or video to reference as sr3d-media://<id>")
+@router.post("/files", response_model=FileObject, summary="Upload an image or video to reference as sr3d-media://<id>",
+             openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                 "type": "object", "required": ["file", "purpose"],
+                 "properties": {"file": {"type": "string", "format": "binary", "description": "png/jpeg/mp4/mov/webm/mkv"},
+                                "purpose": {"type": "string", "enum": list(FILE_PURPOSES)}}}}}}})
 async def upload_file(request: Request, caller: Caller = Depends(rate_limited), gw: GatewayState = Depends(state)) -> FileObject:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise OpenAIError("unsupported_media_type", "send multipart/form-data with `file` and `purpose`")
@@ -240,6 +243,8 @@ def split_masks(regions: list[Any]) -> tuple[list[Any], dict[str, str]]:
     responses={200: {"content": {"text/event-stream": {}}, "description": "chat.completion, or chat.completion.chunk "
                      "events ending in `data: [DONE]` when stream is true"}},
     summary="OpenAI-compatible chat completion about one image or video (regions: extension field)",
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": inline_schema(ChatCompletionRequest)}}}},
 )
 async def chat_completions(request: Request, caller: Caller = Depends(rate_limited),
                            gw: GatewayState = Depends(state)) -> Response:
