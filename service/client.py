@@ -85,6 +85,10 @@ def stream_id_key(entry_id: str) -> tuple[int, int]:
 async def iter_sse(response: httpx.Response) -> AsyncIterator[SSEEvent]:
     """The stream's events (httpx-sse parses the WHATWG framing), data decoded as JSON where it is JSON."""
     async for sse in EventSource(response).aiter_sse():
+        if sse.event == "message" and not sse.data:
+            # A keep-alive comment: httpx-sse dispatches it as an empty event carrying the last id
+            # (the WHATWG parser dispatches nothing when the data buffer is empty).
+            continue
         try:
             payload: Any = json.loads(sse.data)
         except ValueError:

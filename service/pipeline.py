@@ -24,6 +24,7 @@ import numpy as np
 from model.errors import ModelInputError
 from model.inputs import RegionMask, SpatialQuery
 from service import metrics
+from service.blobs import BlobStore
 from service.build_once import build_once
 from service.media import MediaError, MediaLimits, decode_image, decode_video, mask_from_box, mask_from_png, resize_mask
 from service.schemas import BoxRegion, JobSpec, MaskRef
@@ -148,7 +149,7 @@ class Decoded:
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, blobs: Any, backend: Any, cache: Any | None = None) -> None:
+    def __init__(self, settings: Settings, blobs: BlobStore, backend: Any, cache: Any | None = None) -> None:
         self.settings = settings
         self.blobs = blobs
         self.backend = backend

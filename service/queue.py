@@ -382,12 +382,13 @@ class JobQueue:
         """A `progress` event {stage, **info}, and the same stage merged into the job hash so
         GET /v1/spatial-qa/{id} shows it: progress = {"stage": latest, "stages": {stage: info}}.
         Only the worker that owns the job writes it, so read-merge-write does not race."""
-        current = _loads(await self.redis.hget(job_key(job_id), "progress")) or {}
-        progress = {"stage": stage, "stages": {**current.get("stages", {}), stage: info}}
+        status, raw = await self.redis.hmget(job_key(job_id), ["status", "progress"])
+        progress = {"stage": stage, "stages": {**(_loads(raw) or {}).get("stages", {}), stage: info}}
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(events_key(job_id), {"type": "progress", "data": json.dumps({"stage": stage, **info})})
-            pipe.hset(job_key(job_id), "progress", json.dumps(progress))
-            entry_id, _ = await pipe.execute()
+            if status is not None:  # never recreate an expired job's hash (it would have no TTL)
+                pipe.hset(job_key(job_id), "progress", json.dumps(progress))
+            entry_id = (await pipe.execute())[0]
         return entry_id
 
     async def finish(

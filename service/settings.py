@@ -54,10 +54,10 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     worker_concurrency: int = Field(4, ge=1, le=256)
     worker_metrics_port: int = 9100
-    # The torch engine waits this long for concurrent requests to join one batch.
     # Point maps of recent uploads, so a second question on a video skips decode and depth
     # (one 16-frame 640x360 clip is ~44 MB).
     pointmap_cache_mb: int = Field(256, ge=0)
+    # The torch engine waits this long for concurrent requests to join one batch.
     torch_batch_window_ms: float = Field(10, ge=0, le=1000)
     drain_timeout_s: float = Field(60, ge=0, description="on SIGTERM, in-flight jobs get this long to finish")
     # Read from its own SR3D_VLLM_* variables when Settings is built.

@@ -9,5 +9,11 @@
   ops.py         /healthz /readyz /metrics
   errors.py      error code -> HTTP status (the one table) and the exception handlers
 
+Adding a router (e.g. an OpenAI-compatible one): an APIRouter in its own module whose routes depend
+on `deps.rate_limited` (or `authenticate`) and `deps.state`, build a `submission.Submission` from their
+wire format (file objects may be io.BytesIO), call `check_fields` and `store_and_submit`, then
+`wait_for_terminal` or `service.sse.sse_response`; raise ApiError(code, message) and list any new code's
+status in errors.py; one `include_router` line in app.py.
+
 No PyAV, no tensors here: the worker probes media and reports media errors as `error` events.
 """
