@@ -25,6 +25,8 @@ import pytest
 import redis as redis_sync
 from PIL import Image
 
+from service.api.openai import TextGate
+from service.errors import ApiError
 from service.media_fetch import is_public
 from service.queue import JOBS
 from tests.conftest import run_gateway
@@ -317,6 +319,22 @@ def test_is_public(addr: str, public: bool) -> None:
     assert is_public(ipaddress.ip_address(addr)) is public
 
 
+def test_text_gate_holds_back_stop_prefixes_and_never_takes_text_back() -> None:
+    gate = TextGate(["END"])
+    assert gate.advance("The bottle E", final=False) == "The bottle"  # " E" could still start "END"
+    assert gate.advance("The bottle EN", final=False) == " " and not gate.stopped
+    assert gate.advance("The bottle ENDS here", final=False) == "" and gate.stopped
+    assert gate.sent == "The bottle "
+    plain = TextGate([])
+    assert plain.advance("abc", final=False) == "abc"
+    # a restarted job (restream) regenerates from scratch: nothing is re-sent while it catches up
+    assert plain.advance("ab", final=False) == "" and plain.advance("abcd", final=False) == "d"
+    assert plain.advance("abcde", final=True) == "e"
+    with pytest.raises(ApiError) as info:
+        plain.advance("abX", final=False)
+    assert info.value.code == "restream_diverged"
+
+
 # ==================================================================================================
 # Part B: a real `sr3d serve` with the tiny checkpoint
 
@@ -424,3 +442,21 @@ def test_uploaded_video_streams_and_resumes_through_the_job_routes(service: str)
     assert job_view(service, job_id)["answer"] == text
     assert c.files.delete(f.id).deleted  # the job keeps its own copy
     assert job_view(service, job_id)["status"] == "done"
+
+
+def test_job_failing_in_the_worker_is_an_openai_error_streamed_or_not(service: str) -> None:
+    """A mask whose size does not match the clip passes the gateway (it does not decode video) and
+    fails in the worker: non-streamed, a 4xx that the client does not retry; streamed, an error
+    object in the stream that the openai client raises."""
+    c = client_for(service)
+    kwargs: dict[str, Any] = {
+        "model": "sr3d", "max_tokens": 4, "messages": video_msg(data_url("video/mp4", find_fixture(BOTTLE_NAME).read_bytes()),
+                                                                "What is <region0>?"),
+        "extra_body": {"regions": [{"frame": 0, "mask": data_url("image/png", mask_png(32, 32, [1, 1, 9, 9]))}]}}
+    err = refused(lambda: c.chat.completions.create(**kwargs))
+    assert err.status_code == 422 and err.code == "mask_size_mismatch", err.body
+    assert err.response.headers["x-should-retry"] == "false"
+    assert job_view(service, err.response.headers["X-SR3D-Job-Id"])["status"] == "failed"
+    with pytest.raises(openai.APIError) as info:
+        list(c.chat.completions.create(**kwargs, stream=True))
+    assert isinstance(info.value.body, dict) and info.value.body["code"] == "mask_size_mismatch"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
@@ -55,6 +56,8 @@ from service.errors import ApiError
 from service.queue import Event
 from service.schemas import JobStatus, JobView, Usage
 from service.sse import SSE_HEADERS
+
+log = logging.getLogger("sr3d.gateway")
 
 JOB_HEADER = "X-SR3D-Job-Id"
 PART_TYPES = ("text", "image_url", "video_url")
@@ -101,8 +104,11 @@ class OpenAIRoute(APIRoute):
         async def wrapped(request: Request) -> Response:
             try:
                 return await handler(request)
-            except RedisError:
-                raise  # the app's handler: 503 + Retry-After
+            except RedisError as e:
+                log.error("redis error", extra={"error": repr(e)})
+                retry = str(request.app.state.gw.settings.retry_after_s)
+                return openai_response(OpenAIError("redis_unavailable", "the job store is unavailable; retry later",
+                                                   headers={"Retry-After": retry}))
             except StarletteHTTPException as e:  # e.g. a malformed multipart body
                 return openai_response(OpenAIError("bad_request", str(e.detail), status=e.status_code))
             except Exception as e:

@@ -53,7 +53,6 @@ ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="t
 class UserMessage(_Strict):
     role: Literal["user"]
     content: list[ContentPart]
-    name: str | None = None  # OpenAI's participant name: harmless, kept out of the prompt
 
     @field_validator("content", mode="before")
     @classmethod
