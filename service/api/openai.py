@@ -62,9 +62,9 @@ log = logging.getLogger("sr3d.gateway")
 JOB_HEADER = "X-SR3D-Job-Id"
 PART_TYPES = ("text", "image_url", "video_url")
 MAX_STOP = 4  # OpenAI's limit on stop sequences
-NO_RETRY = {"x-should-retry": "false"}
+NO_RETRY = {"x-should-retry": "false"}  # the openai client would otherwise resubmit on 408/409/5xx
 FILE_PURPOSES = ("vision", "user_data")  # OpenAI's purposes for media inputs
-_STARTED = int(time.time())  # the openai client would otherwise resubmit on 408/409/5xx
+_STARTED = int(time.time())  # the model card's `created`
 
 
 class OpenAIError(ApiError):
@@ -88,11 +88,12 @@ def _param_of(code: str, message: str) -> str | None:
     return {"max_tokens_over_cap": "max_tokens", "num_frames_over_cap": "num_frames"}.get(code)
 
 
-def openai_response(exc: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+def openai_response(exc: Any) -> JSONResponse:
+    """Any coded error (ApiError, OpenAIError, the model's and the decoder's) as OpenAI's error body."""
     status = getattr(exc, "status", None) or status_for(exc.code)
     param = getattr(exc, "param", None) or _param_of(exc.code, exc.message)
     return JSONResponse(openai_error_body(exc.code, exc.message, status, param), status_code=status,
-                        headers={**(getattr(exc, "headers", None) or {}), **(headers or {})})
+                        headers=getattr(exc, "headers", None) or None)
 
 
 class OpenAIRoute(APIRoute):
@@ -281,6 +282,10 @@ async def chat_completions(request: Request, caller: Caller = Depends(rate_limit
         async with contextlib.AsyncExitStack() as stack:
             media_file, filename = await open_media(gw, caller, url, kind, stack)
             masks = {name: (await open_media(gw, caller, u, "mask", stack))[0] for name, u in mask_urls.items()}
+            # Files referenced by id are each under the cap; together they get the multipart body's bound.
+            total = sum(f.seek(0, 2) for f in (media_file, *masks.values()))
+            if total > settings.max_upload_bytes + 1024 * 1024:
+                raise OpenAIError("upload_too_large", f"media and masks are {total} bytes together, over the cap")
             sub = Submission(media=media_file, media_kind=kind, media_filename=filename, question=question,
                              regions=regions, masks=masks, scene=None, options=opts)
             job_id, _ = await store_and_submit(gw, sub, caller, idem)
