@@ -273,6 +273,34 @@ def test_files_are_owner_only_typed_and_deletable(gw: str, redis_url: str) -> No
         r.close()
 
 
+def test_rate_limit_idempotency_and_metrics_are_the_job_api_s(redis_url: str) -> None:
+    """Same bucket, same Idempotency-Key semantics, same request metrics as POST /v1/spatial-qa."""
+    kwargs: dict[str, Any] = {"model": "sr3d", "messages": image_msg(IMG_URL), "extra_body": {"regions": REGION}}
+    def timed_out_count(base: str) -> float:
+        line = 'sr3d_http_requests_total{method="POST",route="/v1/chat/completions",status="504"}'
+        found = [ln.split()[-1] for ln in httpx.get(f"{base}/metrics").text.splitlines() if ln.startswith(line)]
+        return float(found[0]) if found else 0.0
+
+    with run_gateway(redis_url, api_keys=[KEY], wait_timeout_s=0.5) as base:
+        c = client_for(base)
+        before = timed_out_count(base)
+        ids = [refused(lambda: c.chat.completions.create(**kwargs, extra_headers={"Idempotency-Key": "oa-1"}))
+               .response.headers["X-SR3D-Job-Id"] for _ in range(2)]
+        assert ids[0] == ids[1] and jobs_in_queue(redis_url) == 1
+        # the multipart route sees the same job under the same key
+        r = httpx.post(f"{base}/v1/spatial-qa", headers={"Authorization": f"Bearer {KEY}", "Idempotency-Key": "oa-1"},
+                       files={"image": ("a.png", png_bytes(), "image/png")}, data={"question": "What is <region0>?",
+                                                                                   "regions": '[{"frame":0,"box":[1,1,20,20]}]'})
+        assert r.status_code in (200, 202) and r.json()["job_id"] == ids[0]
+        assert timed_out_count(base) == before + 2
+    with run_gateway(redis_url, api_keys=[KEY], rate_limit_per_min=1, rate_limit_burst=1) as base:
+        c = client_for(base)
+        assert refused(lambda: c.chat.completions.create(**{**kwargs, "n": 3})).status_code == 400  # takes the token
+        err = refused(lambda: c.chat.completions.create(**kwargs))
+        assert (err.status_code, err.code, err.type) == (429, "rate_limited", "rate_limit_error")
+        assert int(err.response.headers["Retry-After"]) >= 1
+
+
 def test_remote_fetch_guards(redis_url: str, media_server: MediaServer) -> None:
     """Allowlisted loopback server: redirects, wrong types, oversize bodies and other hosts are
     refused; without the (unsafe, test-only) private-address bypass, loopback itself is refused."""
@@ -434,6 +462,7 @@ def test_uploaded_video_streams_and_resumes_through_the_job_routes(service: str)
         model="sr3d", stream=True, max_tokens=6, messages=video_msg(f"sr3d-media://{f.id}", "Is <region0> on the table?"),
         extra_body={"regions": [[BOX0, {"frame": 40, "box": [250.0, 60.0, 330.0, 300.0]}]]}))
     job_id = chunks[0].id.removeprefix("chatcmpl-")
+    assert all(ch.usage is None for ch in chunks)  # no usage chunk unless stream_options.include_usage
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     with httpx.stream("GET", f"{service}/v1/spatial-qa/{job_id}/events", timeout=30,
                       headers={"Authorization": f"Bearer {KEY}", "Accept": "text/event-stream"}) as r:
