@@ -108,7 +108,8 @@ async def _download(url: str, scheme: str, host: str, port: int, ip: IPAddress, 
     ip_host = f"[{ip}]" if ip.version == 6 else str(ip)
     pinned = urlunsplit((scheme, f"{ip_host}:{port}", parts.path or "/", parts.query, ""))
     default_port = port == (443 if scheme == "https" else 80)
-    headers = {"Host": host if default_port else f"{host}:{port}", "Accept": f"{content_prefix}*"}
+    name = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets in Host
+    headers = {"Host": name if default_port else f"{name}:{port}", "Accept": f"{content_prefix}*"}
     out = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
     try:
         async with httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=policy.timeout_s) as client:
