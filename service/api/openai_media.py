@@ -26,12 +26,12 @@ from service.api.deps import Caller, GatewayState
 from service.blobs import BlobNotFound, BlobTooLarge
 from service.errors import ApiError
 from service.media_fetch import SPOOL_BYTES, FetchPolicy, fetch
-from service.sniff import HEAD_BYTES, sniff
+from service.sniff import HEAD_BYTES, VIDEO_FAMILIES, sniff
 
 Use = Literal["image", "video", "mask"]
 FAMILIES: dict[Use, frozenset[str]] = {
     "image": frozenset({"png", "jpeg"}),
-    "video": frozenset({"mp4", "matroska"}),
+    "video": VIDEO_FAMILIES,
     "mask": frozenset({"png"}),
 }
 # data: URL media types -> the family their bytes must sniff as.
