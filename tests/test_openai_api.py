@@ -411,9 +411,10 @@ def test_stream_about_the_clip_with_two_regions(service: str) -> None:
 def test_non_streamed_image_from_an_uploaded_file(service: str) -> None:
     c = client_for(service)
     f = c.files.create(file=("scene.png", png_bytes(320, 240)), purpose="vision")
+    mask = c.files.create(file=("mask.png", mask_png(320, 240, [150, 100, 300, 220])), purpose="vision")
     raw = c.chat.completions.with_raw_response.create(
-        model="sr3d", max_tokens=6, messages=image_msg(f"sr3d-media://{f.id}", "What is <region0>?"),
-        extra_body={"regions": [{"frame": 0, "box": [10, 10, 200, 200]}]})
+        model="sr3d", max_tokens=6, messages=image_msg(f"sr3d-media://{f.id}", "What is <region0> next to <region1>?"),
+        extra_body={"regions": [{"frame": 0, "box": [10, 10, 200, 200]}, {"frame": 0, "mask": f"sr3d-media://{mask.id}"}]})
     job_id = raw.headers["X-SR3D-Job-Id"]
     resp = raw.parse()
     assert resp.id == f"chatcmpl-{job_id}" and resp.object == "chat.completion" and resp.model == "sr3d"
