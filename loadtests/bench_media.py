@@ -15,7 +15,6 @@ machine; on CPU use `--frames 2`).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -25,6 +24,8 @@ from typing import Any
 
 import av
 import numpy as np
+
+from loadtests.report import save_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -199,12 +200,7 @@ def run(args: argparse.Namespace) -> int:
         w, h = (int(v) for v in args.depth_size.lower().split("x"))
         frames = np.random.default_rng(0).integers(0, 256, (args.frames, h, w, 3), dtype=np.uint8)
         report["depth"] = bench_depth(tmp, frames, args)
-    print(json.dumps(report, indent=2))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "media.json").write_text(json.dumps(report, indent=2))
-        _plot(report, out / "media.png")
+    save_report(args.out, "media", report, _plot)
     return 0
 
 

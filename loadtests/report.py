@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -154,3 +154,14 @@ def plot(report: dict[str, Any], per_level: list[list[Outcome]], path: Path) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def save_report(out: str | Path | None, name: str, report: dict[str, Any],
+                plot: Callable[[dict[str, Any], Path], None]) -> None:
+    """A benchmark's ending: the report as JSON on stdout; with --out DIR also DIR/NAME.json and DIR/NAME.png."""
+    print(json.dumps(report, indent=2))
+    if out:
+        d = Path(out)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+        plot(report, d / f"{name}.png")

@@ -30,9 +30,6 @@ from service.settings import Settings
 
 _KEY = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 _READ = 1 << 20
-# Redis chunks moved per round trip (RPUSH of several values, LRANGE of a span): with 1 MiB chunks,
-# 8 MiB of memory at most per transfer and 1/8 of the round trips.
-PIPELINE_CHUNKS = 8
 
 BlobData = bytes | Path | BinaryIO
 
@@ -97,19 +94,15 @@ class RedisBlobStore:
         name = BLOB_PREFIX + check_key(key)
         tmp = f"{name}:partial:{os.getpid()}:{time.monotonic_ns()}"
         total = 0
-        batch: list[bytes] = []
         try:
-            # Chunks go out PIPELINE_CHUNKS at a time: one round trip per batch, not per chunk.
+            # One RPUSH per chunk: batching 8 chunks per round trip measured ~2.8x slower to write and
+            # ~1.8x slower to read (`sr3d bench blobs`, loadtests/results/blobs.json): a round trip
+            # costs microseconds, an 8 MiB command costs copies on both sides.
             for chunk in _chunks(data, self.chunk_bytes):
                 total += len(chunk)
                 if total > self.max_bytes:
                     raise BlobTooLarge(f"blob {key} is over {self.max_bytes} bytes")
-                batch.append(chunk)
-                if len(batch) == PIPELINE_CHUNKS:
-                    await self.redis.rpush(tmp, *batch)
-                    batch = []
-            if batch:
-                await self.redis.rpush(tmp, *batch)
+                await self.redis.rpush(tmp, chunk)
             async with self.redis.pipeline(transaction=True) as pipe:
                 if total == 0:
                     pipe.rpush(tmp, b"")
@@ -137,10 +130,8 @@ class RedisBlobStore:
         fd, path = tempfile.mkstemp(prefix="sr3d-blob-", suffix=suffix)
         try:
             with os.fdopen(fd, "wb") as f:
-                # PIPELINE_CHUNKS chunks per round trip, so the blob is never in memory whole.
-                for start in range(0, n, PIPELINE_CHUNKS):
-                    for part in await self.redis.lrange(name, start, start + PIPELINE_CHUNKS - 1):
-                        f.write(part)
+                for i in range(n):  # chunk by chunk, so the blob is never in memory whole
+                    f.write(await self.redis.lindex(name, i) or b"")
             yield Path(path)
         finally:
             os.unlink(path)
