@@ -7,6 +7,7 @@
   sr3d:idem:{hash}          job id for an Idempotency-Key, scoped by API key
   sr3d:rl:{key id}          token bucket of one API key (service.ratelimit)
   sr3d:blob:{blob key}      an upload, as a list of chunks (service.blobs)
+  sr3d:file:{file id}       hash: owner and type of media uploaded through POST /v1/files
 
 Blob keys (`{job_id}/media`, `{job_id}/mask/{part}`, `{job_id}/scene`) are built here too, so the
 gateway that stores them and the tools that inspect them agree.
@@ -49,3 +50,11 @@ def mask_blob(job_id: str, part: str) -> str:
 
 def scene_blob(job_id: str) -> str:
     return f"{job_id}/scene"
+
+
+def file_key(file_id: str) -> str:
+    return f"sr3d:file:{file_id}"
+
+
+def file_blob(file_id: str) -> str:
+    return f"files/{file_id}"

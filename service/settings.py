@@ -130,9 +130,18 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, ge=1, description="deliveries beyond this dead-letter the job")
     jobs_maxlen: int = Field(100000, ge=100, description="approximate MAXLEN of the jobs stream")
 
+    # --- OpenAI-compatible API (service/api/openai.py) ----------------------------------------------
+    served_model_name: str = Field("sr3d", min_length=1, description="the `model` id of /v1/models and /v1/chat/completions")
+    files_ttl_s: int = Field(3600, ge=60, description="media uploaded through POST /v1/files lives this long")
+    # Remote http(s) media URLs: off while empty. Exact host names (no wildcards); see service/media_fetch.py.
+    remote_media_domains: CsvList = Field(default_factory=list)
+    remote_media_timeout_s: float = Field(10, gt=0, le=120, description="DNS + connect + whole download")
+    # UNSAFE: lets remote fetches reach private/loopback/link-local addresses (SSRF). Tests only.
+    allow_private_fetch: bool = False
+
     log_level: str = "INFO"
 
-    @field_validator("api_keys", "cors_origins", "trusted_proxies", mode="before")
+    @field_validator("api_keys", "cors_origins", "trusted_proxies", "remote_media_domains", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)

@@ -8,6 +8,8 @@
   jobs.py        /v1/spatial-qa routes
   ops.py         /healthz /readyz /metrics
   errors.py      error code -> HTTP status (the one table) and the exception handlers
+  openai.py      /v1/models, /v1/chat/completions, /v1/files (OpenAI-compatible; errors in OpenAI's shape)
+  openai_schemas.py, openai_media.py   its wire shapes; its media URLs (data:, sr3d-media://, remote) and file store
 
 Adding a router (e.g. an OpenAI-compatible one): an APIRouter in its own module whose routes depend
 on `deps.rate_limited` (or `authenticate`) and `deps.state`, build a `submission.Submission` from their

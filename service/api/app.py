@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service.api import errors, jobs, ops
+from service.api import errors, jobs, openai, ops
 from service.api.deps import open_state
 from service.api.middleware import BodySizeLimit, RequestMetrics
 from service.settings import Settings
@@ -29,10 +29,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Ask spatial questions about regions of a video or an image; answers stream back as SSE.",
         lifespan=lifespan,
         openapi_tags=[{"name": "spatial-qa", "description": "jobs: submit, status, events, cancel"},
+                      {"name": "openai", "description": "OpenAI-compatible: models, chat completions, files"},
                       {"name": "ops", "description": "health, readiness, metrics"}],
     )
     errors.install(app, settings)
     app.include_router(jobs.router)
+    app.include_router(openai.router)
     app.include_router(ops.router)
     if settings.cors_origins:
         app.add_middleware(
@@ -41,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_credentials=False,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "Idempotency-Key", "Last-Event-ID", "Accept"],
-            expose_headers=["Location", "Retry-After", "Idempotent-Replayed"],
+            expose_headers=["Location", "Retry-After", "Idempotent-Replayed", "X-SR3D-Job-Id"],
         )
     # Body cap: multipart overhead on top of the media cap (masks, fields, boundaries).
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 1024 * 1024)

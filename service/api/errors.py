@@ -45,6 +45,10 @@ STATUS: dict[str, int] = {
     "request_timeout": 408,
     # 413 for scene arrays whose decoded size is over the cap (checked on the .npy headers)
     "scene_too_large": 413,
+    # the OpenAI-compatible routes (service/api/openai.py, service/media_fetch.py); unlisted ones are 422
+    "invalid_json": 400, "invalid_parameter": 400, "unsupported_parameter": 400, "unsupported_messages": 400,
+    "invalid_data_url": 400, "invalid_media_reference": 400, "model_not_found": 404, "file_not_found": 404,
+    "remote_media_disabled": 403, "remote_domain_not_allowed": 403, "remote_address_forbidden": 403,
 }
 
 # Starlette's own HTTPExceptions (unknown route, wrong method) get a code from their status.
@@ -71,6 +75,16 @@ def status_for(code: str) -> int:
 
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
+
+
+# OpenAI's error `type` by status (their clients branch on the status; the type is informative).
+_OPENAI_TYPE = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
+def openai_error_body(code: str, message: str, status: int, param: str | None = None) -> dict[str, dict[str, str | None]]:
+    """OpenAI's error shape, a superset of ours: {"error": {"message", "type", "param", "code"}}."""
+    type_ = "server_error" if status >= 500 else _OPENAI_TYPE.get(status, "invalid_request_error")
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def error_response(code: str, message: str, headers: dict[str, str] | None = None,

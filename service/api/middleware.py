@@ -9,7 +9,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.api.errors import error_body, status_for
+from service.api.errors import openai_error_body, status_for
 from service.errors import ApiError
 
 
@@ -34,7 +34,9 @@ class BodySizeLimit:
                     declared = -1
                 if declared > self.max_bytes:
                     metrics.JOBS_REJECTED.labels(reason=too_large.code).inc()
-                    return await _send_json(send, status_for(too_large.code), error_body(too_large.code, too_large.message))
+                    # OpenAI's shape, a superset of ours: the OpenAI-compatible routes are behind this cap too.
+                    status = status_for(too_large.code)
+                    return await _send_json(send, status, openai_error_body(too_large.code, too_large.message, status))
         seen = 0
 
         async def counting_receive() -> Message:
