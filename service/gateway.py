@@ -676,6 +676,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_error_handlers(app, settings)
     app.include_router(router)
     app.include_router(ops)
+    from service.api import page, scene  # here, not at the top: both import this module's dependencies
+
+    app.include_router(scene.router)
+    app.include_router(page.router)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

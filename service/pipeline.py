@@ -12,6 +12,7 @@ All blocking work runs in threads; the event loop only awaits.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -31,7 +32,7 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-from model.geometry import SceneError, cache_key
+from model.geometry import PointMaps, SceneError, cache_key
 
 # Client errors: reported as an `error` event with the exception's code; never retried.
 INPUT_ERRORS: tuple[type[Exception], ...] = (MediaError, ModelInputError, SceneError)
@@ -42,6 +43,7 @@ INPUT_ERRORS: tuple[type[Exception], ...] = (MediaError, ModelInputError, SceneE
 VIDEO_MAX_SIDE = 896
 
 StageCallback = Callable[[str, dict[str, Any]], Awaitable[None]]
+SceneCallback = Callable[[bytes], Awaitable[None]]
 
 
 def media_limits(settings: Settings) -> MediaLimits:
@@ -160,7 +162,10 @@ class Pipeline:
             cache = PointMapCache(max_bytes=settings.pointmap_cache_mb << 20)
         self.cache = cache
 
-    async def build(self, job: JobSpec, on_stage: StageCallback, cancelled: asyncio.Event | None = None) -> SpatialQuery:
+    async def build(
+        self, job: JobSpec, on_stage: StageCallback, cancelled: asyncio.Event | None = None,
+        on_scene: SceneCallback | None = None,
+    ) -> SpatialQuery:
         t0 = time.perf_counter()
         decoded = await self.decode(job)
         await on_stage("decode", {"seconds": round(time.perf_counter() - t0, 4), "frames": int(decoded.frames.shape[0]),
@@ -168,14 +173,16 @@ class Pipeline:
         if cancelled is not None and cancelled.is_set():
             return SpatialQuery(frames=decoded.frames, question=job.question, regions=decoded.regions, is_video=decoded.is_video)
         t1 = time.perf_counter()
-        points, valid, source = await self.pointmaps(job, decoded)
-        await on_stage("pointmaps", {"seconds": round(time.perf_counter() - t1, 4), "source": source})
+        pm = await self.pointmaps(job, decoded)
+        await on_stage("pointmaps", {"seconds": round(time.perf_counter() - t1, 4), "source": pm.source})
+        if on_scene is not None:
+            await self._export_scene(job, decoded, pm, on_stage, on_scene)
         return SpatialQuery(
             frames=decoded.frames,
             question=job.question,
             regions=decoded.regions,
-            pointmaps=points,
-            pointmap_valid=valid,
+            pointmaps=pm.points,
+            pointmap_valid=pm.valid,
             is_video=decoded.is_video,
             media_key=f"{job.media_hash}:{','.join(map(str, decoded.indices))}",
         )
@@ -220,7 +227,7 @@ class Pipeline:
         return Decoded(frames=frames, indices=indices, regions=regions, is_video=job.media_kind == "video")
 
     # ---- point maps --------------------------------------------------------------------------
-    async def pointmaps(self, job: JobSpec, decoded: Decoded) -> tuple[np.ndarray, np.ndarray | None, str]:
+    async def pointmaps(self, job: JobSpec, decoded: Decoded) -> PointMaps:
         if job.scene_blob:
             return await self._scene_pointmaps(job, decoded)
         f, h, w, _ = decoded.frames.shape
@@ -228,14 +235,14 @@ class Pipeline:
         hit = self.cache.get(key)
         if hit is not None:
             metrics.POINTMAP_CACHE.labels("hit").inc()
-            return hit.points, hit.valid, f"{hit.source} (cached)"
+            return dataclasses.replace(hit, source=f"{hit.source} (cached)")
         metrics.POINTMAP_CACHE.labels("miss").inc()
         assert self.batcher is not None
         pm = await self.batcher.compute(decoded.frames)
         self.cache.put(key, pm)
-        return pm.points, pm.valid, pm.source
+        return pm
 
-    async def _scene_pointmaps(self, job: JobSpec, decoded: Decoded) -> tuple[np.ndarray, np.ndarray | None, str]:
+    async def _scene_pointmaps(self, job: JobSpec, decoded: Decoded) -> PointMaps:
         """RGB-D upload: arrays hold one entry per sampled frame, or one per source frame (a video's
         full length) from which the sampled ones are taken. Depth must match the source frame size."""
         from model.geometry import load_scene_npz, pointmaps_from_rgbd
@@ -263,11 +270,31 @@ class Pipeline:
             return pointmaps_from_rgbd(scene.depth[sel], intr, scene.poses[sel])
 
         pm = await asyncio.to_thread(compute)
-        points, valid = pm.points, pm.valid
         f, h, w, _ = decoded.frames.shape
-        if points.shape[1:3] != (h, w):  # frames were downscaled at decode: nearest-resize to match
-            points, valid = _resize_nearest(points, (w, h)), _resize_nearest(valid, (w, h))
-        return points, valid, pm.source
+        if pm.points.shape[1:3] != (h, w):  # frames were downscaled at decode: nearest-resize to match
+            from model.geometry import scale_intrinsics
+
+            src_h, src_w = pm.points.shape[1:3]
+            pm = dataclasses.replace(pm, points=_resize_nearest(pm.points, (w, h)), valid=_resize_nearest(pm.valid, (w, h)),
+                                     intrinsics=scale_intrinsics(pm.intrinsics, w / src_w, h / src_h))
+        return pm
+
+    async def _export_scene(self, job: JobSpec, decoded: Decoded, pm: PointMaps, on_stage: StageCallback,
+                            on_scene: SceneCallback) -> None:
+        """The compact scene for the page's 3D view (model.geometry.scene_export), handed to `on_scene`.
+        A viewer extra: a failure here is logged and the job goes on to its answer."""
+        from model.geometry.scene_export import pack_scene
+
+        t0 = time.perf_counter()
+        masks = [[(m.frame, m.mask) for m in region] for region in decoded.regions]
+        try:
+            data = await asyncio.to_thread(pack_scene, decoded.frames, pm.points, pm.valid, masks, pm.poses,
+                                           pm.intrinsics, decoded.indices, scale=pm.scale, metric=pm.metric)
+            await on_scene(data)
+        except Exception:  # noqa: BLE001 - see docstring
+            log.warning("scene export failed for job %s", job.job_id, exc_info=True)
+            return
+        await on_stage("scene", {"seconds": round(time.perf_counter() - t0, 4), "bytes": len(data)})
 
 
 def _resize_nearest(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -7,6 +7,7 @@ Redis layout (fixed; deploy/ and KEDA read some of these names):
                             consumer, attempts, cancel, progress, answer, finish_reason, error,
                             usage, timings (JSON where structured)
   sr3d:job:{id}:events      stream of {type, data(JSON)}: the client's single source of truth
+  sr3d:job:{id}:scene       bytes: the compact 3D scene for the page (model/geometry/scene_export.py)
   sr3d:dlq                  stream of dead-lettered jobs {job_id, entry_id, deliveries, reason, spec}
   sr3d:idem:{hash}          job id for an Idempotency-Key (SET NX EX), scoped by API key
   sr3d:cancel               pub/sub wake-up carrying a job id whose cancel flag was just set
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.client import NEVER_DECODE
 from redis.exceptions import ResponseError
 
 from service import metrics
@@ -51,6 +53,10 @@ def job_key(job_id: str) -> str:
 
 def events_key(job_id: str) -> str:
     return f"sr3d:job:{job_id}:events"
+
+
+def scene_key(job_id: str) -> str:
+    return f"sr3d:job:{job_id}:scene"
 
 
 def idem_key(idempotency_key: str, api_key_id: str | None) -> str:
@@ -430,6 +436,7 @@ class JobQueue:
             pipe.hset(job_key(job_id), mapping=mapping)
             pipe.expire(job_key(job_id), ttl)
             pipe.expire(events_key(job_id), ttl)
+            pipe.expire(scene_key(job_id), ttl)
             await pipe.execute()
         await self._expire_blobs(job_id)
         metrics.JOBS_FINISHED.labels(status=status.value).inc()
@@ -437,6 +444,15 @@ class JobQueue:
     async def ack(self, entry_id: str) -> None:
         """XACK the jobs-stream entry: only after the terminal event and finish()."""
         await self.redis.xack(JOBS, GROUP, entry_id)
+
+    async def put_scene(self, job_id: str, data: bytes) -> None:
+        """Store the job's 3D scene; it expires with the job (job_max_age_s now, job_ttl_s from finish())."""
+        await self.redis.set(scene_key(job_id), data, ex=self.settings.job_max_age_s)
+
+    async def get_scene(self, job_id: str) -> bytes | None:
+        """The job's 3D scene bytes, or None before the point maps exist (or after expiry)."""
+        # The shared client decodes replies to str; this one reply stays bytes.
+        return await self.redis.execute_command("GET", scene_key(job_id), **{NEVER_DECODE: True})
 
     # ------------------------------------------------------------------------------------------
 
