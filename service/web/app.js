@@ -112,7 +112,7 @@ function markStrip() {
   for (const [f, el] of state.thumbs) {
     const dots = el.querySelector(".dots");
     dots.replaceChildren(...state.regions.filter((r) => r.anns.some((a) => a.frame === f))
-      .map((r) => Object.assign(document.createElement("i"), { style: `background:${r.color}` })));
+      .map((r) => swatch("i", r.color)));
   }
 }
 
@@ -171,8 +171,10 @@ function renderRegions() {
       row.dataset.region = String(k);
       row.title = `Click to insert <region${k}> into the question`;
       const frames = r.anns.map((a) => `${a.kind === "box" ? "▭" : "✎"} ${state.media.kind === "video" ? "f" + a.frame : "image"}`).join(", ");
-      row.innerHTML = `<span class="swatch" style="background:${r.color}"></span><span class="tag">&lt;region${k}&gt;</span>`
-        + `<input aria-label="label" value=""><span class="where">${frames}</span><button title="Delete region">✕</button>`;
+      row.innerHTML = `<span class="swatch"></span><span class="tag">&lt;region${k}&gt;</span>`
+        + `<input aria-label="label" value=""><span class="where"></span><button title="Delete region">✕</button>`;
+      row.querySelector(".swatch").style.background = r.color;
+      row.querySelector(".where").textContent = frames;
       const input = row.querySelector("input");
       input.value = r.label;
       input.addEventListener("click", (e) => e.stopPropagation());
@@ -191,6 +193,13 @@ function renderRegions() {
   markStrip();
   drawStage();
   updateAsk();
+}
+
+/** A colour chip; colours go through the CSSOM (the page's CSP forbids inline style attributes). */
+function swatch(tag, color) {
+  const el = document.createElement(tag);
+  el.style.background = color;
+  return el;
 }
 
 function deleteRegion(k) {
@@ -385,8 +394,7 @@ async function loadScene() {
     const legend = $("legend");
     legend.replaceChildren(...state.regions.slice(0, scene.r).map((r, k) => {
       const s = document.createElement("span");
-      s.innerHTML = `<i style="background:${r.color}"></i>`;
-      s.append(`region${k} · ${r.label}`);
+      s.append(swatch("i", r.color), `region${k} · ${r.label}`);
       return s;
     }), Object.assign(document.createElement("span"), {
       textContent: `${scene.n.toLocaleString()} points · ${scene.f} cameras${scene.metric ? ` · 1 unit = ${scene.scale.toFixed(2)} m` : ""}`,
