@@ -7,6 +7,8 @@ Stages (each reported through `on_stage(stage, info)` with its seconds):
              Depth runs through `PointMapBatcher`, which merges requests from concurrent jobs
              into one `compute_many` call; results are cached by (content hash, sampled frame
              indices, frame size, backend), so a second question on the same video skips depth.
+             With `on_scene`, a compact 3D scene for the page (model/geometry/scene_export.py) is
+             handed over before the pointmaps event, which then says `"scene": true`.
 All blocking work runs in threads; the event loop only awaits.
 """
 from __future__ import annotations
@@ -174,9 +176,10 @@ class Pipeline:
             return SpatialQuery(frames=decoded.frames, question=job.question, regions=decoded.regions, is_video=decoded.is_video)
         t1 = time.perf_counter()
         pm = await self.pointmaps(job, decoded)
-        await on_stage("pointmaps", {"seconds": round(time.perf_counter() - t1, 4), "source": pm.source})
-        if on_scene is not None:
-            await self._export_scene(job, decoded, pm, on_stage, on_scene)
+        info: dict[str, Any] = {"seconds": round(time.perf_counter() - t1, 4), "source": pm.source}
+        if on_scene is not None and await self._export_scene(job, decoded, pm, on_scene):
+            info["scene"] = True  # GET /v1/spatial-qa/{id}/scene has it now
+        await on_stage("pointmaps", info)
         return SpatialQuery(
             frames=decoded.frames,
             question=job.question,
@@ -279,13 +282,11 @@ class Pipeline:
                                      intrinsics=scale_intrinsics(pm.intrinsics, w / src_w, h / src_h))
         return pm
 
-    async def _export_scene(self, job: JobSpec, decoded: Decoded, pm: PointMaps, on_stage: StageCallback,
-                            on_scene: SceneCallback) -> None:
+    async def _export_scene(self, job: JobSpec, decoded: Decoded, pm: PointMaps, on_scene: SceneCallback) -> bool:
         """The compact scene for the page's 3D view (model.geometry.scene_export), handed to `on_scene`.
-        A viewer extra: a failure here is logged and the job goes on to its answer."""
+        O(region pixels + point budget), a few ms. A viewer extra: a failure is logged, the job goes on."""
         from model.geometry.scene_export import pack_scene
 
-        t0 = time.perf_counter()
         masks = [[(m.frame, m.mask) for m in region] for region in decoded.regions]
         try:
             data = await asyncio.to_thread(pack_scene, decoded.frames, pm.points, pm.valid, masks, pm.poses,
@@ -293,8 +294,8 @@ class Pipeline:
             await on_scene(data)
         except Exception:  # noqa: BLE001 - see docstring
             log.warning("scene export failed for job %s", job.job_id, exc_info=True)
-            return
-        await on_stage("scene", {"seconds": round(time.perf_counter() - t0, 4), "bytes": len(data)})
+            return False
+        return True
 
 
 def _resize_nearest(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:

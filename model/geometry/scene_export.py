@@ -87,23 +87,47 @@ def pack_scene(
         raise ValueError(f"{len(region_masks)} regions; a scene holds at most {MAX_REGIONS}")
     max_points = max(1, min(int(max_points), MAX_POINTS))
 
-    ok = np.isfinite(points).all(axis=-1)
-    if valid is not None:
-        ok &= valid.astype(bool)
-    region = np.zeros((f, h, w), dtype=np.uint8)
-    for k in reversed(range(len(region_masks))):  # reversed: the lowest region id wins an overlap
-        for pos, mask in region_masks[k]:
-            region[pos][mask.astype(bool)] = k + 1
+    # Work on index lists, never on whole maps: the cost is O(region pixels + budget), not O(F*H*W),
+    # because this runs on the worker's path between point maps and the engine.
+    hw = h * w
+    flat_points = points.reshape(-1, 3)
+    flat_valid = valid.reshape(-1) if valid is not None else None
 
-    flat_ok = ok.reshape(-1)
-    flat_region = region.reshape(-1)
-    in_region = np.flatnonzero(flat_ok & (flat_region > 0))
-    rest = np.flatnonzero(flat_ok & (flat_region == 0))
+    def usable(idx: np.ndarray) -> np.ndarray:
+        keep = np.isfinite(flat_points[idx]).all(axis=-1)
+        if flat_valid is not None:
+            keep &= flat_valid[idx]
+        return idx[keep]
+
+    ids, labels = [np.zeros(0, np.int64)], [np.zeros(0, np.uint8)]
+    for k, region in enumerate(region_masks):
+        for pos, mask in region:
+            px = np.flatnonzero(np.asarray(mask, dtype=bool).reshape(-1)) + int(pos) * hw
+            ids.append(px)
+            labels.append(np.full(len(px), k + 1, np.uint8))
+    all_ids, all_labels = np.concatenate(ids), np.concatenate(labels)
+    # np.unique keeps the first occurrence and the lists run in region order: the lowest id wins.
+    region_ids, first = np.unique(all_ids, return_index=True)
+    region_labels = all_labels[first]
+    keep = np.isin(region_ids, usable(region_ids), assume_unique=True)
+    region_ids, region_labels = region_ids[keep], region_labels[keep]
+
     rng = np.random.default_rng(seed)
-    n_region = min(len(in_region), max(int(max_points * REGION_SHARE), max_points - len(rest)))
-    n_rest = min(len(rest), max_points - n_region)
-    chosen = np.concatenate([_pick(in_region, n_region, rng), _pick(rest, n_rest, rng)])
-    chosen.sort()  # frame-major order: cheaper reads, and the browser can draw frame by frame
+    n_rest_max = f * hw - len(region_ids)
+    n_region = min(len(region_ids), max(int(max_points * REGION_SHARE), max_points - n_rest_max))
+    pick = _pick(np.arange(len(region_ids)), n_region, rng)
+    region_ids, region_labels = region_ids[pick], region_labels[pick]
+    # The rest: a uniform sample of the other usable pixels (oversampled, then trimmed).
+    want = min(max_points - n_region, n_rest_max)
+    cand = np.sort(rng.integers(0, f * hw, size=min(f * hw, 2 * want + 1024)))
+    cand = cand[np.concatenate(([True], cand[1:] != cand[:-1]))]  # dedupe (np.unique's hashing is slower here)
+    cand = usable(cand[~np.isin(cand, region_ids, assume_unique=True)])
+    rest = _pick(cand, want, rng)
+
+    chosen = np.concatenate([region_ids, rest])
+    labels_out = np.concatenate([region_labels, np.zeros(len(rest), np.uint8)])
+    order = np.argsort(chosen, kind="stable")  # frame-major: cheaper reads, the browser can draw per frame
+    chosen, labels_out = chosen[order], labels_out[order]
 
     K = np.asarray(intrinsics, dtype=np.float32)
     K = np.broadcast_to(K, (f, 3, 3)) if K.ndim == 2 else K
@@ -114,8 +138,8 @@ def pack_scene(
         np.asarray(frame_indices, dtype="<u4").reshape(f),
         points.reshape(-1, 3)[chosen].astype("<f4"),
         frames.reshape(-1, 3)[chosen].astype(np.uint8),
-        flat_region[chosen],
-        (chosen // (h * w)).astype(np.uint8),
+        labels_out,
+        (chosen // hw).astype(np.uint8),
     ]
     return header + b"".join(s.tobytes() for s in sections)
 
@@ -123,7 +147,7 @@ def pack_scene(
 def _pick(candidates: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     if n >= len(candidates):
         return candidates
-    return rng.choice(candidates, size=n, replace=False)
+    return np.sort(rng.choice(candidates, size=n, replace=False))
 
 
 def max_scene_bytes(max_points: int = MAX_POINTS, frames: int = MAX_FRAMES) -> int:

@@ -1,7 +1,7 @@
 """GET /v1/spatial-qa/{id}/scene: the job's compact 3D scene (binary, see model/geometry/scene_export.py).
 
-Owner-only like the other job routes; the worker stores the bytes once the point maps exist (a
-`progress` event with stage `scene` says so) and they expire with the job.
+Owner-only like the other job routes; the worker stores the bytes once the point maps exist (the
+`progress` event of stage `pointmaps` then carries `"scene": true`) and they expire with the job.
 """
 from __future__ import annotations
 
@@ -28,6 +28,6 @@ async def job_scene(job_id: str, caller: Caller = Depends(authenticate), gw: Gat
     data = await gw.queue.get_scene(job_id)
     if data is None:
         raise ApiError(404, "scene_not_ready", f"job {job_id} ({view.status.value}) has no scene yet: it is stored "
-                       "once the point maps exist (progress stage `scene`)")
+                       "once the point maps exist (progress `pointmaps` with `scene: true`)")
     # private: the scene is the owner's; immutable once written, so the tab may keep it.
     return Response(data, media_type=SCENE_MEDIA_TYPE, headers={"Cache-Control": "private, max-age=3600"})

@@ -294,8 +294,11 @@ function onEvent(ev) {
   else if (ev.event === "progress") {
     if (d.stage === "started") { setStage("queued", "done"); setStage("decode", "active"); }
     else if (d.stage === "decode") { setStage("decode", "done", secs(d)); setStage("pointmaps", "active"); }
-    else if (d.stage === "pointmaps") { setStage("pointmaps", "done", secs(d)); setStage("encode", "active"); }
-    else if (d.stage === "scene") loadScene();
+    else if (d.stage === "pointmaps") {
+      setStage("pointmaps", "done", secs(d));
+      setStage("encode", "active");
+      if (d.scene) loadScene();
+    }
     else if (d.stage === "encode") { setStage("encode", "done", secs(d)); setStage("generate", "active"); }
     else if (d.stage === "restream" && d.discard) out.textContent = "";
   } else if (ev.event === "token") {
