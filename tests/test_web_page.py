@@ -252,6 +252,11 @@ def test_page_asks_for_a_key_keeps_it_for_the_tab_and_cancels(browser: Any, redi
         page.wait_for_selector("#key-dialog[open]")
         page.fill("#key-input", "k-web")
         page.click("#key-dialog button")
+        page.wait_for_selector("#key-dialog", state="hidden")
+        for _ in range(50):  # the dialog's `close` event is a queued task
+            if page.evaluate("sessionStorage.getItem('sr3d.apiKey')") == "k-web":
+                break
+            page.wait_for_timeout(20)
         assert page.evaluate("sessionStorage.getItem('sr3d.apiKey')") == "k-web"
         assert page.evaluate("localStorage.length") == 0
 

@@ -28,7 +28,11 @@ function askForKey() {
   $("key-input").value = "";
   dlg.showModal();
   return new Promise((resolve) => {
-    dlg.addEventListener("close", () => resolve(dlg.returnValue === "ok" ? $("key-input").value.trim() : null), { once: true });
+    dlg.addEventListener("close", () => {
+      const key = dlg.returnValue === "ok" ? $("key-input").value.trim() : "";
+      if (key) api.key = key;
+      resolve(key || null);
+    }, { once: true });
   });
 }
 
@@ -38,13 +42,12 @@ async function checkKeys() {
       $("key-button").hidden = false;
       if (!api.key || await api.keysRequired()) {
         api.key = "";
-        const key = await askForKey();
-        if (key) api.key = key;
+        await askForKey();
       }
     }
   } catch { /* server unreachable: the first request will say so */ }
 }
-$("key-button").addEventListener("click", async () => { const k = await askForKey(); if (k) api.key = k; });
+$("key-button").addEventListener("click", askForKey);
 
 // ---- media ------------------------------------------------------------------------------------
 async function loadFile(file) {
