@@ -75,7 +75,9 @@ void main() {
     vColor = mix(aColor, vec3(g), 0.45 * uHasRegions) * mix(1.0, 0.72, uHasRegions);
   }
   vRegion = float(r);
-  gl_PointSize = clamp(size, 1.5, 14.0);
+  gl_PointSize = clamp(size, 1.0, r > 0 ? 9.0 : 6.0);
+  // Region points win depth ties: other frames see the same surface unlabelled.
+  if (r > 0) gl_Position.z -= 0.004 * gl_Position.w;
 }`;
 const POINT_FS = `#version 300 es
 precision mediump float;
@@ -297,7 +299,7 @@ export class Viewer {
 
     gl.useProgram(this.points);
     gl.uniformMatrix4fv(gl.getUniformLocation(this.points, "uMVP"), false, mvp);
-    gl.uniform1f(gl.getUniformLocation(this.points, "uSize"), 0.018 * h * this.radius);
+    gl.uniform1f(gl.getUniformLocation(this.points, "uSize"), 0.012 * h * this.radius);
     gl.uniform3fv(gl.getUniformLocation(this.points, "uRegionColors"), this.regionColors);
     gl.uniform1f(gl.getUniformLocation(this.points, "uHasRegions"), this.scene.r > 0 ? 1 : 0);
     gl.bindVertexArray(this.vaoPoints);
