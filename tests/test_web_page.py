@@ -277,3 +277,56 @@ def test_page_asks_for_a_key_keeps_it_for_the_tab_and_cancels(browser: Any, redi
         shot(page, "5-cancelled.png")
         assert log.unexpected() == []
         context.close()
+
+
+def test_a_dropped_stream_is_resumed_with_last_event_id(browser: Any, service: str) -> None:
+    """The submit response's body breaks off right after the first token (a network error, as a
+    flaky link or a proxy would cause): the page must resume by itself from the last event it
+    received and end with the API's answer."""
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    log = PageLog(page)
+    page.goto(service + "/")
+    # Cut the submit stream inside the page: Playwright cannot re-send a multipart body with files.
+    page.evaluate(r"""() => {
+        const real = window.fetch;
+        window.fetch = async (url, init) => {
+            const res = await real(url, init);
+            if (!(init && init.method === 'POST')) return res;
+            const reader = res.body.getReader(), dec = new TextDecoder(), enc = new TextEncoder();
+            let seen = '', cut = false;
+            const body = new ReadableStream({ async pull(ctrl) {
+                if (cut) { reader.cancel(); ctrl.error(new TypeError('network error')); return; }
+                const { value, done } = await reader.read();
+                if (done) { ctrl.close(); return; }
+                const start = seen.length;
+                seen += dec.decode(value, { stream: true }).replace(/\r\n/g, '\n');
+                const tok = seen.indexOf('event: token'), end = tok < 0 ? -1 : seen.indexOf('\n\n', tok);
+                if (end < 0) { ctrl.enqueue(enc.encode(seen.slice(start))); return; }
+                seen = seen.slice(0, end + 2);  // the first token event, then the line goes dead
+                ctrl.enqueue(enc.encode(seen.slice(start)));
+                cut = true;
+                window.__delivered = seen;
+            } });
+            return new Response(body, { status: res.status, headers: res.headers });
+        };
+    }""")
+    page.set_input_files("#file", str(find_fixture(BOTTLE_NAME)))
+    page.wait_for_selector("#strip .thumb")
+    drag_box(page, (250.0, 60.0, 330.0, 300.0))
+    page.fill("#question", "What is <region0>?")
+    page.click(".options summary")
+    page.fill("#opt-max-tokens", "32")
+    with page.expect_request("**/events", timeout=200_000) as resumed:
+        page.click("#ask")
+    delivered = page.evaluate("window.__delivered")
+    last_id = [line[4:] for line in delivered.split("\n") if line.startswith("id: ")][-1]
+    assert resumed.value.headers["last-event-id"] == last_id
+    page.wait_for_selector("#answer[data-status]", timeout=180_000)
+    job_id = page.get_attribute("#answer", "data-job-id")
+    view = httpx.get(f"{service}/v1/spatial-qa/{job_id}", timeout=10).json()
+    assert page.get_attribute("#answer", "data-status") == "done"
+    assert page.locator("#answer").text_content() == view["answer"]
+    shot(page, "6-resumed.png")
+    assert log.unexpected() == []
+    context.close()
