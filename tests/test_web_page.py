@@ -10,6 +10,8 @@ page-side eval). Screenshots land in bench-out/web/ (kept by CI as artefacts).
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import shutil
@@ -19,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.e2e_helpers import BOTTLE_NAME, SERVE_ENV, find_fixture
 
@@ -130,17 +134,41 @@ def canvas_pixels(page: Any) -> dict[str, Any]:
 
 
 def record_form_fields(page: Any) -> None:
-    """Keep the text fields of the next FormData the page sends (the browser does not expose a
-    multipart body with files to Playwright)."""
+    """Keep what the next FormData the page sends holds: text fields as text, files as
+    {name, type, base64} (the browser does not expose a multipart body with files to Playwright)."""
     page.evaluate("""() => {
         const real = window.fetch;
-        window.fetch = (url, init) => {
+        const b64 = async (blob) => {
+            const bytes = new Uint8Array(await blob.arrayBuffer());
+            let s = '';
+            for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+            return btoa(s);
+        };
+        window.fetch = async (url, init) => {
             if (init && init.body instanceof FormData) {
-                window.__sent = Object.fromEntries([...init.body.entries()].map(([k, v]) => [k, typeof v === 'string' ? v : v.name]));
+                const sent = {};
+                for (const [k, v] of init.body.entries()) {
+                    sent[k] = typeof v === 'string' ? v
+                        : { name: v.name, type: v.type, data: v.size < (1 << 20) ? await b64(v) : null };
+                }
+                window.__sent = sent;
             }
             return real(url, init);
         };
     }""")
+
+
+def drag_lasso(page: Any, points: list[tuple[float, float]]) -> None:
+    """Draw a closed freehand outline (frame pixels) with the Freehand tool."""
+    page.click(".tool[data-tool='lasso']")
+    left, top, css_per_px = page.eval_on_selector(
+        "#stage", "c => { const r = c.getBoundingClientRect(); return [r.left, r.top, r.width / c.width]; }")
+    page.mouse.move(left + points[0][0] * css_per_px, top + points[0][1] * css_per_px)
+    page.mouse.down()
+    for x, y in points[1:] + points[:1]:
+        page.mouse.move(left + x * css_per_px, top + y * css_per_px, steps=6)
+    page.mouse.up()
+    page.click(".tool[data-tool='box']")
 
 
 def test_ask_about_two_boxes_on_two_frames_then_turn_the_scene(browser: Any, service: str) -> None:
@@ -186,7 +214,7 @@ def test_ask_about_two_boxes_on_two_frames_then_turn_the_scene(browser: Any, ser
     page.click("#ask")
     fields = page.evaluate("window.__sent")
     assert fields["question"] == "How far is <region0> from <region1>?"
-    assert fields["video"] == clip.name
+    assert fields["video"]["name"] == clip.name
     regions = json.loads(fields["regions"])
     assert [r["frame"] for r in regions] == [frame_a, frame_b]
     for sent, drawn in zip(regions, boxes):  # frame pixels, back from screen pixels
@@ -262,11 +290,22 @@ def test_page_asks_for_a_key_keeps_it_for_the_tab_and_cancels(browser: Any, redi
 
         page.set_input_files("#file", str(find_fixture(BOTTLE_NAME)))
         page.wait_for_selector("#strip .thumb")
-        drag_box(page, (250.0, 60.0, 330.0, 300.0))
+        square = [(250.0, 60.0), (330.0, 60.0), (330.0, 300.0), (250.0, 300.0)]  # 80 x 240 px
+        drag_lasso(page, square)
         page.fill("#question", "What is <region0>?")
+        record_form_fields(page)
         with page.expect_request(lambda r: r.url.endswith("/v1/spatial-qa") and r.method == "POST") as req:
             page.click("#ask")
         assert req.value.headers["authorization"] == "Bearer k-web"
+        # A freehand region is a PNG part named in `regions`, frame-sized, non-zero inside the outline.
+        sent = page.evaluate("window.__sent")
+        assert json.loads(sent["regions"]) == [{"frame": 0, "mask": "m0"}]
+        assert sent["m0"]["type"] == "image/png" and sent["m0"]["name"] == "m0.png"
+        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(sent["m0"]["data"]))).convert("RGBA"))
+        assert mask.shape[:2] == (360, 640)
+        inside = (mask[..., :3] != 0).any(axis=-1) & (mask[..., 3] != 0)  # the API's rule (service/media.py)
+        assert abs(int(inside.sum()) - 80 * 240) < 0.05 * 80 * 240
+        assert inside[180, 290] and not inside[180, 200] and not inside[30, 290]
         page.wait_for_selector("#stages li[data-stage='queued'].active")
         page.wait_for_selector("#cancel:not([hidden])")
         page.click("#cancel")
@@ -313,7 +352,7 @@ def test_a_dropped_stream_is_resumed_with_last_event_id(browser: Any, service: s
     }""")
     page.set_input_files("#file", str(find_fixture(BOTTLE_NAME)))
     page.wait_for_selector("#strip .thumb")
-    drag_box(page, (250.0, 60.0, 330.0, 300.0))
+    drag_lasso(page, [(250.0, 60.0), (330.0, 80.0), (320.0, 300.0), (255.0, 290.0)])  # the worker decodes this PNG
     page.fill("#question", "What is <region0>?")
     page.click(".options summary")
     page.fill("#opt-max-tokens", "32")
