@@ -267,10 +267,17 @@ def test_ask_about_two_boxes_on_two_frames_then_turn_the_scene(browser: Any, ser
     context.close()
 
 
-def test_page_asks_for_a_key_keeps_it_for_the_tab_and_cancels(browser: Any, redis_url: str) -> None:
+def test_page_asks_for_a_key_keeps_it_for_the_tab_and_cancels(browser: Any, redis_url: str, tmp_path: Path) -> None:
     """API keys on (a gateway without a worker, so the job stays queued): the page asks for a key,
-    submits with it, shows the queued stage, and Cancel ends the job through DELETE."""
+    submits with it, shows the queued stage, and Cancel ends the job through DELETE. Then the same
+    with an image."""
+    import av
+
     from tests.conftest import run_gateway
+
+    image = tmp_path / "frame.png"
+    with av.open(str(find_fixture(BOTTLE_NAME))) as container:
+        next(container.decode(video=0)).to_image().save(image)
 
     with run_gateway(redis_url, api_keys=["k-web"]) as base:
         context = browser.new_context(viewport=VIEWPORT)
@@ -314,6 +321,20 @@ def test_page_asks_for_a_key_keeps_it_for_the_tab_and_cancels(browser: Any, redi
         view = httpx.get(f"{base}/v1/spatial-qa/{job_id}", headers={"X-API-Key": "k-web"}).json()
         assert view["status"] == "cancelled"
         shot(page, "5-cancelled.png")
+
+        # An image instead of a video: no frame strip, regions on frame 0, sent as the `image` part.
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("#scrub", state="hidden")
+        drag_box(page, (10.0, 10.0, 120.0, 90.0))
+        page.fill("#question", "What is <region0>?")
+        record_form_fields(page)
+        page.click("#ask")
+        page.wait_for_selector("#stages li[data-stage='queued'].active")
+        sent = page.evaluate("window.__sent")
+        assert sent["image"]["name"] == "frame.png" and "video" not in sent
+        assert json.loads(sent["regions"]) == [{"frame": 0, "box": [10, 10, 120, 90]}]
+        page.click("#cancel")
+        page.wait_for_selector("#answer[data-status='cancelled']")
         assert log.unexpected() == []
         context.close()
 
