@@ -30,6 +30,11 @@ def events_key(job_id: str) -> str:
     return f"sr3d:job:{job_id}:events"
 
 
+def scene_key(job_id: str) -> str:
+    """The job's compact 3D scene for the page (bytes; expires with the job)."""
+    return f"sr3d:job:{job_id}:scene"
+
+
 def idem_key(idempotency_key: str, api_key_id: str | None) -> str:
     # Hashed: bounded key length, and one tenant's key can never name another tenant's job.
     digest = hashlib.sha256(f"{api_key_id or ''}\n{idempotency_key}".encode()).hexdigest()[:40]

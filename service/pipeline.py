@@ -9,11 +9,14 @@ Stages (each reported through `on_stage(stage, info)` with its seconds):
              `PointMapBatcher` each, which merges requests from concurrent jobs into one
              `compute_many` call; results are cached by (content hash, sampled frame indices, frame
              size, backend), so a second question on the same video skips the network.
+             With `on_scene`, a compact 3D scene for the page (model/geometry/scene_export.py) is
+             handed over before the pointmaps event, which then says `"scene": true`.
 All blocking work runs in threads; the event loop only awaits.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -43,7 +46,7 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-from model.geometry import SceneError, cache_key
+from model.geometry import PointMaps, SceneError, cache_key
 
 # Frames are decoded at most this large: video frames become one 448 tile each and depth runs at
 # ~518, so decoding 1080p/4K at full size would only cost memory.
@@ -61,6 +64,7 @@ def image_max_side(size: tuple[int, int]) -> int:
     return max(1, int(math.sqrt(IMAGE_MAX_PIXELS * max(w, h) / min(w, h))))
 
 StageCallback = Callable[[str, dict[str, Any]], Awaitable[None]]
+SceneCallback = Callable[[bytes], Awaitable[None]]
 
 
 def media_limits(settings: Settings) -> MediaLimits:
@@ -206,7 +210,10 @@ class Pipeline:
             cache = PointMapCache(max_bytes=settings.pointmap_cache_mb << 20)
         self.cache = cache
 
-    async def build(self, job: JobSpec, on_stage: StageCallback, cancelled: asyncio.Event | None = None) -> SpatialQuery:
+    async def build(
+        self, job: JobSpec, on_stage: StageCallback, cancelled: asyncio.Event | None = None,
+        on_scene: SceneCallback | None = None,
+    ) -> SpatialQuery:
         t0 = time.perf_counter()
         decoded = await self.decode(job)
         await on_stage("decode", {"seconds": round(time.perf_counter() - t0, 4), "frames": int(decoded.frames.shape[0]),
@@ -214,14 +221,17 @@ class Pipeline:
         if cancelled is not None and cancelled.is_set():
             return SpatialQuery(frames=decoded.frames, question=job.question, regions=decoded.regions, is_video=decoded.is_video)
         t1 = time.perf_counter()
-        points, valid, info = await self.pointmaps(job, decoded)
-        await on_stage("pointmaps", {"seconds": round(time.perf_counter() - t1, 4), **info})
+        pm, info = await self.pointmaps(job, decoded)
+        info = {"seconds": round(time.perf_counter() - t1, 4), **info}
+        if on_scene is not None and await self._export_scene(job, decoded, pm, on_scene):
+            info["scene"] = True  # GET /v1/spatial-qa/{id}/scene has it now
+        await on_stage("pointmaps", info)
         return SpatialQuery(
             frames=decoded.frames,
             question=job.question,
             regions=decoded.regions,
-            pointmaps=points,
-            pointmap_valid=valid,
+            pointmaps=pm.points,
+            pointmap_valid=pm.valid,
             is_video=decoded.is_video,
             media_key=f"{job.media_hash}:{','.join(map(str, decoded.indices))}",
         )
@@ -290,8 +300,8 @@ class Pipeline:
             self._batchers[id(backend)] = PointMapBatcher(backend)
         return self._batchers[id(backend)]
 
-    async def pointmaps(self, job: JobSpec, decoded: Decoded) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-        """-> points, valid, event info: source, backend (the route), frames_registered[, frames_unregistered]."""
+    async def pointmaps(self, job: JobSpec, decoded: Decoded) -> tuple[PointMaps, dict[str, Any]]:
+        """-> point maps, event info: source, backend (the route), frames_registered[, frames_unregistered]."""
         from model.geometry import load_scene_npz
         from model.geometry.routes import choose_route, registered_frames
 
@@ -311,13 +321,13 @@ class Pipeline:
         hit = self.cache.get(key)
         if hit is not None:
             metrics.POINTMAP_CACHE.labels("hit").inc()
-            return hit.points, hit.valid, {"source": f"{hit.source} (cached)", **info}
+            return dataclasses.replace(hit, source=f"{hit.source} (cached)"), {"source": f"{hit.source} (cached)", **info}
         metrics.POINTMAP_CACHE.labels("miss").inc()
         pm = await self._batcher(backend).compute(decoded.frames)
         self.cache.put(key, pm)
-        return pm.points, pm.valid, {"source": pm.source, **info}
+        return pm, {"source": pm.source, **info}
 
-    async def _scene_pointmaps(self, scene: Any, decoded: Decoded, route: str) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    async def _scene_pointmaps(self, scene: Any, decoded: Decoded, route: str) -> tuple[PointMaps, dict[str, Any]]:
         """RGB-D upload: arrays hold one entry per sampled frame, or one per source frame (a video's
         full length) from which the sampled ones are taken. Depth must match the source frame size."""
         from model.geometry import pointmaps_from_rgbd
@@ -350,11 +360,29 @@ class Pipeline:
             return routed.pointmaps, extra
 
         pm, extra = await asyncio.to_thread(compute)
-        points, valid = pm.points, pm.valid
         f, h, w, _ = decoded.frames.shape
-        if points.shape[1:3] != (h, w):  # frames were downscaled at decode: nearest-resize to match
-            points, valid = _resize_nearest(points, (w, h)), _resize_nearest(valid, (w, h))
-        return points, valid, {"source": pm.source, "backend": route, **extra}
+        if pm.points.shape[1:3] != (h, w):  # frames were downscaled at decode: nearest-resize to match
+            from model.geometry import scale_intrinsics
+
+            src_h, src_w = pm.points.shape[1:3]
+            pm = dataclasses.replace(pm, points=_resize_nearest(pm.points, (w, h)), valid=_resize_nearest(pm.valid, (w, h)),
+                                     intrinsics=scale_intrinsics(pm.intrinsics, w / src_w, h / src_h))
+        return pm, {"source": pm.source, "backend": route, **extra}
+
+    async def _export_scene(self, job: JobSpec, decoded: Decoded, pm: PointMaps, on_scene: SceneCallback) -> bool:
+        """The compact scene for the page's 3D view (model.geometry.scene_export), handed to `on_scene`.
+        O(region pixels + point budget), a few ms. A viewer extra: a failure is logged, the job goes on."""
+        from model.geometry.scene_export import pack_scene
+
+        masks = [[(m.frame, m.mask) for m in region] for region in decoded.regions]
+        try:
+            data = await asyncio.to_thread(pack_scene, decoded.frames, pm.points, pm.valid, masks, pm.poses,
+                                           pm.intrinsics, decoded.indices, scale=pm.scale, metric=pm.metric)
+            await on_scene(data)
+        except Exception:  # noqa: BLE001 - see docstring
+            log.warning("scene export failed for job %s", job.job_id, exc_info=True)
+            return False
+        return True
 
 
 def _resize_nearest(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -7,6 +7,7 @@ Redis layout (key names: service/keys.py; deploy/ and KEDA read some of them):
                             consumer, attempts, cancel, progress, answer, finish_reason, error,
                             usage, timings (JSON where structured)
   sr3d:job:{id}:events      stream of {type, data(JSON)}: the client's single source of truth
+  sr3d:job:{id}:scene       bytes: the compact 3D scene for the page (model/geometry/scene_export.py)
   sr3d:dlq                  stream of dead-lettered jobs {job_id, entry_id, deliveries, reason, spec}
   sr3d:idem:{hash}          job id for an Idempotency-Key (SET NX EX), scoped by API key
 Job hash and events get a TTL of job_ttl_s once terminal (job_max_age_s before that, as a safety net).
@@ -26,11 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.client import NEVER_DECODE
 from redis.exceptions import ResponseError
 
 from service import metrics
 from service.blobs import BlobStore, make_blob_store
-from service.keys import DLQ, GROUP, JOBS, events_key, idem_key, job_key
+from service.keys import DLQ, GROUP, JOBS, events_key, idem_key, job_key, scene_key
 from service.consumer_name import is_dead_local_consumer
 from service.redis_conn import clone_client
 from service.schemas import ErrorInfo, JobSpec, JobStatus, JobView, Usage, TERMINAL_EVENTS
@@ -485,6 +487,7 @@ class JobQueue:
             pipe.hset(job_key(job_id), mapping=mapping)
             pipe.expire(job_key(job_id), ttl)
             pipe.expire(events_key(job_id), ttl)
+            pipe.expire(scene_key(job_id), ttl)
             await pipe.execute()
         await self._delete_blobs(job_id)
         metrics.JOBS_FINISHED.labels(status=status.value).inc()
@@ -492,6 +495,15 @@ class JobQueue:
     async def ack(self, entry_id: str) -> None:
         """XACK the jobs-stream entry: only after the terminal event and finish()."""
         await self.redis.xack(JOBS, GROUP, entry_id)
+
+    async def put_scene(self, job_id: str, data: bytes) -> None:
+        """Store the job's 3D scene; it expires with the job (job_max_age_s now, job_ttl_s from finish())."""
+        await self.redis.set(scene_key(job_id), data, ex=self.settings.job_max_age_s)
+
+    async def get_scene(self, job_id: str) -> bytes | None:
+        """The job's 3D scene bytes, or None before the point maps exist (or after expiry)."""
+        # The shared client decodes replies to str; this one reply stays bytes.
+        return await self.redis.execute_command("GET", scene_key(job_id), **{NEVER_DECODE: True})
 
     # ------------------------------------------------------------------------------------------
 

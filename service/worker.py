@@ -240,7 +240,8 @@ class Worker:
         stream: _Stream | None = None
         try:
             try:
-                query = await self.pipeline.build(job, lambda stage, info: self._stage_done(jid, stage, info, timings), cancelled)
+                query = await self.pipeline.build(job, lambda stage, info: self._stage_done(jid, stage, info, timings), cancelled,
+                                                  on_scene=lambda data: self.queue.put_scene(jid, data))
                 if cancelled.is_set():
                     raise JobCancelled
                 stream = _Stream(client=await self._already_streamed(jid))

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service.api import errors, jobs, openai, ops
+from service.api import errors, jobs, openai, ops, page, scene
 from service.api.deps import open_state
 from service.api.middleware import BodySizeLimit, RequestMetrics
 from service.settings import Settings
@@ -36,6 +36,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(openai.router)
     app.include_router(ops.router)
+    app.include_router(scene.router)
+    app.include_router(page.router)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
