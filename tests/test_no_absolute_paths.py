@@ -5,7 +5,7 @@ shared fixtures folder, a home directory, a scratch disk). The same check by han
 
     git ls-files | grep -vE '^(Dockerfile|docker-compose\\.yml|deploy/|tests/test_deploy_|tests/data/|loadtests/results/|tests/test_no_abs)|\\.gitignore$' \\
       | xargs grep -nIE "(^|[[:space:]\\"'\\`(=,\\[])/(bin|boot|etc|home|lib|lib64|media|mnt|opt|root|run|sbin|srv|tmp|usr|var|work|data|models|app|Users|Volumes|private|workspace|scratch|nix)(/|\\b)" \\
-      | grep -vE '#!/usr/bin/env|#!/bin/(ba)?sh'
+      | grep -vE '#!/usr/bin/env|#!/bin/(ba)?sh|@[a-z_]+\\.(get|post|put|patch|delete|api_route)\\('
 
 What counts: a `/` that starts a token (line start, after whitespace, a quote, a backtick, `(`, `=`, `,`
 or `[`) followed by a top-level directory of a Linux or macOS filesystem from the list above (`/work/...`,
@@ -14,7 +14,7 @@ or `[`) followed by a top-level directory of a Linux or macOS filesystem from th
 What does not: URLs (their slashes follow a scheme or a host name, not a token start); API routes such
 as `/v1/spatial-qa`, `/healthz`, `/metrics` (not filesystem roots); repo-relative paths (`tests/data`);
 the OS's own interfaces that are the same on every machine: `/dev/...`, `/proc/...`, `/sys/...` are not in
-the list, and shebang lines are skipped.
+the list, and shebang lines and route decorators (`@router.get("/models")`: an HTTP path) are skipped.
 
 Where absolute paths are right, and so exempt: the container and Kubernetes manifests, which describe the
 image's own layout (`Dockerfile`, `docker-compose.yml`, `deploy/`), and their tests (`tests/test_deploy_*.py`
@@ -37,6 +37,7 @@ ROOTS = ("bin boot etc home lib lib64 media mnt opt root run sbin srv tmp usr va
 ABSOLUTE = re.compile(r"(?:^|[\s\"'`(=,\[])(/(?:%s)(?:/[^\s\"'`),\]]*)?)(?=[\s\"'`),\]:;.]|$)" % "|".join(ROOTS))
 WINDOWS = re.compile(r"(?:^|[\s\"'`(=,\[])([A-Za-z]:\\[\w .-]+\\)")  # C:\dir\...
 SHEBANG = re.compile(r"^#!\s*/")
+ROUTE = re.compile(r"^\s*@\w+\.(?:get|post|put|patch|delete|api_route)\(")  # an HTTP route, not a file
 EXEMPT = re.compile(r"^(Dockerfile|docker-compose\.yml|deploy/|tests/test_deploy_[a-z0-9_]+\.py|tests/data/|loadtests/results/"
                     r"|tests/test_no_absolute_paths\.py)|(^|/)\.gitignore$")
 
@@ -63,7 +64,7 @@ def tracked_text_files() -> list[Path]:
 def violations(text: str) -> list[tuple[int, str]]:
     hits = []
     for n, line in enumerate(text.splitlines(), 1):
-        if SHEBANG.match(line):
+        if SHEBANG.match(line) or ROUTE.match(line):
             continue
         for rx in (ABSOLUTE, WINDOWS):
             hits += [(n, m.group(1)) for m in rx.finditer(line)]

@@ -1,4 +1,4 @@
-"""The page at `/` in a real browser: Debian's Chromium (/usr/bin/chromium, headless) driven by
+"""The page at `/` in a real browser: Debian's Chromium (the `chromium` package, headless) driven by
 Playwright's Python package against a real `sr3d serve` on loopback (embedded Redis, in-process
 worker, tiny checkpoint and depth model). No browser is downloaded; `.ci/run` installs Chromium.
 
@@ -29,7 +29,6 @@ from tests.e2e_helpers import BOTTLE_NAME, SERVE_ENV, find_fixture
 
 pytestmark = pytest.mark.timeout(600)
 
-CHROMIUM = "/usr/bin/chromium"
 # Playwright's own launch flags plus what a locked-down CI container needs; nothing reaches the network.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -39,16 +38,18 @@ VIEWPORT = {"width": 1440, "height": 1000}
 
 def _chromium() -> str:
     """Debian's Chromium; installed here with apt-get when missing and this process may (root)."""
-    if os.path.exists(CHROMIUM):
-        return CHROMIUM
+    found = shutil.which("chromium")
+    if found:
+        return found
     if shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=600)
         subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"], env=env, capture_output=True,
                        timeout=900)
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("Debian's chromium is not installed at /usr/bin/chromium and apt-get could not install it")
-    return CHROMIUM
+    found = shutil.which("chromium")
+    if not found:
+        pytest.skip("Debian's chromium is not installed (no `chromium` on PATH) and apt-get could not install it")
+    return found
 
 
 @pytest.fixture(scope="module")
