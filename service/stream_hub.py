@@ -19,18 +19,14 @@ Redis error mid-response); at or after the job's terminal event the stream is ov
 answers 204, which also tells a browser EventSource to stop reconnecting); ahead of the newest event
 it is not an id this job ever sent (400).
 
-Gateway hook (service/api/jobs.py):
-    after = parse_event_id(request.headers.get("last-event-id") or last_event_id or "0-0")
-    if await hub.check_resume(job_id, after) == "ended": return Response(status_code=204)
-    sub = hub.subscribe(job_id, after)                 # HubFull -> ApiError 503 via its .api_error()
-    return EventSourceResponse(sse_events(sub), ...)   # sse_events below: Event -> ServerSentEvent
-and for ?wait=true: `await hub.wait_terminal(job_id, timeout_s)`.
+Used by the gateway (one hub per process, opened in service/api/deps.py): SSE responses through
+service/sse.py (events route, streamed submit, OpenAI streaming) and `?wait=true` / non-streaming
+chat completions through `wait_terminal`.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import time
@@ -376,10 +372,3 @@ def _pairs(res: Any) -> list[tuple[str, list[tuple[str, dict[str, str]]]]]:
         out.append((_decode(key), rows))
     return out
 
-
-async def sse_events(sub: Subscription) -> AsyncIterator[Any]:
-    """A subscription as sse_starlette ServerSentEvents (id = Redis entry id, so Last-Event-ID resumes)."""
-    from sse_starlette import ServerSentEvent
-
-    async for ev in sub.events():
-        yield ServerSentEvent(id=ev.id or None, event=ev.type, data=json.dumps(ev.data))
