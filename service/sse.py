@@ -33,6 +33,15 @@ def subscribe(hub: StreamHub, job_id: str, after: str = "0-0") -> Subscription:
         raise e.api_error() from None
 
 
+def check_stream_room(hub: StreamHub) -> None:
+    """The same 503, before a job that is to be streamed or waited for is queued: a client told to
+    retry must not leave a job behind."""
+    try:
+        hub.check_room()
+    except HubFull as e:
+        raise e.api_error() from None
+
+
 class SubscriptionResponse(EventSourceResponse):
     """An SSE response that gives its hub subscription back however it ends (done, client gone,
     error, or never started), so the hub's client count cannot drift."""

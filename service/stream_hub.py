@@ -43,7 +43,7 @@ from service.redis_conn import clone_client
 
 log = logging.getLogger("sr3d.stream_hub")
 
-_EVENT_ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+_EVENT_ID = re.compile(r"^([0-9]{1,20})-([0-9]{1,20})$")  # ASCII digits only: int() would take "１"
 _U64 = 2**64 - 1
 _EVENTS_SUFFIX = ":events"
 _KEY_PREFIX = "sr3d:job:"
@@ -241,10 +241,15 @@ class StreamHub:
                 raise ApiError("bad_last_event_id", f"Last-Event-ID {after} is after this job's newest event")
         return "live"
 
-    def subscribe(self, job_id: str, after: str = "0-0") -> Subscription:
-        """Register a client now (so the 503 comes before any response byte). Raises HubFull."""
+    def check_room(self) -> None:
+        """HubFull when one more stream would be over the limit (for a caller that must refuse
+        before it does work, e.g. queue a job it then could not stream)."""
         if self._count >= self.max_subscribers:
             raise HubFull(self.max_subscribers, self.retry_after_s)
+
+    def subscribe(self, job_id: str, after: str = "0-0") -> Subscription:
+        """Register a client now (so the 503 comes before any response byte). Raises HubFull."""
+        self.check_room()
         sub = Subscription(self, job_id, after, self.queue_size)
         job = self._jobs.get(job_id)
         if job is None:

@@ -10,7 +10,7 @@ from service.api.submission import store_and_submit, wait_for_terminal
 from service.api.upload import SUBMIT_BODY, parse_submit
 from service.errors import ApiError
 from service.schemas import JobView, SubmitResponse
-from service.sse import sse_response, subscribe
+from service.sse import check_stream_room, sse_response, subscribe
 from service.stream_hub import parse_event_id
 
 router = APIRouter(prefix="/v1", tags=["spatial-qa"])
@@ -38,6 +38,8 @@ async def submit(
         raise ApiError("bad_idempotency_key", "Idempotency-Key must be 1..255 characters")
     sub = await parse_submit(request, settings)
     wants_stream = stream or "text/event-stream" in request.headers.get("accept", "")
+    if wants_stream or wait:
+        check_stream_room(gw.hub)
 
     # A repeat of a known key skips storing the uploads again.
     job_id = await gw.queue.lookup_idempotent(idem, caller.key_id) if idem else None

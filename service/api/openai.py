@@ -54,7 +54,7 @@ from service.api.openai_schemas import (
 from service.api.submission import Submission, check_fields, store_and_submit, wait_for_terminal
 from service.errors import ApiError
 from service.schemas import JobStatus, JobView, Usage
-from service.sse import SSE_HEADERS, SubscriptionResponse, subscribe
+from service.sse import SSE_HEADERS, SubscriptionResponse, check_stream_room, subscribe
 from service.stream_hub import Subscription
 
 log = logging.getLogger("sr3d.gateway")
@@ -277,6 +277,7 @@ async def chat_completions(request: Request, caller: Caller = Depends(rate_limit
     idem = request.headers.get("idempotency-key")
     if idem is not None and not (1 <= len(idem) <= 255):
         raise OpenAIError("bad_idempotency_key", "Idempotency-Key must be 1..255 characters")
+    check_stream_room(gw.hub)  # the answer is streamed or waited for: refuse before queueing
     job_id = await gw.queue.lookup_idempotent(idem, caller.key_id) if idem else None
     if job_id is None:
         async with contextlib.AsyncExitStack() as stack:
