@@ -27,8 +27,9 @@ from loadtests.stack import Stack
 from service.keys import job_key
 from service.redis_conn import POOL_MAX
 from tests.conftest import run_gateway
-from tests.test_gateway_api import image_form, post
+from tests.test_gateway_api import image_form, jobs_in_queue, post
 from tests.test_gateway_sse import Driver, answer, read_all, sse_events
+from tests.test_openai_api import IMG_URL, REGION, image_msg
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -71,7 +72,7 @@ def test_300_concurrent_sse_clients_on_one_job_through_the_gateway_process(tmp_p
     assert st.leaked == []
 
 
-def test_stream_limit_is_a_503_with_retry_after_and_each_stream_counts_once(env: tuple[str, Driver]) -> None:
+def test_stream_limit_is_a_503_with_retry_after_and_each_stream_counts_once(env: tuple[str, Driver], redis_url: str) -> None:
     base, driver = env
     job_id = post(base, **image_form()).json()["job_id"]
     url = f"{base}/v1/spatial-qa/{job_id}/events"
@@ -83,10 +84,15 @@ def test_stream_limit_is_a_503_with_retry_after_and_each_stream_counts_once(env:
         ra, rb = sse_events(a), sse_events(b)
         assert next(ra)["event"] == next(rb)["event"] == "queued"
         assert sse_gauge(base) == before + 2
-        for refused in (httpx.get(url, timeout=10), httpx.post(f"{base}/v1/spatial-qa?wait=true", timeout=10,
-                                                               **image_form())):
+        queued_before = jobs_in_queue(redis_url)
+        chat = {"model": "sr3d", "messages": image_msg(IMG_URL), "regions": REGION}
+        for refused in (httpx.get(url, timeout=10),
+                        httpx.post(f"{base}/v1/spatial-qa?wait=true", timeout=10, **image_form()),
+                        httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=10),
+                        httpx.post(f"{base}/v1/chat/completions", json={**chat, "stream": True}, timeout=10)):
             assert refused.status_code == 503, refused.text
             assert refused.json()["error"]["code"] == "too_many_streams" and refused.headers["retry-after"] == "5"
+        assert jobs_in_queue(redis_url) == queued_before  # refused before anything was queued
     wait_for(lambda: sse_gauge(base) == before, 10, "both streams given back")
     answer(driver, job_id, ["ok"])
     assert read_all(url)[-1]["event"] == "done"  # a slot is free again
