@@ -105,6 +105,9 @@ def requests_by_status_class(url: str) -> dict[str, int]:
 
     text = httpx.get(f"{url}/metrics", timeout=10).text
     out: dict[str, int] = {}
-    for status, value in re.findall(r'^sr3d_http_requests_total\{[^}]*status="(\d)\d\d"[^}]*\} ([0-9.e+]+)$', text, re.M):
-        out[f"{status}xx"] = out.get(f"{status}xx", 0) + int(float(value))
+    # Route labels hold braces themselves (route="/v1/spatial-qa/{job_id}"): match the status inside.
+    for labels, value in re.findall(r'^sr3d_http_requests_total\{(.*)\} ([0-9.e+]+)$', text, re.M):
+        status = re.search(r'status="(\d)\d\d"', labels)
+        if status:
+            out[f"{status.group(1)}xx"] = out.get(f"{status.group(1)}xx", 0) + int(float(value))
     return out
