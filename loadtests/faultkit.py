@@ -94,3 +94,20 @@ def wait_until(pred: Callable[[], bool], timeout: float, what: str, period: floa
         time.sleep(period)
 
 
+
+
+def requests_by_status_class(url: str) -> dict[str, int]:
+    """What a gateway process has answered so far, from its own `sr3d_http_requests_total`
+    (every request it served, including ones a test never looked at): {"2xx": n, "4xx": n, ...}."""
+    import re
+
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out: dict[str, int] = {}
+    # Route labels hold braces themselves (route="/v1/spatial-qa/{job_id}"): match the status inside.
+    for labels, value in re.findall(r'^sr3d_http_requests_total\{(.*)\} ([0-9.e+]+)$', text, re.M):
+        status = re.search(r'status="(\d)\d\d"', labels)
+        if status:
+            out[f"{status.group(1)}xx"] = out.get(f"{status.group(1)}xx", 0) + int(float(value))
+    return out

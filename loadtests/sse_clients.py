@@ -1,13 +1,11 @@
 """Hold N concurrent SSE clients on one job of one gateway process (issue 14 item 3), loopback only.
 
-    python -m loadtests.sse_clients --clients 1000 [--target gateway|hub] [--hold 20] [--out DIR]
+    python -m loadtests.sse_clients --clients 1000 [--hold 20] [--out DIR]
 
-Starts its own redis-server and either the real `sr3d gateway` (target `gateway`: today's SSE path)
-or a minimal server that streams through `service.stream_hub` exactly as the gateway hook in its
-docstring does (target `hub`: the new path, until the gateway is wired to it). One job is queued
-through JobQueue; N clients open `GET /v1/spatial-qa/{id}/events` (raw asyncio sockets, ramped in
-steps of --ramp), hold for --hold seconds, then the script writes 20 `token` events and `done` as a
-worker would. Prints JSON: HTTP statuses, streams that got their `queued` event, streams that got
+Starts its own redis-server and the real `sr3d gateway` (whose event streams all read through one
+`service.stream_hub` per process), both on loopback. One job is queued through JobQueue; N clients
+open `GET /v1/spatial-qa/{id}/events` (raw asyncio sockets, ramped in steps of --ramp), hold for
+--hold seconds, then the script writes 20 `token` events and `done` as a worker would. Prints JSON: HTTP statuses, streams that got their `queued` event, streams that got
 `done` (the rest were dropped or never opened), the server's peak RSS and Redis connected_clients
 while all streams were open.
 """
@@ -17,7 +15,6 @@ import argparse
 import asyncio
 import collections
 import json
-import sys
 import tempfile
 import time
 import uuid
@@ -25,57 +22,6 @@ from pathlib import Path
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
-
-
-# ---- the hub server (target "hub") ---------------------------------------------------------------
-
-
-def hub_app(redis_url: str, max_clients: int) -> Any:
-    from contextlib import asynccontextmanager
-
-    from sse_starlette import EventSourceResponse
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
-
-    from service.errors import ApiError
-    from service.redis_conn import redis_client
-    from service.stream_hub import HubFull, StreamHub, parse_event_id, sse_events
-
-    state: dict[str, Any] = {}
-
-    @asynccontextmanager
-    async def lifespan(_: Any) -> Any:
-        state["redis"] = redis_client(redis_url)
-        state["hub"] = StreamHub(state["redis"], max_subscribers=max_clients)
-        await state["hub"].start()
-        yield
-        await state["hub"].close()
-        await state["redis"].aclose()
-
-    async def events(request: Request) -> Response:
-        hub: StreamHub = state["hub"]
-        job_id = request.path_params["job_id"]
-        try:
-            after = parse_event_id(request.headers.get("last-event-id") or "0-0")
-            if await hub.check_resume(job_id, after) == "ended":
-                return Response(status_code=204)
-            try:
-                sub = hub.subscribe(job_id, after)
-            except HubFull as e:
-                raise e.api_error() from None
-        except ApiError as e:
-            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-        return EventSourceResponse(sse_events(sub), ping=15, headers={"Cache-Control": "no-cache"})
-
-    return Starlette(routes=[Route("/v1/spatial-qa/{job_id}/events", events)], lifespan=lifespan)
-
-
-def serve_hub(port: int, redis_url: str, max_clients: int) -> None:
-    import uvicorn
-
-    uvicorn.run(hub_app(redis_url, max_clients), host=LOOPBACK, port=port, log_level="warning", backlog=4096)
 
 
 # ---- clients ----------------------------------------------------------------------------------------
@@ -176,44 +122,24 @@ async def drive(port: int, redis_url: str, server_pid: int, n: int, ramp: int, h
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=1000)
-    ap.add_argument("--target", choices=["gateway", "hub"], default="gateway")
     ap.add_argument("--ramp", type=int, default=100, help="clients opened per step")
     ap.add_argument("--hold", type=float, default=20.0, help="seconds all streams stay open before the answer")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here too")
-    ap.add_argument("--serve-hub", nargs=3, metavar=("PORT", "REDIS_URL", "MAX"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.serve_hub:
-        serve_hub(int(args.serve_hub[0]), args.serve_hub[1], int(args.serve_hub[2]))
-        return
 
-    from loadtests.stack import Stack, free_port
+    from loadtests.stack import Stack
 
     with tempfile.TemporaryDirectory() as d, Stack(Path(d), env={"SR3D_LOG_LEVEL": "WARNING"}) as st:
         st.start_redis()
-        if args.target == "gateway":
-            proc, url = st.start_gateway()
-            st.wait_ready(url, proc, timeout=60)
-            port = int(url.rsplit(":", 1)[1])
-        else:
-            port = free_port()
-            proc = st._spawn("hub", [sys.executable, "-m", "loadtests.sse_clients", "--serve-hub", str(port),
-                                     st.redis_url, str(max(4096, args.clients))])
-            import httpx
-
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    httpx.get(f"http://{LOOPBACK}:{port}/", timeout=1)
-                    break
-                except httpx.HTTPError:
-                    assert time.monotonic() < deadline and proc.alive(), proc.log_tail()
-                    time.sleep(0.2)
+        proc, url = st.start_gateway()
+        st.wait_ready(url, proc, timeout=60)
+        port = int(url.rsplit(":", 1)[1])
         result = asyncio.run(drive(port, st.redis_url, proc.pid, args.clients, args.ramp, args.hold))
-        result = {"target": args.target, **result, "server_alive": proc.alive()}
+        result = {"target": "gateway", **result, "server_alive": proc.alive()}
     print(json.dumps(result))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"sse_clients_{args.target}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.out / "sse_clients_gateway.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ REQUESTS = Counter("sr3d_http_requests_total", "HTTP requests by route and statu
 REQUEST_LATENCY = Histogram("sr3d_http_request_duration_seconds", "HTTP request latency (until headers)", ["route"], buckets=_LATENCY)
 JOBS_SUBMITTED = Counter("sr3d_jobs_submitted_total", "Jobs accepted into the queue")
 JOBS_REJECTED = Counter("sr3d_jobs_rejected_total", "Submissions rejected before queueing", ["reason"])
-SSE_CLIENTS = Gauge("sr3d_sse_clients", "Open SSE streams on this gateway")
+SSE_CLIENTS = Gauge("sr3d_sse_clients", "Open event streams on this gateway (SSE, and ?wait=true while it waits)")
 
 # Queue (set by whoever samples it: gateway and worker both)
 QUEUE_LENGTH = Gauge("sr3d_queue_length", "Entries in the jobs stream not yet delivered to a worker (consumer-group lag)")

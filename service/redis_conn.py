@@ -31,6 +31,12 @@ from service.settings import Settings
 
 log = logging.getLogger("sr3d.redis")
 
+# Each client's pool: at most this many connections; a command beyond waits up to POOL_WAIT_S for a
+# free one. redis-py's default pool instead fails the 101st concurrent command with "Too many
+# connections", so a burst of requests (hundreds of SSE clients connecting at once) made 503s.
+POOL_MAX = 64
+POOL_WAIT_S = 20.0
+
 # sun_path is 108 bytes on Linux; longer data dirs get a short socket dir in the system temp dir.
 _MAX_SOCKET_PATH = 100
 
@@ -38,8 +44,10 @@ _MAX_SOCKET_PATH = 100
 def redis_client(url: str, *, decode: bool = True, blocking: bool = False) -> aioredis.Redis:
     """An asyncio client. `blocking=True` has no socket timeout: for XREAD/XREADGROUP BLOCK, whose
     server-side wait would otherwise trip the client's timeout."""
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=POOL_MAX,
+        timeout=POOL_WAIT_S,
         decode_responses=decode,
         # After a Redis restart every pooled connection is stale; retry on a fresh one instead of
         # answering the first requests with 503.
@@ -49,6 +57,13 @@ def redis_client(url: str, *, decode: bool = True, blocking: bool = False) -> ai
         socket_connect_timeout=5,
         health_check_interval=30,
     )
+    return _client_owning(pool)
+
+
+def _client_owning(pool: aioredis.ConnectionPool) -> aioredis.Redis:
+    client = aioredis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True  # aclose() closes the pool too, as with from_url
+    return client
 
 
 def clone_client(client: aioredis.Redis, **overrides: object) -> aioredis.Redis:
@@ -56,7 +71,10 @@ def clone_client(client: aioredis.Redis, **overrides: object) -> aioredis.Redis:
     (socket_timeout=None) next to the default one."""
     pool = client.connection_pool
     kwargs = {**pool.connection_kwargs, **overrides}
-    return aioredis.Redis(connection_pool=aioredis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
+    if isinstance(pool, aioredis.BlockingConnectionPool):  # the same bound and wait
+        return _client_owning(aioredis.BlockingConnectionPool(connection_class=pool.connection_class, timeout=pool.timeout,
+                                                              max_connections=pool.max_connections, **kwargs))
+    return _client_owning(aioredis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
 
 
 @dataclass

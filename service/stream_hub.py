@@ -19,18 +19,14 @@ Redis error mid-response); at or after the job's terminal event the stream is ov
 answers 204, which also tells a browser EventSource to stop reconnecting); ahead of the newest event
 it is not an id this job ever sent (400).
 
-Gateway hook (service/api/jobs.py):
-    after = parse_event_id(request.headers.get("last-event-id") or last_event_id or "0-0")
-    if await hub.check_resume(job_id, after) == "ended": return Response(status_code=204)
-    sub = hub.subscribe(job_id, after)                 # HubFull -> ApiError 503 via its .api_error()
-    return EventSourceResponse(sse_events(sub), ...)   # sse_events below: Event -> ServerSentEvent
-and for ?wait=true: `await hub.wait_terminal(job_id, timeout_s)`.
+Used by the gateway (one hub per process, opened in service/api/deps.py): SSE responses through
+service/sse.py (events route, streamed submit, OpenAI streaming) and `?wait=true` / non-streaming
+chat completions through `wait_terminal`.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import time
@@ -47,7 +43,7 @@ from service.redis_conn import clone_client
 
 log = logging.getLogger("sr3d.stream_hub")
 
-_EVENT_ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+_EVENT_ID = re.compile(r"^([0-9]{1,20})-([0-9]{1,20})$")  # ASCII digits only: int() would take "１"
 _U64 = 2**64 - 1
 _EVENTS_SUFFIX = ":events"
 _KEY_PREFIX = "sr3d:job:"
@@ -245,10 +241,15 @@ class StreamHub:
                 raise ApiError("bad_last_event_id", f"Last-Event-ID {after} is after this job's newest event")
         return "live"
 
-    def subscribe(self, job_id: str, after: str = "0-0") -> Subscription:
-        """Register a client now (so the 503 comes before any response byte). Raises HubFull."""
+    def check_room(self) -> None:
+        """HubFull when one more stream would be over the limit (for a caller that must refuse
+        before it does work, e.g. queue a job it then could not stream)."""
         if self._count >= self.max_subscribers:
             raise HubFull(self.max_subscribers, self.retry_after_s)
+
+    def subscribe(self, job_id: str, after: str = "0-0") -> Subscription:
+        """Register a client now (so the 503 comes before any response byte). Raises HubFull."""
+        self.check_room()
         sub = Subscription(self, job_id, after, self.queue_size)
         job = self._jobs.get(job_id)
         if job is None:
@@ -376,10 +377,3 @@ def _pairs(res: Any) -> list[tuple[str, list[tuple[str, dict[str, str]]]]]:
         out.append((_decode(key), rows))
     return out
 
-
-async def sse_events(sub: Subscription) -> AsyncIterator[Any]:
-    """A subscription as sse_starlette ServerSentEvents (id = Redis entry id, so Last-Event-ID resumes)."""
-    from sse_starlette import ServerSentEvent
-
-    async for ev in sub.events():
-        yield ServerSentEvent(id=ev.id or None, event=ev.type, data=json.dumps(ev.data))

@@ -14,7 +14,8 @@
 Adding a router (e.g. an OpenAI-compatible one): an APIRouter in its own module whose routes depend
 on `deps.rate_limited` (or `authenticate`) and `deps.state`, build a `submission.Submission` from their
 wire format (file objects may be io.BytesIO), call `check_fields` and `store_and_submit`, then
-`wait_for_terminal` or `service.sse.sse_response`; raise ApiError(code, message) and list any new code's
+`wait_for_terminal` or `service.sse.sse_response(queue, service.sse.subscribe(gw.hub, job_id))` (every
+stream reads through the process's one StreamHub); raise ApiError(code, message) and list any new code's
 status in errors.py; one `include_router` line in app.py.
 
 No PyAV, no tensors here: the worker probes media and reports media errors as `error` events.

@@ -23,6 +23,7 @@ from service.ratelimit import RateLimiter
 from service.redis_conn import EmbeddedRedis, redis_client, resolve_redis_url
 from service.schemas import JobView
 from service.settings import Settings
+from service.stream_hub import StreamHub
 
 log = logging.getLogger("sr3d.gateway")
 
@@ -36,12 +37,13 @@ class GatewayState:
     queue: JobQueue
     blobs: BlobStore
     limiter: RateLimiter
+    hub: StreamHub  # every event stream of this process (SSE, ?wait=true) reads through it
 
 
 @contextlib.asynccontextmanager
 async def open_state(settings: Settings) -> AsyncIterator[GatewayState]:
     """Connections for one gateway process. Redis: REDIS_URL, else the embedded server under
-    SR3D_DATA_DIR. A directory blob store also gets its expiry sweeper."""
+    SR3D_DATA_DIR. A directory blob store also gets its expiry sweeper; event streams get one hub."""
     url, embedded = await asyncio.to_thread(resolve_redis_url, settings)
     redis = redis_client(url)
     blobs = make_blob_store(settings, redis)
@@ -50,9 +52,15 @@ async def open_state(settings: Settings) -> AsyncIterator[GatewayState]:
     with contextlib.suppress(RedisError, OSError):
         await queue.ensure_group()
     sweeper = asyncio.create_task(_sweep_blobs(blobs)) if isinstance(blobs, DirBlobStore) else None
+    # Streams check that their job still exists once per ping interval, and end with an `error`
+    # event once Redis has been unreachable for two of them.
+    hub = StreamHub(redis, max_subscribers=settings.sse_max_clients, retry_after_s=settings.retry_after_s,
+                    idle_check_s=settings.sse_ping_s, outage_grace_s=2 * settings.sse_ping_s)
+    await hub.start()
     try:
-        yield GatewayState(settings, redis, queue, blobs, limiter)
+        yield GatewayState(settings, redis, queue, blobs, limiter, hub)
     finally:
+        await hub.close()
         if sweeper is not None:
             sweeper.cancel()
         await queue.aclose()
@@ -119,13 +127,14 @@ async def rate_limited(request: Request, caller: Caller = Depends(authenticate))
 
 
 async def owned_job(gw: GatewayState, job_id: str, caller: Caller) -> JobView:
-    """The job, or 404 when unknown, expired, or submitted under another API key."""
+    """The job, or 404 when unknown, expired, or not provably the caller's: with API keys on, a job
+    whose spec cannot be read names no owner, so no key sees it."""
     if not JOB_ID.match(job_id):
         raise ApiError("job_not_found", f"no job {job_id!r}")
     view = await gw.queue.get(job_id)
     if view is not None and caller.key_id is not None:
         spec = await gw.queue.get_spec(job_id)
-        if spec is not None and spec.api_key_id != caller.key_id:
+        if spec is None or spec.api_key_id != caller.key_id:
             view = None
     if view is None:
         raise ApiError("job_not_found", f"no job {job_id!r} (unknown or expired)")

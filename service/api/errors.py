@@ -31,7 +31,8 @@ STATUS: dict[str, int] = {
     "bad_request": 400, "regions_not_json": 400, "options_not_json": 400, "bad_idempotency_key": 400,
     "bad_last_event_id": 400, "invalid_argument": 400, "invalid_box": 400, "invalid_scene_file": 400,
     # 401/403/404/405/409
-    "unauthorized": 401, "forbidden": 403, "not_found": 404, "job_not_found": 404, "scene_not_ready": 404, "method_not_allowed": 405,
+    "unauthorized": 401, "forbidden": 403, "not_found": 404, "job_not_found": 404, "job_expired": 404,
+    "scene_not_ready": 404, "method_not_allowed": 405,
     "job_finished": 409,
     # 413: over a size cap
     "upload_too_large": 413, "file_too_large": 413, "resolution_too_large": 413, "too_long": 413,

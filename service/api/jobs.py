@@ -9,9 +9,9 @@ from service.api.errors import ERROR_RESPONSES
 from service.api.submission import store_and_submit, wait_for_terminal
 from service.api.upload import SUBMIT_BODY, parse_submit
 from service.errors import ApiError
-from service.queue import ENTRY_ID
 from service.schemas import JobView, SubmitResponse
-from service.sse import sse_response
+from service.sse import check_stream_room, sse_response, subscribe
+from service.stream_hub import parse_event_id
 
 router = APIRouter(prefix="/v1", tags=["spatial-qa"])
 
@@ -38,6 +38,8 @@ async def submit(
         raise ApiError("bad_idempotency_key", "Idempotency-Key must be 1..255 characters")
     sub = await parse_submit(request, settings)
     wants_stream = stream or "text/event-stream" in request.headers.get("accept", "")
+    if wants_stream or wait:
+        check_stream_room(gw.hub)
 
     # A repeat of a known key skips storing the uploads again.
     job_id = await gw.queue.lookup_idempotent(idem, caller.key_id) if idem else None
@@ -48,10 +50,10 @@ async def submit(
     if not created:
         headers["Idempotent-Replayed"] = "true"
     if wants_stream:
-        return sse_response(gw.queue, job_id, ping_s=settings.sse_ping_s,
+        return sse_response(gw.queue, subscribe(gw.hub, job_id), ping_s=settings.sse_ping_s,
                             cancel_on_disconnect=sub.options.cancel_on_disconnect, headers=headers)
     if wait:
-        view = await wait_for_terminal(gw.queue, job_id, settings.wait_timeout_s)
+        view = await wait_for_terminal(gw, job_id, settings.wait_timeout_s)
         if view is not None:
             return JSONResponse(view.model_dump(mode="json"), status_code=200, headers=headers)
     base = str(request.base_url).rstrip("/")
@@ -68,7 +70,9 @@ async def get_job(job_id: str, caller: Caller = Depends(authenticate), gw: Gatew
 @router.get(
     "/spatial-qa/{job_id}/events",
     responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}, "description": "SSE: queued, progress, "
-                                        "token, done | error; resumes after Last-Event-ID"}},
+                                        "token, done | error; resumes after Last-Event-ID"},
+               204: {"description": "Last-Event-ID is at or after the job's terminal event: nothing more will come "
+                                    "(also tells a browser EventSource to stop reconnecting)"}},
     summary="Stream (or resume) a job's events",
 )
 async def job_events(
@@ -78,13 +82,14 @@ async def job_events(
     caller: Caller = Depends(authenticate),
     gw: GatewayState = Depends(state),
 ) -> Response:
-    after = request.headers.get("last-event-id") or last_event_id or "0-0"
-    if not ENTRY_ID.match(after):
-        raise ApiError("bad_last_event_id", f"Last-Event-ID {after!r} is not an event id like 1718000000000-0")
+    after = parse_event_id(request.headers.get("last-event-id") or last_event_id or "0-0")
     await owned_job(gw, job_id, caller)
+    if await gw.hub.check_resume(job_id, after) == "ended":
+        return Response(status_code=204)
     spec = await gw.queue.get_spec(job_id)
     cancel = bool(spec and spec.options.cancel_on_disconnect)
-    return sse_response(gw.queue, job_id, after=after, ping_s=gw.settings.sse_ping_s, cancel_on_disconnect=cancel)
+    return sse_response(gw.queue, subscribe(gw.hub, job_id, after), ping_s=gw.settings.sse_ping_s,
+                        cancel_on_disconnect=cancel)
 
 
 @router.delete(

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from redis.exceptions import RedisError
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.deps import Caller, GatewayState, authenticate, rate_limited, state
@@ -53,9 +53,9 @@ from service.api.openai_schemas import (
 )
 from service.api.submission import Submission, check_fields, store_and_submit, wait_for_terminal
 from service.errors import ApiError
-from service.queue import Event
 from service.schemas import JobStatus, JobView, Usage
-from service.sse import SSE_HEADERS
+from service.sse import SSE_HEADERS, SubscriptionResponse, check_stream_room, subscribe
+from service.stream_hub import Subscription
 
 log = logging.getLogger("sr3d.gateway")
 
@@ -277,6 +277,7 @@ async def chat_completions(request: Request, caller: Caller = Depends(rate_limit
     idem = request.headers.get("idempotency-key")
     if idem is not None and not (1 <= len(idem) <= 255):
         raise OpenAIError("bad_idempotency_key", "Idempotency-Key must be 1..255 characters")
+    check_stream_room(gw.hub)  # the answer is streamed or waited for: refuse before queueing
     job_id = await gw.queue.lookup_idempotent(idem, caller.key_id) if idem else None
     if job_id is None:
         async with contextlib.AsyncExitStack() as stack:
@@ -294,10 +295,11 @@ async def chat_completions(request: Request, caller: Caller = Depends(rate_limit
     cid, created, model = f"chatcmpl-{job_id}", int(time.time()), settings.served_model_name
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = stream_chunks(gw, job_id, cid, created, model, stops, include_usage)
-        return EventSourceResponse(events, ping=settings.sse_ping_s, headers={**SSE_HEADERS, **headers})
+        sub = subscribe(gw.hub, job_id)
+        events = stream_chunks(sub, cid, created, model, stops, include_usage)
+        return SubscriptionResponse(sub, events, ping=settings.sse_ping_s, headers={**SSE_HEADERS, **headers})
 
-    view = await wait_for_terminal(gw.queue, job_id, settings.wait_timeout_s)
+    view = await wait_for_terminal(gw, job_id, settings.wait_timeout_s)
     if view is None:
         raise OpenAIError("job_timeout", f"no answer within {settings.wait_timeout_s:g}s; the job runs on: GET "
                           f"/v1/spatial-qa/{job_id}, or use stream: true", headers={**headers, **NO_RETRY}, status=504)
@@ -358,21 +360,7 @@ class TextGate:
                        "GET /v1/spatial-qa/{id} has the final answer")
 
 
-async def _events(gw: GatewayState, job_id: str) -> AsyncIterator[Event]:
-    """The job's events from the start until its terminal one."""
-    after = "0-0"
-    while True:
-        events = await gw.queue.read_events(job_id, after=after, block_ms=15000)
-        if not events and await gw.queue.get(job_id) is None:
-            raise ApiError("job_expired", "the job no longer exists")
-        for ev in events:
-            after = ev.id
-            yield ev
-            if ev.terminal:
-                return
-
-
-async def stream_chunks(gw: GatewayState, job_id: str, cid: str, created: int, model: str, stops: list[str],
+async def stream_chunks(sub: Subscription, cid: str, created: int, model: str, stops: list[str],
                         include_usage: bool) -> AsyncIterator[ServerSentEvent]:
     """The job's events as chat.completion.chunk events, then `data: [DONE]`. An error after the
     stream started is an OpenAI error object in the stream (the openai client raises it)."""
@@ -385,7 +373,7 @@ async def stream_chunks(gw: GatewayState, job_id: str, cid: str, created: int, m
     gate, produced = TextGate(stops), ""
     yield chunk(Delta(role="assistant", content=""))
     try:
-        async for ev in _events(gw, job_id):
+        async for ev in sub.events():
             if ev.type == "progress" and ev.data.get("discard"):
                 produced = ""
             elif ev.type == "error":

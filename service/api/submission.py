@@ -24,7 +24,7 @@ from service import keys, metrics
 from service.api.deps import Caller, GatewayState
 from service.blobs import BlobStore, BlobTooLarge
 from service.errors import ApiError
-from service.queue import JobQueue, QueueFull
+from service.queue import QueueFull
 from service.schemas import (
     BoxRegion,
     GenerationOptions,
@@ -37,6 +37,7 @@ from service.schemas import (
     check_question,
 )
 from service.settings import Settings
+from service.stream_hub import HubFull
 
 log = logging.getLogger("sr3d.gateway")
 
@@ -175,20 +176,23 @@ async def _delete(blobs: BlobStore, blob_keys: list[str]) -> None:
             await blobs.delete(key)
 
 
-async def wait_for_terminal(queue: JobQueue, job_id: str, timeout_s: float) -> JobView | None:
-    """The finished job, or None if it is not finished within timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    after = "0-0"
-    while (left := deadline - time.monotonic()) > 0:
-        for ev in await queue.read_events(job_id, after=after, block_ms=max(1, int(min(left, 5.0) * 1000))):
-            after = ev.id
-            if ev.terminal:
-                view = await queue.get(job_id)
-                if view is not None and not view.status.terminal:
-                    # The terminal event is written just before finish(): report what it says.
-                    view = _view_from_event(view, ev.type, ev.data)
-                return view
-    return None
+async def wait_for_terminal(gw: GatewayState, job_id: str, timeout_s: float) -> JobView | None:
+    """The finished job, or None if it is not finished within timeout_s. Waits through the stream
+    hub (no Redis connection of its own); ApiError too_many_streams (503) when the hub is full, and
+    the hub's own `error` (job expired, Redis unreachable) as an ApiError."""
+    try:
+        ev = await gw.hub.wait_terminal(job_id, timeout_s)
+    except HubFull as e:
+        raise e.api_error() from None
+    if ev is None:
+        return None
+    if not ev.id:  # made by the hub, not the job: the stream could not be followed to its end
+        raise ApiError(str(ev.data["code"]), str(ev.data["message"]))
+    view = await gw.queue.get(job_id)
+    if view is not None and not view.status.terminal:
+        # The terminal event is written just before finish(): report what it says.
+        view = _view_from_event(view, ev.type, ev.data)
+    return view
 
 
 def _view_from_event(view: JobView, type_: str, data: dict[str, Any]) -> JobView:
