@@ -8,7 +8,7 @@ with that configuration's SR3D_* variables), a warm-up burst (lazy init, compile
 loop at each concurrency level. The first configuration is the baseline; every other one gets ratios against it
 at the same level (requests/s, TTFT p50, e2e p50), so the comparison lives inside one run.
 
-Configurations: a preset name (`baseline`, `tuned`, `tuned-exact`, `multiview`, `multiview-tuned`, see PRESETS)
+Configurations: a preset name (`baseline`, `fp8`, `depth392`, `tuned`, `multiview`, `multiview-tuned`; PRESETS)
 optionally followed by `:KEY=VAL,...` overrides, or `NAME:KEY=VAL,...` with a new name. Variables common to all
 configurations (cache off, worker concurrency, the dummy 8B model) come from the run's arguments.
 
@@ -46,9 +46,10 @@ from loadtests.stack import Stack
 # model (the reference pipeline); `auto` would send videos to the Depth Anything 3 backend instead.
 PRESETS: dict[str, dict[str, str]] = {
     "baseline": {"SR3D_POINTMAP_BACKEND": "single"},
-    # the exact-path levers only: no lossy setting
-    "tuned-exact": {"SR3D_POINTMAP_BACKEND": "single", "SR3D_DEPTH_ATTENTION": "sdpa"},
-    # + the lossy ones, each with its error report: fp8 (loadtests/quant_error.py), depth at 392 (depth_error.py)
+    # one lossy lever each (errors: fp8 -> loadtests/quant_error.py, depth input 392 -> loadtests/depth_error.py)
+    "fp8": {"SR3D_POINTMAP_BACKEND": "single", "SR3D_VLLM_QUANTIZATION": "fp8"},
+    "depth392": {"SR3D_POINTMAP_BACKEND": "single", "SR3D_DEPTH_INPUT_SIZE": "392"},
+    # both (SDPA attention and the bf16 depth weights are already the defaults: exact maths, see depth_error.py)
     "tuned": {"SR3D_POINTMAP_BACKEND": "single", "SR3D_VLLM_QUANTIZATION": "fp8", "SR3D_DEPTH_INPUT_SIZE": "392"},
     "multiview": {"SR3D_POINTMAP_BACKEND": "auto"},
     "multiview-tuned": {"SR3D_POINTMAP_BACKEND": "auto", "SR3D_VLLM_QUANTIZATION": "fp8", "SR3D_MULTIVIEW_PROCESS_RES": "392"},
