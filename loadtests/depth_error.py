@@ -178,13 +178,16 @@ def run(args: argparse.Namespace) -> int:
                 rows.append({"lever": label, "settings": settings, "s_per_request": round(s, 4),
                              "speedup_vs_exact": round(t_ref / s, 3) if s else None, "error_vs_exact": compare(pm, ref)})
                 print(json.dumps({"backend": name, "lever": label, "s": round(s, 4)}), file=sys.stderr)
-            report["backends"][name] = rows
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "depth_error.json").write_text(text + "\n")
-    print(text)
+                report["backends"][name] = rows
+                _save(report, args.out)  # after every lever: a run cut short keeps what it measured
+    print(json.dumps(report, indent=2))
     return 0
+
+
+def _save(report: dict[str, Any], out: str | None) -> None:
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "depth_error.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
