@@ -108,6 +108,12 @@ def test_depth_settings_reach_the_worker_backends_and_batcher(monkeypatch: pytes
     assert multi.process_res == 112
     batcher = Pipeline(s, blobs=None, backend=backends)._batcher(single)  # type: ignore[arg-type]
     assert (batcher.max_jobs, batcher.max_frames) == (3, 40)
-    d = Settings(data_dir=tmp_path, _env_file=None)
-    monkeypatch.delenv("SR3D_DEPTH_ATTENTION")
-    assert Settings(data_dir=tmp_path).depth_attention == "sdpa" and d.depth_compile is False
+    for k in ("SR3D_DEPTH_INPUT_SIZE", "SR3D_MULTIVIEW_PROCESS_RES", "SR3D_DEPTH_ATTENTION"):
+        monkeypatch.delenv(k)
+    d = Settings(data_dir=tmp_path)  # the defaults are the exact path
+    assert (d.depth_input_size, d.multiview_process_res, d.depth_attention, d.depth_compile) == (None, 504, "sdpa", False)
+    assert backends.get("single").model._compiled_call_impl is None
+    monkeypatch.setenv("SR3D_DEPTH_COMPILE", "1")  # compiled lazily: the first call compiles, not the build
+    compiled = make_pointmap_backend(Settings(data_dir=tmp_path))
+    assert compiled.get("single").model._compiled_call_impl is not None
+    assert compiled.get("multiview").net.backbone.pretrained._compiled_call_impl is not None

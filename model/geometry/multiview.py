@@ -60,8 +60,8 @@ class MultiViewBackend:
         self.net = load_da3(model_dir, self.device)
         # The backbone is the cost (all frames' tokens, cross-view attention already through torch's
         # scaled_dot_product_attention); compiled in place, a new frame count/size recompiles once.
-        if compile:
-            self.net.backbone.compile()
+        if compile:  # the network calls `backbone.pretrained` directly, so that is the module to compile
+            self.net.backbone.pretrained.compile()
 
     @torch.inference_mode()
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:
