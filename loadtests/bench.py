@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
-from loadtests import bench_blobs, bench_engine, bench_media, bench_model, bench_queue, bench_service, bench_workers
+from loadtests import bench_blobs, bench_engine, bench_media, bench_model, bench_pipeline, bench_queue, bench_service, bench_workers
 
 TARGETS: dict[str, ModuleType] = {
     "model": bench_model,
@@ -14,6 +14,7 @@ TARGETS: dict[str, ModuleType] = {
     "service": bench_service,
     "queue": bench_queue,
     "workers": bench_workers,
+    "pipeline": bench_pipeline,
     "blobs": bench_blobs,
 }
 

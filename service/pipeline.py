@@ -95,7 +95,8 @@ def make_pointmap_backend(settings: Settings) -> PointMapBackends:
         model_dir = settings.depth_model or str(
             build_once(Path(settings.data_dir) / "tiny-depth", lambda tmp: build_tiny_depth_model(str(tmp)))
         )
-        backends["single"] = DepthAnythingBackend(model_dir, device=settings.device)
+        backends["single"] = DepthAnythingBackend(model_dir, device=settings.device, input_size=settings.depth_input_size,
+                                                  attention=settings.depth_attention, compile=settings.depth_compile)
     if "multiview" in routes:
         from model.geometry.da3 import build_tiny_da3
         from model.geometry.multiview import MultiViewBackend
@@ -103,7 +104,8 @@ def make_pointmap_backend(settings: Settings) -> PointMapBackends:
         mv_dir = settings.multiview_model or str(
             build_once(Path(settings.data_dir) / "tiny-da3", lambda tmp: build_tiny_da3(tmp))
         )
-        backends["multiview"] = MultiViewBackend(mv_dir, device=settings.device)
+        backends["multiview"] = MultiViewBackend(mv_dir, device=settings.device, process_res=settings.multiview_process_res,
+                                                 compile=settings.depth_compile)
     return PointMapBackends(backends)
 
 
@@ -297,7 +299,8 @@ class Pipeline:
 
     def _batcher(self, backend: Any) -> PointMapBatcher:
         if id(backend) not in self._batchers:
-            self._batchers[id(backend)] = PointMapBatcher(backend)
+            self._batchers[id(backend)] = PointMapBatcher(backend, max_jobs=self.settings.depth_batch_jobs,
+                                                          max_frames=self.settings.depth_batch_frames)
         return self._batchers[id(backend)]
 
     async def pointmaps(self, job: JobSpec, decoded: Decoded) -> tuple[PointMaps, dict[str, Any]]:

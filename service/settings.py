@@ -42,6 +42,10 @@ class VLLMSettings(BaseSettings):
     prepare_workers: int = Field(0, ge=0)
     enable_prefix_caching: bool = True
     seed: int = 0
+    # Lossy lever (issue 15): "fp8" = vLLM's W8A8 fp8 with weights quantized at load (dynamic activation scales);
+    # None = the checkpoint's dtype, the exact path. Its greedy-token agreement and logit error against bf16:
+    # `python -m loadtests.quant_error` (loadtests/RESULTS.md, "Throughput (issue 15)").
+    quantization: Literal["fp8"] | None = None
 
 
 class Settings(BaseSettings):
@@ -65,7 +69,19 @@ class Settings(BaseSettings):
     # where the network namespace is the boundary and Prometheus/kubelet must reach it.
     worker_metrics_host: str = "127.0.0.1"
     worker_name: str | None = Field(None, description="stable consumer name (one live worker per name); unset = host-pid, see service.consumer_name")
-    # The torch engine waits this long for concurrent requests to join one batch.
+    # Depth networks' speed levers (issue 15; errors vs the exact path: `python -m loadtests.depth_error`).
+    # DA-V2 processor size: None = the checkpoint's (518); 392 is ~1.7x cheaper on the GPU, lossy.
+    depth_input_size: int | None = Field(None, ge=14, le=2048)
+    # DA3 long side in pixels (504 = the official default); lower is cheaper and lossy.
+    multiview_process_res: int = Field(504, ge=14, le=2048)
+    # Attention of DA-V2's DINOv2 backbone: sdpa (fused kernels, same maths) or eager (the reference).
+    # The DA3 port always uses torch's scaled_dot_product_attention.
+    depth_attention: Literal["sdpa", "eager"] = "sdpa"
+    # torch.compile the depth networks (first batch of each new shape compiles: seconds to a minute).
+    depth_compile: bool = False
+    # PointMapBatcher caps: whole jobs per depth batch and frames per batch (a larger single job runs alone).
+    depth_batch_jobs: int = Field(8, ge=1, le=256)
+    depth_batch_frames: int = Field(128, ge=1)
     # Point maps of recent uploads, so a second question on a video skips decode and depth
     # (one 16-frame 640x360 clip is ~44 MB).
     pointmap_cache_mb: int = Field(256, ge=0)

@@ -109,6 +109,8 @@ class DepthAnythingBackend:
         fov_x_deg: float = DEFAULT_FOV_X_DEG,
         dtype: torch.dtype | None = None,
         input_size: int | None = None,
+        attention: str = "sdpa",
+        compile: bool = False,
     ) -> None:
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
@@ -131,6 +133,17 @@ class DepthAnythingBackend:
         self.model = AutoModelForDepthEstimation.from_pretrained(
             model_dir, local_files_only=True, dtype=self.dtype
         ).to(self.device).eval()
+        # Only the DINOv2 backbone has attention (the DPT head is convolutions). transformers refuses an
+        # attn_implementation for the DepthAnything wrapper itself, but the backbone's attention modules
+        # read their (shared) config at every call, so setting it there selects the kernel: "sdpa" = fused
+        # scaled_dot_product_attention, "eager" = explicit softmax(QK^T)V (the reference maths).
+        if attention not in ("sdpa", "eager"):
+            raise ValueError(f"attention must be 'sdpa' or 'eager', got {attention!r}")
+        self.model.backbone.config._attn_implementation = attention
+        self.attention = attention
+        # In place (nn.Module.compile): parameters and state-dict keys stay as they are.
+        if compile:
+            self.model.compile()
         self.metric = getattr(self.model.config, "depth_estimation_type", "relative") == "metric"
 
     @torch.inference_mode()

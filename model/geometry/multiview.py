@@ -43,6 +43,7 @@ class MultiViewBackend:
         process_res: int = 504,
         dtype: torch.dtype | None = None,
         head_chunk: int = 8,
+        compile: bool = False,
     ) -> None:
         from model.geometry.da3 import build_tiny_da3, load_da3
 
@@ -57,6 +58,10 @@ class MultiViewBackend:
         self.process_res = process_res
         self.head_chunk = head_chunk
         self.net = load_da3(model_dir, self.device)
+        # The backbone is the cost (all frames' tokens, cross-view attention already through torch's
+        # scaled_dot_product_attention); compiled in place, a new frame count/size recompiles once.
+        if compile:  # the network calls `backbone.pretrained` directly, so that is the module to compile
+            self.net.backbone.pretrained.compile()
 
     @torch.inference_mode()
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:

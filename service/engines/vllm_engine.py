@@ -121,6 +121,8 @@ class VLLMEngine:
         )
         if v.max_num_batched_tokens:
             args["max_num_batched_tokens"] = v.max_num_batched_tokens
+        if v.quantization:
+            args["quantization"] = v.quantization
         args.update(self.extra_args)
         return args
 
