@@ -8,13 +8,12 @@ no camera motion, so frames are not registered to each other.
 """
 from __future__ import annotations
 
-import tempfile
 from collections import defaultdict
 
 import numpy as np
 import torch
 
-from model.device import resolve_device
+from model.device import model_dir_or_tiny, resolve_device
 from model.geometry.intrinsics import DEFAULT_FOV_X_DEG, broadcast_intrinsics, intrinsics_from_fov
 from model.geometry.project import ArrayT, as_tensor, backproject, finalize, like, quantile
 from model.geometry.types import PointMaps
@@ -114,10 +113,7 @@ class DepthAnythingBackend:
     ) -> None:
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-        self._tmp = None
-        if model_dir is None:  # demo / tests: the tiny random model, built on the fly
-            self._tmp = tempfile.TemporaryDirectory(prefix="sr3d-depth-")
-            model_dir = build_tiny_depth_model(self._tmp.name)
+        model_dir, self._tmp = model_dir_or_tiny(model_dir, "sr3d-depth-", build_tiny_depth_model)
         self.model_dir = model_dir
         self.device = resolve_device(device)
         # bf16 on GPU (the encoder is compute-bound); fp32 on CPU where bf16 matmuls are slow.

@@ -8,13 +8,12 @@ DA3's any-view models predict depth and camera translation up to one common scal
 """
 from __future__ import annotations
 
-import tempfile
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.device import resolve_device
+from model.device import model_dir_or_tiny, resolve_device
 from model.geometry.intrinsics import broadcast_intrinsics
 from model.geometry.project import as_tensor, backproject, finalize
 from model.geometry.types import PointMaps
@@ -47,10 +46,7 @@ class MultiViewBackend:
     ) -> None:
         from model.geometry.da3 import build_tiny_da3, load_da3
 
-        self._tmp = None
-        if model_dir is None:  # demo / tests: the tiny random model, built on the fly
-            self._tmp = tempfile.TemporaryDirectory(prefix="sr3d-da3-")
-            model_dir = build_tiny_da3(self._tmp.name)
+        model_dir, self._tmp = model_dir_or_tiny(model_dir, "sr3d-da3-", build_tiny_da3)
         self.model_dir = model_dir
         self.device = resolve_device(device)
         # The official inference runs the backbone under bf16 autocast on GPUs; heads stay float32.
