@@ -268,8 +268,11 @@ class Worker:
         timings["total_s"] = round(time.time() - job.created_at, 4)
         # How the regions reached the model (model/marks.py); engines without regions (bench echo) say None.
         region_mode = getattr(self.engine, "region_mode", None) or None
-        await self.queue.append_event(jid, "done", {"answer": answer, "usage": usage, "timings": timings,
-                                                    "finish_reason": finish_reason, "region_mode": region_mode})
+        done: dict[str, Any] = {"answer": answer, "usage": usage, "timings": timings,
+                                "finish_reason": finish_reason, "region_mode": region_mode}
+        if self.pipeline.settings.model is None:  # the tiny random-weight demo checkpoint answered
+            done["demo_model"] = True  # clients say so next to the text: it is not a real answer
+        await self.queue.append_event(jid, "done", done)
         await self.queue.finish(jid, JobStatus.done, answer=answer, usage=usage, timings=timings,
                                 finish_reason=finish_reason, region_mode=region_mode)
         metrics.JOB_SECONDS.observe(time.time() - job.created_at)

@@ -31,6 +31,7 @@ def test_replica_serves_a_two_region_video_job_in_marks_mode(replica_checkpoint:
                 done = res.events[-1]
                 assert done.type == "done", [(e.type, e.data) for e in res.events[-3:]]
                 assert done.data["region_mode"] == "marks"
+                assert "demo_model" not in done.data  # a checkpoint was given: no demo notice
                 # 4 frames x 122 tokens of video + the chat turn (the region phrases are text, no slots)
                 assert done.data["usage"]["prompt_tokens"] > 4 * 122
                 view = (await c.get(res.job_id)).json()

@@ -50,6 +50,7 @@ def test_streamed_job_on_real_clip_then_resume(service: str) -> None:
             assert done["answer"] == res.answer_from_tokens
             assert done["usage"]["completion_tokens"] >= 1 and done["usage"]["prompt_tokens"] > 4 * 121
             assert done["finish_reason"] in ("stop", "length")
+            assert done["demo_model"] is True  # SR3D_MODEL unset: the tiny random demo checkpoint answered
             # strictly increasing ids (Redis entry ids compare as (ms, seq))
             keys = [stream_id_key(e.id) for e in res.events]
             assert all(a < b for a, b in zip(keys, keys[1:]))

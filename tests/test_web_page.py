@@ -231,6 +231,8 @@ def test_ask_about_two_boxes_on_two_frames_then_turn_the_scene(browser: Any, ser
     assert view["status"] == "done"
     assert answer_el.text_content() == view["answer"] and view["answer"]
     assert int(answer_el.get_attribute("data-tokens")) >= 1
+    # The demo serves the tiny random-weight checkpoint: the page must say the text is not an answer.
+    assert page.locator("#demo-note").is_visible()
     for stage in ("queued", "decode", "pointmaps", "encode", "generate"):
         assert "done" in page.get_attribute(f"#stages li[data-stage='{stage}']", "class"), stage
 

@@ -79,6 +79,9 @@ async def ask(args: argparse.Namespace, regions: list[dict[str, Any]], masks: li
                         print(ev.data.get("text", ""), end="", flush=True)
                     elif ev.type == "done":
                         print(flush=True)
+                        if ev.data.get("demo_model"):
+                            print("sr3d ask: answered by the tiny random-weight demo model (SR3D_MODEL unset): "
+                                  "not a meaningful answer", file=sys.stderr)
                         return 0
                     elif ev.type == "error":
                         print(f"\nsr3d ask: job failed: {ev.data.get('code')}: {ev.data.get('message')}", file=sys.stderr)

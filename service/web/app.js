@@ -315,6 +315,7 @@ function onEvent(ev) {
     const u = d.usage || {};
     $("answer-meta").textContent = `${u.completion_tokens ?? "?"} tokens · ${u.prompt_tokens ?? "?"} prompt tokens · finish: ${d.finish_reason}`
       + (d.timings && d.timings.total_s !== undefined ? ` · ${d.timings.total_s.toFixed(2)} s in all` : "");
+    $("demo-note").hidden = !d.demo_model;
     finishJob("done");
   } else if (ev.event === "error") {
     const active = document.querySelector("#stages li.active");
@@ -347,6 +348,7 @@ async function ask() {
   out.dataset.tokens = "0";
   delete out.dataset.jobId;
   $("answer-meta").textContent = "";
+  $("demo-note").hidden = true;
   resetStages();
   note("");
   const controller = new AbortController();
