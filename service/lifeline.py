@@ -13,7 +13,8 @@ asked to kill the children of a dead process, and vLLM's children are not ours t
 On a normal exit the group is already empty and the reaper just exits. Elsewhere than Linux this
 is a no-op (the container runtime reaps the whole container there). Consequence of leading a group:
 a wrapper that starts the worker (uv run, a shell pipeline) must forward Ctrl-C/SIGTERM to it, as
-container runtimes, tini and `uv run` do.
+container runtimes, tini and `uv run` do. Started in a terminal's foreground (`make run`), the process
+keeps the terminal's group instead, so that Ctrl-C stops it and everything it started.
 """
 from __future__ import annotations
 
@@ -35,6 +36,11 @@ def bind_children(grace_s: float = 3.0) -> int | None:
     (None where unsupported). Call once, early in main(), while the process has one thread."""
     if not sys.platform.startswith("linux"):
         return None
+    if in_terminal_foreground():
+        # Started from a terminal (`make run`, `sr3d serve` typed by hand): Ctrl-C already reaches this
+        # whole process group, engine children included. A group of our own would hide the service from
+        # the terminal, so Ctrl-C would stop only the wrapper (make) and leave the service running.
+        return None
     if os.getpgrp() != os.getpid():
         os.setpgid(0, 0)
     group = os.getpid()
@@ -48,6 +54,14 @@ def bind_children(grace_s: float = 3.0) -> int | None:
             os._exit(0)
     signal.pthread_sigmask(signal.SIG_SETMASK, old)
     return pid
+
+
+def in_terminal_foreground() -> bool:
+    """True when stdin is a terminal whose foreground process group is ours (an interactive start)."""
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, ValueError, AttributeError):  # no terminal, closed or replaced stdin
+        return False
 
 
 def _reap_when_parent_dies(group: int, grace_s: float) -> None:

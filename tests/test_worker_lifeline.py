@@ -126,3 +126,38 @@ def test_sr3d_worker_binds_its_children(tmp_path: Path, redis_url: str) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_started_in_a_terminal_it_keeps_the_terminals_group_so_ctrl_c_reaches_it() -> None:
+    """`make run` in a terminal: Ctrl-C goes to the terminal's foreground group. A service that had
+    moved to a group of its own would survive Ctrl-C (make dies, the server keeps port 8000)."""
+    import pty
+
+    code = ("import os; from service.lifeline import bind_children, in_terminal_foreground; "
+            "before = os.getpgrp(); fg = in_terminal_foreground(); reaper = bind_children(); "
+            "print('RESULT', fg, reaper, os.getpgrp() == before, flush=True)")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: session leader with the pty as its controlling terminal, in its foreground
+        os.chdir(Path(__file__).resolve().parents[1])
+        os.execv(sys.executable, [sys.executable, "-c", code])
+    out = b""
+    deadline = time.monotonic() + 60
+    while b"\n" not in out.partition(b"RESULT")[2] and time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.waitpid(pid, 0)
+    line = out.partition(b"RESULT")[2].split(b"\n")[0].decode().split()
+    assert line == ["True", "None", "True"], out.decode(errors="replace")
+
+
+def test_without_a_terminal_it_leads_its_own_group_with_a_reaper() -> None:
+    code = ("import os; from service.lifeline import bind_children; reaper = bind_children(); "
+            "print(reaper is not None, os.getpgrp() == os.getpid())")
+    out = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split() == ["True", "True"], out.stderr
