@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import report as rpt
-from loadtests.bench_workers import NO_MULTICAST, job_problems
+from loadtests.bench_workers import NO_MULTICAST, closed_loop, job_problems
 from loadtests.client import JobRequest, JobResult, Media, SR3DClient
 from loadtests.scenarios import FIXTURES, VIDEO_FRAMES, VIDEO_SIZE, question_for, random_box, video_media
 from loadtests.stack import Stack
@@ -173,25 +173,6 @@ def make_load(args: argparse.Namespace, work: Path) -> Load:
         return Load(Media.from_path(tum_clip(work / "tum-640x480.mp4"), "video"), (640, 480), TUM_CLIP_FRAMES,
                     args.num_frames, args.max_tokens)
     return Load(video_media(), VIDEO_SIZE, VIDEO_FRAMES, args.num_frames, args.max_tokens)
-
-
-async def closed_loop(url: str, users: int, duration: float, load: Load, seed: int) -> tuple[list[JobResult], float]:
-    results: list[JobResult] = []
-    async with SR3DClient(url) as client:
-        t0 = time.perf_counter()
-        deadline = t0 + duration
-
-        async def user(i: int) -> None:
-            rng = random.Random(seed * 100003 + i)
-            while time.perf_counter() < deadline:
-                try:
-                    res = await client.run(load.request(rng), resume_timeout_s=180.0)
-                except Exception as e:  # noqa: BLE001 - recorded as a lost job, the load goes on
-                    res = JobResult(t_submit=time.perf_counter(), client_error=f"{type(e).__name__}: {e}")
-                results.append(res)
-
-        await asyncio.gather(*(user(i) for i in range(users)))
-        return results, time.perf_counter() - t0
 
 
 async def burst(url: str, n: int, load: Load, seed: int) -> list[JobResult]:
@@ -349,7 +330,7 @@ def _run_config(args: argparse.Namespace, name: str, env: dict[str, str], levels
             out["warmup"] = {"jobs": len(warm), "done": sum(r.ok for r in warm), "s": round(time.perf_counter() - t0, 2)}
             out["problems"] += job_problems(warm)
             for users in levels:
-                results, wall = asyncio.run(closed_loop(url, users, args.duration, load, args.seed + users))
+                results, wall = asyncio.run(closed_loop(url, users, args.duration, load.request, args.seed + users))
                 lv = level_summary(results, wall, f"{name}, {users} users")
                 lv["users"] = users
                 out["levels"].append(lv)

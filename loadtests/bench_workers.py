@@ -156,9 +156,10 @@ def standard_request(rng: random.Random, w: Workload) -> JobRequest:
 OnEvent = Callable[[JobResult, SSEEvent], None]
 
 
-async def closed_loop(url: str, users: int, duration: float, w: Workload, seed: int,
-                      on_event: OnEvent | None = None) -> tuple[list[JobResult], float]:
-    """`users` users, each sending its next request when the previous one ended, until `duration` is over."""
+async def closed_loop(url: str, users: int, duration: float, make_request: Callable[[random.Random], JobRequest],
+                      seed: int, on_event: OnEvent | None = None) -> tuple[list[JobResult], float]:
+    """`users` users, each sending its next request (`make_request(rng)`, one seeded rng per user) when
+    the previous one ended, until `duration` is over."""
     results: list[JobResult] = []
     async with SR3DClient(url) as client:
         t0 = time.perf_counter()
@@ -168,7 +169,7 @@ async def closed_loop(url: str, users: int, duration: float, w: Workload, seed: 
             rng = random.Random(seed * 100003 + i)
             while time.perf_counter() < deadline:
                 try:
-                    res = await client.run(standard_request(rng, w), on_event=on_event, resume_timeout_s=RESUME_TIMEOUT_S)
+                    res = await client.run(make_request(rng), on_event=on_event, resume_timeout_s=RESUME_TIMEOUT_S)
                 except Exception as e:  # noqa: BLE001 - recorded as a lost job, the load goes on
                     res = JobResult(t_submit=time.perf_counter(), client_error=f"{type(e).__name__}: {e}")
                 results.append(res)
@@ -269,7 +270,7 @@ async def killed_phase(url: str, users: int, duration: float, w: Workload, seed:
 
     task = asyncio.create_task(fallback())
     try:
-        results, wall = await closed_loop(url, users, duration, w, seed, killer.on_event)
+        results, wall = await closed_loop(url, users, duration, lambda rng: standard_request(rng, w), seed, killer.on_event)
     finally:
         task.cancel()
     return results, wall, killer
@@ -383,7 +384,7 @@ def _run(args: argparse.Namespace, levels: list[int], gpus: list[str] | None, us
                 rc = st.stop(p, signal.SIGTERM, timeout=120)
                 if rc != 0:
                     problems.append(f"worker{i} exited with {rc} after SIGTERM")
-            results, wall = asyncio.run(closed_loop(url, users, args.duration, w, args.seed + n))
+            results, wall = asyncio.run(closed_loop(url, users, args.duration, lambda rng: standard_request(rng, w), args.seed + n))
             label = f"{n} worker{'s' if n > 1 else ''}"
             measured[n] = level_summary(results, wall, label, n, pids, slo)
             problems += job_problems(results)

@@ -3,8 +3,9 @@
 Reference numbers (tests/data/da3_parity.json) were produced by the OFFICIAL code, run outside this
 repository, with exactly the tiny checkpoint `build_tiny_da3(dir, seed=0)` writes:
 
-- repo github.com/ByteDance-Seed/Depth-Anything-3, commit 2c21ea849ceec7b469a3e62ea0c0e270afc3281a (Merge PR #167),
-  `src/` put on sys.path in a throwaway venv (torch 2.13.0 CPU, einops, addict, omegaconf, safetensors).
+- Source: the official Depth Anything 3 repository (GitHub ByteDance-Seed/Depth-Anything-3) checked out at
+  commit 2c21ea849ceec7b469a3e62ea0c0e270afc3281a; its `src/` was put on sys.path in a throwaway venv
+  (torch 2.13.0 CPU, einops, addict, omegaconf, safetensors). None of its code is in this repository.
 - The official modules were built at the tiny sizes of the checkpoint's config.json:
   `DinoV2(name="vits", out_layers=[2,3,4,5], alt_start=2, qknorm_start=2, rope_start=2, cat_token=True)`
   with `.pretrained` replaced by `DinoVisionTransformer(img_size=112, patch_size=14, embed_dim=32,

@@ -28,9 +28,9 @@ from PIL import Image
 from service.api.openai import TextGate
 from service.errors import ApiError
 from service.media_fetch import is_public
-from service.queue import JOBS
 from tests.conftest import run_gateway
 from tests.e2e_helpers import BOTTLE_NAME, SERVE_ENV, find_fixture
+from tests.test_gateway_api import jobs_in_queue
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -67,14 +67,6 @@ def video_msg(url: str, text: str) -> list[dict[str, Any]]:
 
 IMG_URL = data_url("image/png", png_bytes())
 REGION = [{"frame": 0, "box": [1, 1, 20, 20]}]
-
-
-def jobs_in_queue(url: str) -> int:
-    r = redis_sync.Redis.from_url(url)
-    try:
-        return int(r.xlen(JOBS)) if r.exists(JOBS) else 0
-    finally:
-        r.close()
 
 
 class MediaServer:
