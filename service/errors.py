@@ -6,6 +6,8 @@ the refusal (Retry-After, WWW-Authenticate).
 """
 from __future__ import annotations
 
+from model.errors import CodedError
+
 
 class ApiError(Exception):
     """A client-facing error: `code` is stable and machine-readable, `message` is for humans."""
@@ -17,14 +19,6 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def _coded_bases() -> tuple[type[BaseException], ...]:
-    try:  # model.errors.CodedError: the base of the model's input errors (added by another branch)
-        from model.errors import CodedError  # type: ignore[attr-defined]
-    except ImportError:
-        return (ValueError,)
-    return (ValueError, CodedError)
-
-
 def is_input_error(exc: BaseException) -> bool:
     """The one rule that splits failures: True when `exc` is about the request's content, so the
     same input fails the same way on every attempt (fail at once with its code, never retry).
@@ -33,4 +27,4 @@ def is_input_error(exc: BaseException) -> bool:
     ModelInputError) or a model CodedError. Everything else (engine, device, Redis, bugs, a bare
     ValueError from deep inside a library) is infrastructure: retried, then dead-lettered."""
     code = getattr(exc, "code", None)
-    return isinstance(code, str) and bool(code) and isinstance(exc, _coded_bases())
+    return isinstance(code, str) and bool(code) and isinstance(exc, (ValueError, CodedError))
