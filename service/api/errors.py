@@ -101,10 +101,9 @@ def _coded_types() -> tuple[type[Exception], ...]:
     """Exception types whose instances carry `.code`/`.message`: the API's own, the model core's
     base (model.errors is light: no torch), and ValueError, which the media decoder's and the
     geometry's errors subclass (importing those modules would pull PyAV and torch into the gateway)."""
-    import model.errors
+    from model.errors import CodedError as ModelCodedError
 
-    base = getattr(model.errors, "CodedError", model.errors.ModelInputError)
-    return (ApiError, base, ValueError)
+    return (ApiError, ModelCodedError, ValueError)
 
 
 def install(app: FastAPI, settings: Settings) -> None:
