@@ -8,9 +8,15 @@ with that configuration's SR3D_* variables), a warm-up burst (lazy init, compile
 loop at each concurrency level. The first configuration is the baseline; every other one gets ratios against it
 at the same level (requests/s, TTFT p50, e2e p50), so the comparison lives inside one run.
 
-Configurations: a preset name (`baseline`, `fp8`, `depth392`, `tuned`, `multiview`, `multiview-tuned`; PRESETS)
-optionally followed by `:KEY=VAL,...` overrides, or `NAME:KEY=VAL,...` with a new name. Variables common to all
-configurations (cache off, worker concurrency, the dummy 8B model) come from the run's arguments.
+Configurations: a preset name (`baseline`, `fp8`, `depth392`, `tuned`, `multiview`, `multiview-tuned`, `fast`,
+`fast-small`, `multiview-mps`, `fast-mps`; PRESETS) optionally followed by `:KEY=VAL,...` overrides, or
+`NAME:KEY=VAL,...` with a new name. Variables common to all configurations (cache off, worker concurrency, the
+dummy 8B model) come from the run's arguments. `BENCH_MPS=1` runs a configuration's worker under a private CUDA
+MPS daemon (loadtests/cuda_mps.py); `BENCH_DA3=<preset>` gives it a random Depth Anything 3 of those shapes.
+
+After the closed-loop levels, one open-loop level (Poisson arrivals at --open-fraction, default half, of the
+configuration's best closed-loop requests/s) measures latency at partial load: a closed loop with few users is
+not "half load" (8 users already reached 95 % of the maximum on the H200).
 
 Per-stage breakdown per level, from each finished job's own `done` timings (the worker's clock): queue wait,
 decode, point maps, encode (prepare + vision + prefill up to the first token, i.e. the engine's TTFT), generate
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -37,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import report as rpt
-from loadtests.bench_workers import NO_MULTICAST, closed_loop, job_problems
+from loadtests.bench_workers import NO_MULTICAST, closed_loop, job_problems, open_loop
 from loadtests.client import JobRequest, JobResult, Media, SR3DClient
 from loadtests.scenarios import FIXTURES, VIDEO_FRAMES, VIDEO_SIZE, question_for, random_box, video_media
 from loadtests.stack import Stack
@@ -53,7 +60,21 @@ PRESETS: dict[str, dict[str, str]] = {
     "tuned": {"SR3D_POINTMAP_BACKEND": "single", "SR3D_VLLM_QUANTIZATION": "fp8", "SR3D_DEPTH_INPUT_SIZE": "392"},
     "multiview": {"SR3D_POINTMAP_BACKEND": "auto"},
     "multiview-tuned": {"SR3D_POINTMAP_BACKEND": "auto", "SR3D_VLLM_QUANTIZATION": "fp8", "SR3D_MULTIVIEW_PROCESS_RES": "392"},
+    # DA3 at long side 280 (20x15 network patches): the model consumes 32x32 patch means per frame, so the
+    # point maps need far less than 504 px; attention over all frames' tokens shrinks ~10x (error: depth_error)
+    "fast": {"SR3D_POINTMAP_BACKEND": "auto", "SR3D_VLLM_QUANTIZATION": "fp8", "SR3D_MULTIVIEW_PROCESS_RES": "280"},
+    # DA3-Small's shapes (Apache-2.0 like Base) at 392: a different network, its error needs the real weights
+    "fast-small": {"SR3D_POINTMAP_BACKEND": "auto", "SR3D_VLLM_QUANTIZATION": "fp8", "SR3D_MULTIVIEW_PROCESS_RES": "392",
+                   "BENCH_DA3": "da3-small"},
+    # the same work with CUDA MPS: depth's and vLLM's kernels side by side instead of time-sliced (exact)
+    "multiview-mps": {"SR3D_POINTMAP_BACKEND": "auto", "BENCH_MPS": "1"},
+    "fast-mps": {"SR3D_POINTMAP_BACKEND": "auto", "SR3D_VLLM_QUANTIZATION": "fp8", "SR3D_MULTIVIEW_PROCESS_RES": "280",
+                 "BENCH_MPS": "1"},
 }
+# Keys a configuration may set besides SR3D_* (consumed by the bench, never passed to the service):
+# BENCH_MPS=1 runs the configuration's worker under a private CUDA MPS daemon (loadtests/cuda_mps.py);
+# BENCH_DA3=<preset> gives the worker a random Depth Anything 3 of that preset's shapes (with --dummy-8b).
+BENCH_KEYS = ("BENCH_MPS", "BENCH_DA3")
 STAGES = ("queue_wait_s", "decode_s", "pointmaps_s", "encode_s", "generate_s")
 TUM_CLIP_FRAMES = 120  # 8 s at 15 fps: the 10 fixture frames, each held 12 frames
 
@@ -68,6 +89,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-concurrency", type=int, default=64,
                    help="SR3D_WORKER_CONCURRENCY for every configuration (jobs in flight in the one worker)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up jobs per configuration (default: max concurrency)")
+    p.add_argument("--open-fraction", type=float, default=0.5,
+                   help="after the closed-loop levels, an open-loop level (Poisson arrivals) at this fraction of the "
+                        "configuration's best closed-loop requests/s: latency at partial load (0 = skip)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP/MKL threads of the worker (default: all cores; halve when two benches share a host)")
     p.add_argument("--dummy-8b", action="store_true",
                    help="vLLM on NVILA-Lite-8B shapes with random weights, DA-V2-Large- and DA3-Base-shaped random depth")
     p.add_argument("--media", choices=["tum", "bottle"], default="tum")
@@ -90,8 +116,8 @@ def parse_config(spec: str) -> tuple[str, dict[str, str]]:
         raise ValueError(f"unknown preset {name!r} (presets: {', '.join(PRESETS)}); give KEY=VAL overrides for a new one")
     for item in filter(None, (x.strip() for x in rest.split(","))):
         key, eq, val = item.partition("=")
-        if not eq or not key.startswith("SR3D_"):
-            raise ValueError(f"override {item!r} must be SR3D_KEY=VALUE")
+        if not eq or not (key.startswith("SR3D_") or key in BENCH_KEYS):
+            raise ValueError(f"override {item!r} must be SR3D_KEY=VALUE or one of {', '.join(BENCH_KEYS)}")
         env[key] = val
     return name, env
 
@@ -108,7 +134,7 @@ def common_env(args: argparse.Namespace, work: Path, users: int) -> dict[str, st
     if args.cpu:
         env.update(SR3D_DEVICE="cpu", CUDA_VISIBLE_DEVICES="")
     else:
-        threads = str(os.cpu_count() or 1)  # the one worker's CPU side (decode, tiling, pooling) gets the host
+        threads = str(args.threads or os.cpu_count() or 1)  # the one worker's CPU side (decode, tiling, pooling) gets the host
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, **NO_MULTICAST)
     if args.dummy_8b:
         env.update(dummy_models_env(work))
@@ -118,13 +144,9 @@ def common_env(args: argparse.Namespace, work: Path, users: int) -> dict[str, st
 def dummy_models_env(work: Path) -> dict[str, str]:
     """NVILA-Lite-8B flat config (vLLM fills random weights) + DA-V2-Large and DA3-Base random depth models."""
     from loadtests.bench_workers import dummy_8b_env
-    from model.geometry.da3 import build_random_da3
 
     env = dummy_8b_env(work)
-    da3 = work / "da3-base"
-    if not (da3 / "config.json").exists():
-        build_random_da3(da3, "da3-base")
-    env["SR3D_MULTIVIEW_MODEL"] = str(da3)
+    env["SR3D_MULTIVIEW_MODEL"] = random_da3(work, "da3-base")
     return env
 
 
@@ -231,8 +253,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(c["name"], lv) for c in report["configs"] for lv in c["levels"]]
-    labels = [f"{name}\n{lv['users']} users" for name, lv in rows]
+    rows = [(c["name"], lv) for c in report["configs"] for lv in [*c["levels"], *([c["open_loop"]] if c.get("open_loop") else [])]]
+    labels = [f"{name}\n{lv['users']} users" if lv["users"] else f"{name}\nopen {lv['offered_req_per_s']}/s" for name, lv in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(rows) + 4), 5))
     ax1.bar(labels, [lv["req_per_s"] or 0 for _, lv in rows], color="tab:blue")
     ax1.set_ylabel("requests/s (finished)")
@@ -312,12 +334,24 @@ def _run(args: argparse.Namespace, configs: list[tuple[str, dict[str, str]]], le
 
 def _run_config(args: argparse.Namespace, name: str, env: dict[str, str], levels: list[int], load: Load,
                 workdir: Path) -> dict[str, Any]:
-    """One configuration on its own fresh stack: start, warm up, every level; the stack is gone on return."""
+    """One configuration on its own fresh stack: start, warm up, every closed-loop level, then the open-loop
+    level at --open-fraction of the best requests/s; the stack (and its MPS daemon) is gone on return."""
+    bench = {k: env.pop(k) for k in BENCH_KEYS if k in env}
     shown = {k: v for k, v in env.items() if k.startswith("SR3D_") and not k.endswith(("_MODEL", "_DIR"))}
-    out: dict[str, Any] = {"name": name, "env": shown, "levels": [], "problems": []}
+    out: dict[str, Any] = {"name": name, "env": {**shown, **bench}, "levels": [], "problems": []}
+    workdir.mkdir(parents=True, exist_ok=True)
     try:
-        with Stack(workdir, {k: v for k, v in env.items() if k.startswith("SR3D_")}) as st:
+        with contextlib.ExitStack() as stack:
             extra = {k: v for k, v in env.items() if not k.startswith("SR3D_")}
+            if "BENCH_DA3" in bench:
+                if not args.dummy_8b:
+                    raise ValueError("BENCH_DA3 needs --dummy-8b (random weights in a published preset's shapes)")
+                env["SR3D_MULTIVIEW_MODEL"] = random_da3(workdir.parent, bench["BENCH_DA3"])
+            if bench.get("BENCH_MPS") == "1":
+                from loadtests.cuda_mps import mps_daemon
+
+                extra.update(stack.enter_context(mps_daemon(workdir / "mps", extra)))
+            st = stack.enter_context(Stack(workdir, {k: v for k, v in env.items() if k.startswith("SR3D_")}))
             st.start_redis()
             gw, url = st.start_gateway()
             worker, wurl = st.start_worker(env=extra)
@@ -335,8 +369,26 @@ def _run_config(args: argparse.Namespace, name: str, env: dict[str, str], levels
                 lv["users"] = users
                 out["levels"].append(lv)
                 out["problems"] += lv["problems"]
+            best = max((lv["req_per_s"] or 0.0 for lv in out["levels"]), default=0.0)
+            if args.open_fraction > 0 and best > 0:
+                rate = round(best * args.open_fraction, 3)
+                results, wall = asyncio.run(open_loop(url, rate, args.duration, load.request, args.seed + 991))
+                lv = level_summary(results, wall, f"{name}, open loop {rate} req/s")
+                lv.update(users=None, offered_req_per_s=rate, fraction_of_best=args.open_fraction)
+                out["open_loop"] = lv
+                out["problems"] += lv["problems"]
             if not worker.alive():
                 out["problems"].append(f"worker died: {worker.log_tail(800)}")
     except Exception as e:  # noqa: BLE001 - a configuration that cannot start is reported, the next one still runs
         out["problems"].append(f"{type(e).__name__}: {str(e)[-1500:]}")
     return out
+
+
+def random_da3(work: Path, preset: str) -> str:
+    """A random Depth Anything 3 in `preset`'s shapes under `work`, built once per run."""
+    from model.geometry.da3 import build_random_da3
+
+    d = work / preset
+    if not (d / "config.json").exists():
+        build_random_da3(d, preset)
+    return str(d)

@@ -178,6 +178,33 @@ async def closed_loop(url: str, users: int, duration: float, make_request: Calla
         return results, time.perf_counter() - t0
 
 
+async def open_loop(url: str, rate: float, duration: float, make_request: Callable[[random.Random], JobRequest],
+                    seed: int) -> tuple[list[JobResult], float]:
+    """Requests arriving at `rate` per second (Poisson: exponential gaps, seeded) for `duration` seconds,
+    each sent whether or not earlier ones have finished (latency at a given load, which a closed loop
+    cannot set). Returns every result and the wall time until the last one ended."""
+    if rate <= 0:
+        raise ValueError("rate must be > 0")
+    rng = random.Random(seed)
+    async with SR3DClient(url) as client:
+        t0 = time.perf_counter()
+        tasks: list[asyncio.Task[JobResult]] = []
+
+        async def one(req: JobRequest) -> JobResult:
+            try:
+                return await client.run(req, resume_timeout_s=RESUME_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - recorded as a lost job, the load goes on
+                return JobResult(t_submit=time.perf_counter(), client_error=f"{type(e).__name__}: {e}")
+
+        at = 0.0
+        while at < duration:
+            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(make_request(rng))))
+            at += rng.expovariate(rate)
+        results = list(await asyncio.gather(*tasks))
+        return results, time.perf_counter() - t0
+
+
 async def burst(url: str, n: int, w: Workload, seed: int) -> list[JobResult]:
     async with SR3DClient(url) as client:
         rng = random.Random(seed)

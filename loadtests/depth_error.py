@@ -9,12 +9,13 @@ TUM RGB-D fixture frames in tests/data/rgbd/color, repeated up to --frames):
   Levers: SDPA attention (float32), bf16 weights + SDPA (the GPU default), processor size 392
   (SR3D_DEPTH_INPUT_SIZE), torch.compile (SR3D_DEPTH_COMPILE, with --compile).
 - Depth Anything 3 (`multiview`): exact = float32, long side 504. Levers: bf16 autocast of the backbone (the
-  GPU default), long side 392 (SR3D_MULTIVIEW_PROCESS_RES), torch.compile (with --compile).
+  GPU default), long side 392 and 280 (SR3D_MULTIVIEW_PROCESS_RES), torch.compile (with --compile).
 
 The random DA-V2 gets variance-preserving weights first (`spread_weights`: with transformers' init its output
 is constant and every error would read 0). Error, over pixels valid in both (points are in each backend's normalised canonical frame: median distance 1):
 point error ||p - p_exact|| (mean, p50, p90, in those units), relative depth error |z - z_exact| / z_exact
-(mean, p50, p90), and the share of pixels whose validity differs. Speed: seconds per request (whole `compute`:
+(mean, p50, p90), the share of pixels whose validity differs, and the patch point error: the same distance
+between the 32x32 per-frame patch means the model's 3D position encoding actually receives (`model_patches`). Speed: seconds per request (whole `compute`:
 network, geometry, host copy; median of --repeats after one warm-up call) and the speed-up over the exact path.
 
 THE ERRORS HERE DO NOT JUDGE QUALITY: the models have random weights (`tiny` = the demo models, `real` = the
@@ -90,8 +91,30 @@ def compare(pm: Any, ref: Any) -> dict[str, Any]:
         return {"mean": round(float(x.mean()), 6), "p50": round(float(np.percentile(x, 50)), 6),
                 "p90": round(float(np.percentile(x, 90)), 6)}
 
+    pp, pv = model_patches(pm)
+    rp, rv = model_patches(ref)
+    pboth = pv & rv
     return {"point_error": stats(d), "rel_depth_error": stats(rel),
-            "valid_mismatch": round(float((pm.valid != ref.valid).mean()), 6), "pixels_compared": int(both.sum())}
+            "valid_mismatch": round(float((pm.valid != ref.valid).mean()), 6), "pixels_compared": int(both.sum()),
+            "patch_point_error": stats(np.linalg.norm(pp[pboth] - rp[pboth], axis=-1)),
+            "patches_compared": int(pboth.sum())}
+
+
+def model_patches(pm: Any, tile: int = 448, patch: int = 14) -> tuple[np.ndarray, np.ndarray]:
+    """What the model consumes of a video's point maps: each frame resized (nearest) to one 448 tile, then the
+    mean valid point per 14-px patch (model.pos3d.pool_points_to_patches, as the plugin's prepare_item does).
+    A lever's error here is the one that reaches the 3D position encoding."""
+    import torch
+
+    from model.pos3d import pool_points_to_patches
+
+    h, w = pm.points.shape[1:3]
+    rows = np.minimum(((np.arange(tile) + 0.5) * h / tile).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(tile) + 0.5) * w / tile).astype(np.int64), w - 1)
+    pts = torch.from_numpy(np.ascontiguousarray(pm.points[:, rows[:, None], cols[None, :]]))
+    val = torch.from_numpy(np.ascontiguousarray(pm.valid[:, rows[:, None], cols[None, :]]))
+    mean, ok = pool_points_to_patches(pts, val, patch)
+    return mean.numpy(), ok.numpy()
 
 
 def timed(backend: Any, frames: np.ndarray, repeats: int, sync: Callable[[], None]) -> tuple[Any, float]:
@@ -160,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
             ("bf16 autocast", {"autocast": "bfloat16", "process_res": 504}, lambda: mv(autocast=torch.bfloat16)),
             ("process_res 392", {"SR3D_MULTIVIEW_PROCESS_RES": 392, "autocast": str(gpu_default)},
              lambda: mv(392, None if device.type == "cpu" else torch.bfloat16)),
+            ("process_res 280", {"SR3D_MULTIVIEW_PROCESS_RES": 280, "autocast": str(gpu_default)},
+             lambda: mv(280, None if device.type == "cpu" else torch.bfloat16)),
         ]
         if args.compile:
             multi.append(("compile", {"SR3D_DEPTH_COMPILE": True, "autocast": str(gpu_default)},

@@ -22,7 +22,9 @@ def test_parse_config_presets_and_overrides() -> None:
     assert name == "tuned" and env["SR3D_VLLM_QUANTIZATION"] == "fp8" and env["SR3D_DEPTH_INPUT_SIZE"] == "518"
     assert env["SR3D_DEPTH_COMPILE"] == "1"
     assert parse_config("mine:SR3D_X=1") == ("mine", {"SR3D_X": "1"})
-    for bad in ("nosuch", "mine:X=1", "mine:SR3D_X", ":SR3D_X=1"):
+    assert parse_config("fast-mps")[1]["BENCH_MPS"] == "1" and parse_config("fast-small")[1]["BENCH_DA3"] == "da3-small"
+    assert parse_config("m:SR3D_X=1,BENCH_MPS=1") == ("m", {"SR3D_X": "1", "BENCH_MPS": "1"})
+    for bad in ("nosuch", "mine:X=1", "mine:SR3D_X", ":SR3D_X=1", "m:BENCH_OTHER=1"):
         with pytest.raises(ValueError):
             parse_config(bad)
 
@@ -51,5 +53,21 @@ def test_smallest_run_on_cpu(tmp_path) -> None:
         assert st["pointmaps_backend"] == ["single"]
         # the stages the worker timed fit inside what the client saw
         assert st["decode_s"]["p50"] + st["pointmaps_s"]["p50"] < st["e2e_s"]["max"]
+        # the open-loop level: Poisson arrivals at half the best closed-loop rate, judged like the others
+        ol = c["open_loop"]
+        assert ol["offered_req_per_s"] == round(lv["req_per_s"] * 0.5, 3) and ol["fraction_of_best"] == 0.5
+        assert ol["done"] >= 1 and ol["ok"] and ol["stages"]["e2e_s"]["n"] == ol["done"]
     (r,) = report["ratios"]
     assert r["config"] == "small" and r["vs"] == "baseline" and r["users"] == 2 and r["req_per_s"] > 0
+
+
+def test_a_configuration_needing_what_is_missing_is_reported_and_the_run_goes_on(tmp_path) -> None:
+    """BENCH_DA3 without --dummy-8b is refused for that configuration only (nothing started, no stack)."""
+    p = argparse.ArgumentParser()
+    bench_pipeline.add_arguments(p)
+    args = p.parse_args(["--cpu"])
+    load = bench_pipeline.Load(media=None, size=(64, 48), frames=2, num_frames=2, max_tokens=2)  # type: ignore[arg-type]
+    out = bench_pipeline._run_config(args, "small", {"SR3D_POINTMAP_BACKEND": "auto", "BENCH_DA3": "da3-small"}, [1],
+                                     load, tmp_path / "stack")
+    assert out["levels"] == [] and out["env"]["BENCH_DA3"] == "da3-small"
+    assert any("BENCH_DA3 needs --dummy-8b" in x for x in out["problems"]), out["problems"]

@@ -1,0 +1,61 @@
+"""CUDA MPS (Multi-Process Service) for one benchmark configuration: the worker's depth network and its
+vLLM engine core are two processes on one GPU; without MPS the GPU time-slices between their contexts,
+with MPS their kernels run side by side (vLLM's memory-bound decode steps next to depth's compute-bound
+layers). MPS is a property of the machine, not of the service: a deployment enables it by running the
+control daemon on the node or in the pod (README, "Sharing the GPU"); the bench starts a private one so
+that a configuration with and one without can be compared in the same run.
+
+`mps_daemon(directory, env)` starts `nvidia-cuda-mps-control -d` with its pipe and log directories under
+`directory` and the GPUs of `env["CUDA_VISIBLE_DEVICES"]`, and yields the variables a client process needs
+to find it; on exit it sends `quit` and waits for the daemon (and its server) to go.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+CONTROL = "nvidia-cuda-mps-control"
+
+
+class MPSUnavailable(RuntimeError):
+    pass
+
+
+def client_env(directory: Path) -> dict[str, str]:
+    return {"CUDA_MPS_PIPE_DIRECTORY": str(directory / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(directory / "log")}
+
+
+@contextmanager
+def mps_daemon(directory: Path, env: dict[str, str] | None = None, control: str = CONTROL) -> Iterator[dict[str, str]]:
+    exe = shutil.which(control)
+    if exe is None:
+        raise MPSUnavailable(f"{control} is not on PATH (CUDA MPS needs the NVIDIA driver's utilities)")
+    cenv = client_env(directory)
+    for d in cenv.values():
+        Path(d).mkdir(parents=True, exist_ok=True)
+    full = {**os.environ, **(env or {}), **cenv}
+    started = subprocess.run([exe, "-d"], env=full, capture_output=True, text=True, timeout=30)
+    if started.returncode != 0:
+        raise MPSUnavailable(f"{control} -d failed ({started.returncode}): {(started.stderr or started.stdout)[-500:]}")
+    try:
+        yield cenv
+    finally:
+        subprocess.run([exe], input="quit\n", env=full, capture_output=True, text=True, timeout=30)
+        # `quit` returns at once; the daemon removes its pipe when it is gone (give it a moment).
+        deadline = time.monotonic() + 10
+        while (Path(cenv["CUDA_MPS_PIPE_DIRECTORY"]) / "control").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def log_tail(directory: Path, limit: int = 800) -> str:
+    """The daemon's control log (why a client was refused, for a configuration's problem report)."""
+    path = directory / "log" / "control.log"
+    try:
+        return path.read_text(errors="replace")[-limit:]
+    except OSError:
+        return ""
