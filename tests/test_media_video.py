@@ -236,3 +236,39 @@ def test_unsupported_codec_and_container(tmp_path: Path) -> None:
 def test_decode_deadline(tmp_path: Path) -> None:
     path = DATA / "intel_bottles_tabletop_8s.mp4"
     assert _code(decode_video, path, 8, MediaLimits(decode_timeout_s=0.0)) == "decode_timeout"
+
+
+def test_frames_cross_the_pipe_raw_and_a_short_or_stalled_sender_is_an_error() -> None:
+    """The decoder child writes the frames' raw bytes straight into the parent's array (no Connection
+    buffering); a child that dies mid-way is EOF (-> corrupt_media), one that stalls hits the deadline."""
+    import os
+    import threading
+    import time
+
+    from service.media import _read_into, _write_all
+
+    frames = np.random.default_rng(0).integers(0, 255, (3, 70, 90, 3), dtype=np.uint8)  # > one pipe buffer
+    r, w = os.pipe()
+    t = threading.Thread(target=lambda: (_write_all(w, memoryview(frames).cast("B")), os.close(w)))
+    t.start()
+    out = np.empty_like(frames)
+    _read_into(r, out, time.monotonic() + 10)
+    t.join()
+    os.close(r)
+    assert np.array_equal(out, frames)
+
+    r, w = os.pipe()
+    os.write(w, b"x" * 100)
+    os.close(w)
+    with pytest.raises(EOFError):
+        _read_into(r, np.empty(1000, np.uint8), time.monotonic() + 10)
+    os.close(r)
+
+    r, w = os.pipe()
+    os.write(w, b"x" * 100)
+    t0 = time.monotonic()
+    with pytest.raises(MediaError) as e:
+        _read_into(r, np.empty(1000, np.uint8), time.monotonic() + 0.3)
+    assert e.value.code == "decode_timeout" and time.monotonic() - t0 < 5
+    os.close(r)
+    os.close(w)
