@@ -348,9 +348,10 @@ def _run_config(args: argparse.Namespace, name: str, env: dict[str, str], levels
                     raise ValueError("BENCH_DA3 needs --dummy-8b (random weights in a published preset's shapes)")
                 env["SR3D_MULTIVIEW_MODEL"] = random_da3(workdir.parent, bench["BENCH_DA3"])
             if bench.get("BENCH_MPS") == "1":
-                from loadtests.cuda_mps import mps_daemon
+                from loadtests.cuda_mps import check_client, mps_daemon
 
                 extra.update(stack.enter_context(mps_daemon(workdir / "mps", extra)))
+                check_client(workdir / "mps", extra)
             st = stack.enter_context(Stack(workdir, {k: v for k, v in env.items() if k.startswith("SR3D_")}))
             st.start_redis()
             gw, url = st.start_gateway()

@@ -52,6 +52,21 @@ def mps_daemon(directory: Path, env: dict[str, str] | None = None, control: str 
             time.sleep(0.1)
 
 
+def check_client(directory: Path, env: dict[str, str] | None = None, timeout: float = 90.0) -> None:
+    """One CUDA allocation through the daemon, before a worker is started on it: a daemon that cannot start
+    its server would otherwise show up only as a worker that never gets ready (minutes of a GPU lease)."""
+    import sys
+
+    code = "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()"
+    full = {**os.environ, **(env or {}), **client_env(directory)}
+    try:
+        r = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise MPSUnavailable(f"a CUDA client did not start through MPS within {timeout:.0f} s; {log_tail(directory)}") from None
+    if r.returncode != 0:
+        raise MPSUnavailable(f"a CUDA client failed through MPS: {r.stderr[-400:]}; {log_tail(directory)}")
+
+
 def log_tail(directory: Path, limit: int = 800) -> str:
     """The daemon's control log (why a client was refused, for a configuration's problem report)."""
     path = directory / "log" / "control.log"
