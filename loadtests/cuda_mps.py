@@ -26,8 +26,15 @@ class MPSUnavailable(RuntimeError):
     pass
 
 
-def client_env(directory: Path) -> dict[str, str]:
-    return {"CUDA_MPS_PIPE_DIRECTORY": str(directory / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(directory / "log")}
+def client_env(directory: Path, visible: str | None = None) -> dict[str, str]:
+    """What a client process needs: the daemon's pipe, and GPU indices relative to the daemon's own
+    CUDA_VISIBLE_DEVICES (`visible`): a client's CUDA_VISIBLE_DEVICES is read against the GPUs the MPS server
+    sees, so a daemon on GPU 1 is reached with CUDA_VISIBLE_DEVICES=0 (with "1" the client finds no GPU:
+    seen on the H200 machine)."""
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(directory / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(directory / "log")}
+    if visible:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(visible.split(","))))
+    return env
 
 
 @contextmanager
@@ -35,10 +42,12 @@ def mps_daemon(directory: Path, env: dict[str, str] | None = None, control: str 
     exe = shutil.which(control)
     if exe is None:
         raise MPSUnavailable(f"{control} is not on PATH (CUDA MPS needs the NVIDIA driver's utilities)")
-    cenv = client_env(directory)
-    for d in cenv.values():
-        Path(d).mkdir(parents=True, exist_ok=True)
-    full = {**os.environ, **(env or {}), **cenv}
+    daemon_env = {**os.environ, **(env or {})}
+    cenv = client_env(directory, daemon_env.get("CUDA_VISIBLE_DEVICES"))
+    for key in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
+        Path(cenv[key]).mkdir(parents=True, exist_ok=True)
+    full = {**daemon_env, "CUDA_MPS_PIPE_DIRECTORY": cenv["CUDA_MPS_PIPE_DIRECTORY"],
+            "CUDA_MPS_LOG_DIRECTORY": cenv["CUDA_MPS_LOG_DIRECTORY"]}
     started = subprocess.run([exe, "-d"], env=full, capture_output=True, text=True, timeout=30)
     if started.returncode != 0:
         raise MPSUnavailable(f"{control} -d failed ({started.returncode}): {(started.stderr or started.stdout)[-500:]}")
@@ -54,11 +63,12 @@ def mps_daemon(directory: Path, env: dict[str, str] | None = None, control: str 
 
 def check_client(directory: Path, env: dict[str, str] | None = None, timeout: float = 90.0) -> None:
     """One CUDA allocation through the daemon, before a worker is started on it: a daemon that cannot start
-    its server would otherwise show up only as a worker that never gets ready (minutes of a GPU lease)."""
+    its server would otherwise show up only as a worker that never gets ready (minutes of a GPU lease).
+    `env`: the client environment `mps_daemon` yielded, merged over the worker's."""
     import sys
 
     code = "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()"
-    full = {**os.environ, **(env or {}), **client_env(directory)}
+    full = {**os.environ, **(env or {})}
     try:
         r = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

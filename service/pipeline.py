@@ -109,54 +109,68 @@ def make_pointmap_backend(settings: Settings) -> PointMapBackends:
     return PointMapBackends(backends)
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity (held requests live in a set)
 class _DepthRequest:
     frames: np.ndarray
     future: asyncio.Future[Any]
 
 
 class PointMapBatcher:
-    """Merges point-map requests of concurrent jobs into one `compute_many` call (one thread).
+    """Merges point-map requests of concurrent jobs into `compute_many` calls, `streams` batches at a time.
 
     A batch takes whole jobs, up to `max_jobs` of them and `max_frames` frames in all (a single job
     larger than that still runs, alone): 4 video jobs of 32 frames = 128 frames, enough to keep the
     depth network's chunks full while bounding the batch's device memory and the wait of its first job.
-    Jobs that arrive while a batch runs queue up and form the next batch at once."""
+    Jobs that arrive while batches run queue up and form the next batch at once. With `streams` > 1
+    (SR3D_DEPTH_STREAMS, for a backend that `overlaps`: a GPU one, each thread on its own CUDA stream),
+    that many batches run at once: one batch's host steps (frames up, point maps back, the cameras'
+    small copies) no longer leave the network idle, which made one thread the pipeline's limit."""
 
-    def __init__(self, backend: Any, window_s: float = 0.01, max_jobs: int = 8, max_frames: int = 128) -> None:
+    def __init__(self, backend: Any, window_s: float = 0.01, max_jobs: int = 8, max_frames: int = 128,
+                 streams: int = 1) -> None:
         self.backend = backend
         self.window_s = window_s
         self.max_jobs = max_jobs
         self.max_frames = max_frames
+        self.streams = streams if getattr(backend, "overlaps", False) else 1
         self._queue: asyncio.Queue[_DepthRequest] = asyncio.Queue()
-        self._held: _DepthRequest | None = None  # took it, but it did not fit: first of the next batch
-        self._task: asyncio.Task[None] | None = None
+        self._held: set[_DepthRequest] = set()  # taken by a loop but did not fit: first of its next batch
+        self._running: set[_DepthRequest] = set()  # in a batch being computed
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def compute(self, frames: np.ndarray) -> Any:
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._loop(), name="sr3d-depth-batcher")
+        if not self._tasks or any(t.done() for t in self._tasks):
+            await self._stop_tasks()
+            self._tasks = [asyncio.create_task(self._loop(), name=f"sr3d-depth-batcher-{i}") for i in range(self.streams)]
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_DepthRequest(frames, fut))
         return await fut
 
+    async def _stop_tasks(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
     async def close(self) -> None:
-        """Stop the batching task (jobs still waiting are cancelled)."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        pending = [self._held] if self._held is not None else []
+        """Stop the batching tasks (jobs still waiting or being computed are cancelled)."""
+        running = list(self._running)  # before the loops stop (a stopping loop forgets its batch)
+        await self._stop_tasks()
+        pending = [*self._held, *running]
         while not self._queue.empty():
             pending.append(self._queue.get_nowait())
         for r in pending:
             if not r.future.done():
                 r.future.cancel()
-        self._held = None
+        self._held.clear()
+        self._running.clear()
 
-    async def _next_batch(self) -> list[_DepthRequest]:
+    async def _next_batch(self, held: _DepthRequest | None) -> tuple[list[_DepthRequest], _DepthRequest | None]:
+        """-> (the batch, the request that did not fit and opens this loop's next batch)."""
         loop = asyncio.get_running_loop()
-        first, self._held = self._held or await self._queue.get(), None
-        batch, frames = [first], len(first.frames)
+        first = held or await self._queue.get()
+        self._held.discard(first)
+        batch, frames, left = [first], len(first.frames), None
         deadline = loop.time() + self.window_s
         while len(batch) < self.max_jobs and frames < self.max_frames:
             if self._queue.empty():
@@ -167,17 +181,20 @@ class PointMapBatcher:
             else:
                 r = self._queue.get_nowait()
             if frames + len(r.frames) > self.max_frames:
-                self._held = r
+                left = r
+                self._held.add(r)
                 break
             batch.append(r)
             frames += len(r.frames)
-        return [r for r in batch if not r.future.cancelled()]
+        return [r for r in batch if not r.future.cancelled()], left
 
     async def _loop(self) -> None:
+        held: _DepthRequest | None = None
         while True:
-            batch = await self._next_batch()
+            batch, held = await self._next_batch(held)
             if not batch:
                 continue
+            self._running.update(batch)
             try:
                 results = await asyncio.to_thread(self.backend.compute_many, [r.frames for r in batch], [None] * len(batch))
             except Exception as e:  # noqa: BLE001 - each waiting job gets the failure
@@ -185,6 +202,8 @@ class PointMapBatcher:
                     if not r.future.done():
                         r.future.set_exception(e)
                 continue
+            finally:
+                self._running.difference_update(batch)
             for r, res in zip(batch, results):
                 if not r.future.done():
                     r.future.set_result(res)
@@ -300,7 +319,8 @@ class Pipeline:
     def _batcher(self, backend: Any) -> PointMapBatcher:
         if id(backend) not in self._batchers:
             self._batchers[id(backend)] = PointMapBatcher(backend, max_jobs=self.settings.depth_batch_jobs,
-                                                          max_frames=self.settings.depth_batch_frames)
+                                                          max_frames=self.settings.depth_batch_frames,
+                                                          streams=self.settings.depth_streams)
         return self._batchers[id(backend)]
 
     async def pointmaps(self, job: JobSpec, decoded: Decoded) -> tuple[PointMaps, dict[str, Any]]:

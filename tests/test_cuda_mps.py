@@ -38,7 +38,9 @@ def test_daemon_started_private_and_quit_on_exit(tmp_path: Path) -> None:
     d = tmp_path / "mps"
     with pytest.raises(RuntimeError, match="body failed"):
         with mps_daemon(d, {"CUDA_VISIBLE_DEVICES": "1"}, control=exe) as env:
-            assert env == client_env(d)
+            # clients address the daemon's GPUs from 0: its GPU 1 is their GPU 0
+            assert env == client_env(d, "1") and env["CUDA_VISIBLE_DEVICES"] == "0"
+            assert client_env(d, "2,3")["CUDA_VISIBLE_DEVICES"] == "0,1" and "CUDA_VISIBLE_DEVICES" not in client_env(d)
             assert (d / "pipe" / "control").exists() and (d / "log").is_dir()
             raise RuntimeError("body failed")
     lines = calls.read_text().splitlines()

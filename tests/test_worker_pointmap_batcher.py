@@ -74,3 +74,62 @@ def test_a_failing_batch_fails_each_of_its_jobs_and_the_batcher_goes_on(backend:
     first, after = asyncio.run(scenario())
     assert all(isinstance(r, Exception) for r in first)  # one batch: both jobs get its error
     assert after.points.shape == (2, 24, 32, 3)
+
+
+class Overlapping(Recording):
+    """A backend that declares `overlaps` (a GPU one): records how many of its calls ran at the same time."""
+
+    overlaps = True
+
+    def __init__(self, backend: DepthAnythingBackend) -> None:
+        super().__init__(backend)
+        import threading
+
+        self.lock = threading.Lock()
+        self.running = 0
+        self.peak = 0
+
+    def compute_many(self, frames: list[np.ndarray], intrinsics: list[Any]) -> list[Any]:
+        import time
+
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        try:
+            time.sleep(0.05)  # long enough for the other loop to take the next batch
+            return super().compute_many(frames, intrinsics)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_streams_run_that_many_batches_at_once_and_every_job_gets_its_own_result(backend: DepthAnythingBackend) -> None:
+    rec = Overlapping(backend)
+    jobs = [_frames(4, seed) for seed in range(6)]
+    results = asyncio.run(_all(PointMapBatcher(rec, max_jobs=1, max_frames=128, streams=3), jobs))
+    assert rec.peak == 3 and sorted(len(c) for c in rec.calls) == [1] * 6
+    for f, pm in zip(jobs, results):
+        np.testing.assert_allclose(pm.points, backend.compute(f).points, rtol=1e-5, atol=1e-6)
+
+
+def test_a_backend_that_does_not_overlap_runs_one_batch_at_a_time(backend: DepthAnythingBackend) -> None:
+    rec = Overlapping(backend)
+    rec.overlaps = False  # a CPU backend: parallel batches would only share the same cores
+    asyncio.run(_all(PointMapBatcher(rec, max_jobs=1, max_frames=128, streams=3), [_frames(2, s) for s in range(4)]))
+    assert rec.peak == 1 and len(rec.calls) == 4
+    assert backend.overlaps is False  # the real CPU backend says so itself
+
+
+def test_a_job_left_over_by_one_loop_is_cancelled_on_close(backend: DepthAnythingBackend) -> None:
+    """A request a loop took but could not fit (held for its next batch) is not lost on close: it is cancelled."""
+    async def scenario() -> list[Any]:
+        rec = Overlapping(backend)
+        batcher = PointMapBatcher(rec, max_jobs=8, max_frames=4, streams=2)
+        futs = [asyncio.ensure_future(batcher.compute(_frames(4, s))) for s in range(5)]
+        await asyncio.sleep(0.02)  # both loops busy with one job each, the rest queued or held
+        await batcher.close()
+        return await asyncio.gather(*futs, return_exceptions=True)
+
+    out = asyncio.run(scenario())
+    assert all(isinstance(r, (asyncio.CancelledError, Exception)) or hasattr(r, "points") for r in out)
+    assert any(isinstance(r, asyncio.CancelledError) for r in out)

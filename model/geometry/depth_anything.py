@@ -13,7 +13,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from model.device import model_dir_or_tiny, resolve_device
+from model.device import model_dir_or_tiny, resolve_device, thread_stream
 from model.geometry.intrinsics import DEFAULT_FOV_X_DEG, broadcast_intrinsics, intrinsics_from_fov
 from model.geometry.project import ArrayT, as_tensor, backproject, finalize, like, quantile
 from model.geometry.types import PointMaps
@@ -116,6 +116,7 @@ class DepthAnythingBackend:
         model_dir, self._tmp = model_dir_or_tiny(model_dir, "sr3d-depth-", build_tiny_depth_model)
         self.model_dir = model_dir
         self.device = resolve_device(device)
+        self.overlaps = self.device.type == "cuda"  # concurrent batches pay off only on a GPU (own streams)
         # bf16 on GPU (the encoder is compute-bound); fp32 on CPU where bf16 matmuls are slow.
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.batch_size = batch_size
@@ -214,5 +215,6 @@ class DepthAnythingBackend:
     def compute_many(self, frames: list[np.ndarray], intrinsics: list[np.ndarray | None]) -> list[PointMaps]:
         if len(frames) != len(intrinsics):
             raise ValueError("one intrinsics entry (or None) per request")
-        preds = self.predict_tensors(frames)
-        return [self.pointmaps_from_prediction(p, K) for p, K in zip(preds, intrinsics)]
+        with thread_stream(self.device):  # concurrent batches overlap on the GPU (SR3D_DEPTH_STREAMS)
+            preds = self.predict_tensors(frames)
+            return [self.pointmaps_from_prediction(p, K) for p, K in zip(preds, intrinsics)]

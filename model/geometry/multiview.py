@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.device import model_dir_or_tiny, resolve_device
+from model.device import model_dir_or_tiny, resolve_device, thread_stream
 from model.geometry.intrinsics import broadcast_intrinsics
 from model.geometry.project import as_tensor, backproject, finalize
 from model.geometry.types import PointMaps
@@ -49,6 +49,7 @@ class MultiViewBackend:
         model_dir, self._tmp = model_dir_or_tiny(model_dir, "sr3d-da3-", build_tiny_da3)
         self.model_dir = model_dir
         self.device = resolve_device(device)
+        self.overlaps = self.device.type == "cuda"  # concurrent batches pay off only on a GPU (own streams)
         # The official inference runs the backbone under bf16 autocast on GPUs; heads stay float32.
         self.autocast = dtype if dtype is not None else (torch.bfloat16 if self.device.type == "cuda" else None)
         self.process_res = process_res
@@ -99,4 +100,5 @@ class MultiViewBackend:
     def compute_many(self, frames: list[np.ndarray], intrinsics: list[np.ndarray | None]) -> list[PointMaps]:
         if len(frames) != len(intrinsics):
             raise ValueError("one intrinsics entry (or None) per request")
-        return [self.compute(fr, k) for fr, k in zip(frames, intrinsics)]
+        with thread_stream(self.device):  # concurrent batches overlap on the GPU (SR3D_DEPTH_STREAMS)
+            return [self.compute(fr, k) for fr, k in zip(frames, intrinsics)]

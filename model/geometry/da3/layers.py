@@ -59,7 +59,10 @@ class Rope2D:
             inv = 1.0 / self.base ** (torch.arange(0, dim, 2, device=device).float() / dim)
             ang = (torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv).to(dtype)
             ang = torch.cat([ang, ang], dim=-1)
-            self._cache[key] = (ang.cos(), ang.sin())
+            table = (ang.cos(), ang.sin())
+            if device.type == "cuda":  # built on this thread's stream; other threads' streams read it next
+                torch.cuda.current_stream(device).synchronize()
+            self._cache[key] = table
         return self._cache[key]
 
     @staticmethod
