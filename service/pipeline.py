@@ -124,13 +124,17 @@ class PointMapBatcher:
     Jobs that arrive while batches run queue up and form the next batch at once. With `streams` > 1
     (SR3D_DEPTH_STREAMS, for a backend that `overlaps`: a GPU one, each thread on its own CUDA stream),
     that many batches run at once: one batch's host steps (frames up, point maps back, the cameras'
-    small copies) no longer leave the network idle, which made one thread the pipeline's limit."""
+    small copies) no longer leave the network idle, which made one thread the pipeline's limit (H200,
+    loadtests/RESULTS.md: 4.25 -> 4.79 -> 5.03 requests/s with 1, 2, 4 streams)."""
 
     def __init__(self, backend: Any, window_s: float = 0.01, max_jobs: int = 8, max_frames: int = 128,
                  streams: int = 1) -> None:
         self.backend = backend
         self.window_s = window_s
-        self.max_jobs = max_jobs
+        # A backend that runs one network pass per job anyway (Depth Anything 3: a job's frames are one
+        # multi-view set) gains nothing from several jobs in one batch; one job per batch lets the
+        # `streams` loops share the work evenly instead of one loop holding four jobs in turn.
+        self.max_jobs = max_jobs if getattr(backend, "merges_jobs", True) else 1
         self.max_frames = max_frames
         self.streams = streams if getattr(backend, "overlaps", False) else 1
         self._queue: asyncio.Queue[_DepthRequest] = asyncio.Queue()

@@ -133,3 +133,13 @@ def test_a_job_left_over_by_one_loop_is_cancelled_on_close(backend: DepthAnythin
     out = asyncio.run(scenario())
     assert all(isinstance(r, (asyncio.CancelledError, Exception)) or hasattr(r, "points") for r in out)
     assert any(isinstance(r, asyncio.CancelledError) for r in out)
+
+
+def test_a_backend_that_does_not_merge_jobs_gets_one_job_per_batch(backend: DepthAnythingBackend) -> None:
+    from model.geometry.multiview import MultiViewBackend
+
+    rec = Recording(backend)
+    rec.merges_jobs = False  # type: ignore[attr-defined]  # like Depth Anything 3: one pass per job anyway
+    asyncio.run(_all(PointMapBatcher(rec, max_jobs=8, max_frames=128), [_frames(1, s) for s in range(3)]))
+    assert rec.calls == [[1], [1], [1]]
+    assert MultiViewBackend.merges_jobs is False

@@ -34,6 +34,7 @@ class MultiViewBackend:
     frames of different requests must not attend to each other)."""
 
     name = "depth-anything-3"
+    merges_jobs = False  # compute_many runs one pass per job: batching jobs together saves nothing
 
     def __init__(
         self,
