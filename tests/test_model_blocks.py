@@ -135,6 +135,27 @@ def test_video_one_tile_per_frame_and_region_only_on_its_frame(cfg: SR3DConfig) 
     assert float(r.max()) <= 1.0 and float(r.min()) >= 0.0
 
 
+def test_a_long_video_tiles_each_frame_exactly_as_alone(cfg: SR3DConfig) -> None:
+    """Frames of a long video are prepared in chunks on several threads: every frame's tile, points and
+    validity (non-finite points and the backend's invalid pixels dropped, cleaned to 0) must equal that frame
+    tiled on its own, bit for bit."""
+    rng = np.random.default_rng(3)
+    n, h, w = 11, 60, 90  # more than one chunk, the last one short
+    frames = rng.integers(0, 255, (n, h, w, 3), dtype=np.uint8)
+    pts = rng.standard_normal((n, h, w, 3)).astype(np.float32)
+    pts[rng.random((n, h, w)) < 0.05] = np.nan
+    pts[..., 2][rng.random((n, h, w)) < 0.05] = -np.inf
+    valid = rng.random((n, h, w)) < 0.8
+    whole = tile_query(SpatialQuery(frames=frames, question="", pointmaps=pts, pointmap_valid=valid, is_video=True), cfg)
+    assert whole.points is not None and whole.point_valid is not None
+    assert bool(torch.isfinite(whole.points).all()) and not bool(whole.point_valid.all())
+    for i in range(n):
+        one = tile_query(SpatialQuery(frames=frames[i:i + 1], question="", pointmaps=pts[i:i + 1],
+                                      pointmap_valid=valid[i:i + 1], is_video=True), cfg)
+        assert torch.equal(whole.tiles[i], one.tiles[0])
+        assert torch.equal(whole.points[i], one.points[0]) and torch.equal(whole.point_valid[i], one.point_valid[0])
+
+
 @pytest.mark.parametrize(
     "mutate,code",
     [
