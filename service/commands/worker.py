@@ -57,12 +57,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _setup_logging(settings: Settings) -> None:
-    try:
-        from service.logging import setup_logging  # structured JSON logs (gateway helper's module)
+    from service.logging import setup_logging  # structured JSON logs, as the gateway writes them
 
-        setup_logging(settings.log_level)
-    except ImportError:
-        logging.basicConfig(level=settings.log_level)
+    setup_logging(settings.log_level)
 
 
 async def run_worker(settings: Settings, host: str, port: int, consumer: str | None) -> None:
