@@ -357,8 +357,7 @@ class Pipeline:
     async def _scene_pointmaps(self, scene: Any, decoded: Decoded, route: str) -> tuple[PointMaps, dict[str, Any]]:
         """RGB-D upload: arrays hold one entry per sampled frame, or one per source frame (a video's
         full length) from which the sampled ones are taken. Depth must match the source frame size."""
-        from model.geometry import pointmaps_from_rgbd
-        from model.geometry.routes import pointmaps_recovering_poses, registered_frames
+        from model.geometry.routes import scene_pointmaps
 
         def compute() -> tuple[Any, dict[str, Any]]:
             n = scene.depth.shape[0]
@@ -376,11 +375,11 @@ class Pipeline:
                 raise SceneError("scene_frame_mismatch", f"scene has {n} depth frames; the job samples {len(decoded.indices)} "
                                  f"frames (original indices up to {max(decoded.indices)}); add frame_indices")
             intr = scene.intrinsics[sel] if scene.intrinsics.ndim == 3 else scene.intrinsics
-            if route == "rgbd":
-                return pointmaps_from_rgbd(scene.depth[sel], intr, scene.poses[sel]), {"frames_registered": registered_frames("rgbd", len(sel))}
             depth = scene.depth[sel]
-            images = _resize_nearest(decoded.frames, (depth.shape[2], depth.shape[1]))  # colour pixel-aligned with depth
-            routed = pointmaps_recovering_poses(depth, intr, images)
+            poses = None if scene.poses is None else scene.poses[sel]
+            # pose recovery matches colour to depth pixel for pixel: frames resized to the depth's size
+            images = _resize_nearest(decoded.frames, (depth.shape[2], depth.shape[1])) if route == "pose_recovery" else None
+            routed = scene_pointmaps(route, depth, intr, poses, images)
             extra: dict[str, Any] = {"frames_registered": routed.registered}
             if routed.unregistered:
                 extra["frames_unregistered"] = routed.unregistered

@@ -12,8 +12,8 @@ from service.api.errors import status_for
 from PIL import Image
 
 from model.errors import CodedError
+from model.geometry.routes import scene_pointmaps
 from model.geometry import (
-    RGBDBackend,
     SceneError,
     backproject,
     canonicalize,
@@ -132,11 +132,11 @@ def test_scene_npz_roundtrip_and_backend() -> None:
                                 depth_scale=np.float32(5000), frame_indices=np.array([0, 6])))
     assert scene.depth.shape == (2, 24, 32) and list(scene.frame_indices) == [0, 6]
     assert np.abs(scene.depth - depth).max() < 1e-3
-    pm = RGBDBackend(scene).compute(np.zeros((2, 24, 32, 3), np.uint8))
+    pm = scene_pointmaps("rgbd", scene.depth, scene.intrinsics, scene.poses, np.zeros((2, 24, 32, 3), np.uint8)).pointmaps
     assert pm.source == "rgbd" and np.abs(pm.metric_points() - world @ np.linalg.inv(poses[0])[:3, :3].T
                                           - np.linalg.inv(poses[0])[:3, 3]).max() < 2e-3
     with pytest.raises(SceneError) as e:
-        RGBDBackend(scene).compute(np.zeros((3, 24, 32, 3), np.uint8))
+        scene_pointmaps("rgbd", scene.depth, scene.intrinsics, scene.poses, np.zeros((3, 24, 32, 3), np.uint8))
     assert e.value.code == "scene_size_mismatch"
 
 
@@ -169,7 +169,7 @@ def test_scene_without_poses_loads_for_pose_recovery() -> None:
     scene = load_scene_npz(_npz(depth=np.ones((2, 4, 4), np.float32), intrinsics=np.eye(3)))
     assert scene.poses is None and scene.depth.shape == (2, 4, 4)
     with pytest.raises(SceneError) as e:  # the exact-geometry backend cannot use it
-        RGBDBackend(scene).compute(np.zeros((2, 4, 4, 3), np.uint8))
+        scene_pointmaps("rgbd", scene.depth, scene.intrinsics, scene.poses, np.zeros((2, 4, 4, 3), np.uint8))
     assert e.value.code == "scene_missing_key"
 
 

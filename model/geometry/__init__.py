@@ -7,7 +7,7 @@ from model.geometry.intrinsics import (
     scale_intrinsics,
 )
 from model.geometry.project import backproject, canonicalize, normalize_scale
-from model.geometry.rgbd import RGBDBackend, RGBDScene, SceneError, load_scene_npz, pointmaps_from_rgbd
+from model.geometry.rgbd import RGBDScene, SceneError, load_scene_npz, pointmaps_from_rgbd
 from model.geometry.types import PointMapBackend, PointMaps
 
 
@@ -22,7 +22,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "CacheKey", "PointMapCache", "cache_key", "DEFAULT_FOV_X_DEG", "intrinsics_from_fov",
-    "rotate_intrinsics", "scale_intrinsics", "backproject", "canonicalize", "normalize_scale", "RGBDBackend",
+    "rotate_intrinsics", "scale_intrinsics", "backproject", "canonicalize", "normalize_scale",
     "RGBDScene", "SceneError", "load_scene_npz", "pointmaps_from_rgbd", "PointMapBackend", "PointMaps",
     "DepthAnythingBackend", "build_tiny_depth_model", "build_large_shaped_depth_model", "disparity_to_depth",
 ]

@@ -216,28 +216,3 @@ def pointmaps_from_rgbd(
     valid = np.isfinite(depth) & (depth > 0)
     points = backproject(np.where(valid, depth, 0.0), K)
     return finalize(points, valid, K, poses, metric=True, source="rgbd", reference_frame=reference_frame)
-
-
-class RGBDBackend:
-    """Backend over one uploaded scene: the frames only supply colour; geometry is exact."""
-
-    name = "rgbd"
-
-    def __init__(self, scene: RGBDScene, reference_frame: int = 0) -> None:
-        self.scene = scene
-        self.reference_frame = reference_frame
-
-    def compute(self, frames: np.ndarray, intrinsics: np.ndarray | None = None) -> PointMaps:
-        f, h, w = self.scene.depth.shape
-        if frames.shape[:3] != (f, h, w):
-            raise SceneError(
-                "scene_size_mismatch",
-                f"scene depth is {f}x{h}x{w} (frames x H x W) but the frames are {'x'.join(map(str, frames.shape[:3]))}",
-            )
-        if self.scene.poses is None:
-            raise SceneError("scene_missing_key", "exact RGB-D geometry needs poses in the scene")
-        K = self.scene.intrinsics if intrinsics is None else intrinsics
-        return pointmaps_from_rgbd(self.scene.depth, K, self.scene.poses, self.reference_frame)
-
-    def compute_many(self, frames: list[np.ndarray], intrinsics: list[np.ndarray | None]) -> list[PointMaps]:
-        return [self.compute(fr, k) for fr, k in zip(frames, intrinsics, strict=True)]

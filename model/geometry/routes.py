@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 
 from model.geometry.pose_recovery import pointmaps_without_poses
-from model.geometry.rgbd import SceneError
+from model.geometry.rgbd import SceneError, pointmaps_from_rgbd
 from model.geometry.types import PointMaps
 
 Route = Literal["multiview", "single", "rgbd", "pose_recovery"]
@@ -59,3 +59,22 @@ def pointmaps_recovering_poses(depth: np.ndarray, intrinsics: np.ndarray, images
     pm, result = pointmaps_without_poses(depth, intrinsics, images)
     registered = np.asarray(result.registered, dtype=bool)
     return RoutedPointMaps(pm, "pose_recovery", int(registered.sum()), np.flatnonzero(~registered).tolist())
+
+
+def scene_pointmaps(route: Route, depth: np.ndarray, intrinsics: np.ndarray, poses: np.ndarray | None,
+                    images: np.ndarray | None) -> RoutedPointMaps:
+    """A client's RGB-D scene through its route: "rgbd" = exact back-projection with the given poses,
+    "pose_recovery" = poses recovered from the colour frames `images` (pixel-aligned with `depth`).
+    One place for the worker and `sr3d pointmaps`; `images`, when given, must match the depth's size."""
+    if images is not None and images.shape[:3] != depth.shape:
+        raise SceneError("scene_size_mismatch", f"scene depth is {list(depth.shape)} (frames, H, W) but the frames are "
+                         f"{list(images.shape[:3])}")
+    if route == "rgbd":
+        if poses is None:
+            raise SceneError("scene_missing_key", "exact RGB-D geometry needs poses in the scene")
+        return RoutedPointMaps(pointmaps_from_rgbd(depth, intrinsics, poses), "rgbd", len(depth), [])
+    if route == "pose_recovery":
+        if images is None:
+            raise ValueError("pose recovery needs the colour frames")
+        return pointmaps_recovering_poses(depth, intrinsics, images)
+    raise ValueError(f"{route!r} is not a scene route")

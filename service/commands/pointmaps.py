@@ -38,8 +38,8 @@ def add(sub: argparse._SubParsersAction) -> None:
 def compute(args: argparse.Namespace, limits: MediaLimits):
     """The worker's path: frames (rotation applied) -> chosen backend -> canonical, normalised point maps.
     Returns frames, indices, timestamps, PointMaps, route, frames registered."""
-    from model.geometry import RGBDBackend, SceneError, load_scene_npz
-    from model.geometry.routes import choose_route, pointmaps_recovering_poses, registered_frames
+    from model.geometry import load_scene_npz
+    from model.geometry.routes import choose_route, registered_frames, scene_pointmaps
 
     scene = load_scene_npz(Path(args.rgbd).read_bytes()) if args.rgbd else None
     is_image = Path(args.input).suffix.lower() in _IMAGE_SUFFIXES
@@ -55,14 +55,8 @@ def compute(args: argparse.Namespace, limits: MediaLimits):
         frames, indices, timestamps = video.frames, video.indices, video.timestamps
     route = choose_route(args.backend, is_video=not is_image, scene_depth=scene is not None,
                          scene_poses=scene is not None and scene.poses is not None)
-    if route == "rgbd":
-        pm = RGBDBackend(scene).compute(frames)
-        return frames, indices, timestamps, pm, route, registered_frames(route, len(frames))
-    if route == "pose_recovery":
-        if frames.shape[:3] != scene.depth.shape:
-            raise SceneError("scene_size_mismatch", f"scene depth is {list(scene.depth.shape)} but the frames are "
-                             f"{list(frames.shape[:3])}")
-        routed = pointmaps_recovering_poses(scene.depth, scene.intrinsics, frames)
+    if route in ("rgbd", "pose_recovery"):
+        routed = scene_pointmaps(route, scene.depth, scene.intrinsics, scene.poses, frames)
         if routed.unregistered:
             print(f"warning: frames {routed.unregistered} could not be registered (no valid points)", file=sys.stderr)
         return frames, indices, timestamps, routed.pointmaps, route, routed.registered
