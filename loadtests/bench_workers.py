@@ -156,6 +156,14 @@ def standard_request(rng: random.Random, w: Workload) -> JobRequest:
 OnEvent = Callable[[JobResult, SSEEvent], None]
 
 
+async def _run_or_lost(client: SR3DClient, req: JobRequest, on_event: OnEvent | None = None) -> JobResult:
+    """One job to its end; a client failure is recorded as a lost job and the load goes on."""
+    try:
+        return await client.run(req, on_event=on_event, resume_timeout_s=RESUME_TIMEOUT_S)
+    except Exception as e:  # noqa: BLE001 - see docstring
+        return JobResult(t_submit=time.perf_counter(), client_error=f"{type(e).__name__}: {e}")
+
+
 async def closed_loop(url: str, users: int, duration: float, make_request: Callable[[random.Random], JobRequest],
                       seed: int, on_event: OnEvent | None = None) -> tuple[list[JobResult], float]:
     """`users` users, each sending its next request (`make_request(rng)`, one seeded rng per user) when
@@ -168,11 +176,7 @@ async def closed_loop(url: str, users: int, duration: float, make_request: Calla
         async def user(i: int) -> None:
             rng = random.Random(seed * 100003 + i)
             while time.perf_counter() < deadline:
-                try:
-                    res = await client.run(make_request(rng), on_event=on_event, resume_timeout_s=RESUME_TIMEOUT_S)
-                except Exception as e:  # noqa: BLE001 - recorded as a lost job, the load goes on
-                    res = JobResult(t_submit=time.perf_counter(), client_error=f"{type(e).__name__}: {e}")
-                results.append(res)
+                results.append(await _run_or_lost(client, make_request(rng), on_event))
 
         await asyncio.gather(*(user(i) for i in range(users)))
         return results, time.perf_counter() - t0
@@ -189,17 +193,10 @@ async def open_loop(url: str, rate: float, duration: float, make_request: Callab
     async with SR3DClient(url) as client:
         t0 = time.perf_counter()
         tasks: list[asyncio.Task[JobResult]] = []
-
-        async def one(req: JobRequest) -> JobResult:
-            try:
-                return await client.run(req, resume_timeout_s=RESUME_TIMEOUT_S)
-            except Exception as e:  # noqa: BLE001 - recorded as a lost job, the load goes on
-                return JobResult(t_submit=time.perf_counter(), client_error=f"{type(e).__name__}: {e}")
-
         at = 0.0
         while at < duration:
             await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(make_request(rng))))
+            tasks.append(asyncio.create_task(_run_or_lost(client, make_request(rng))))
             at += rng.expovariate(rate)
         results = list(await asyncio.gather(*tasks))
         return results, time.perf_counter() - t0

@@ -44,10 +44,10 @@ def mps_daemon(directory: Path, env: dict[str, str] | None = None, control: str 
         raise MPSUnavailable(f"{control} is not on PATH (CUDA MPS needs the NVIDIA driver's utilities)")
     daemon_env = {**os.environ, **(env or {})}
     cenv = client_env(directory, daemon_env.get("CUDA_VISIBLE_DEVICES"))
-    for key in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
-        Path(cenv[key]).mkdir(parents=True, exist_ok=True)
-    full = {**daemon_env, "CUDA_MPS_PIPE_DIRECTORY": cenv["CUDA_MPS_PIPE_DIRECTORY"],
-            "CUDA_MPS_LOG_DIRECTORY": cenv["CUDA_MPS_LOG_DIRECTORY"]}
+    dirs = {k: v for k, v in cenv.items() if k.startswith("CUDA_MPS_")}  # the daemon keeps its own GPU list
+    for d in dirs.values():
+        Path(d).mkdir(parents=True, exist_ok=True)
+    full = {**daemon_env, **dirs}
     started = subprocess.run([exe, "-d"], env=full, capture_output=True, text=True, timeout=30)
     if started.returncode != 0:
         raise MPSUnavailable(f"{control} -d failed ({started.returncode}): {(started.stderr or started.stdout)[-500:]}")

@@ -138,8 +138,7 @@ class PointMapBatcher:
         self.max_frames = max_frames
         self.streams = streams if getattr(backend, "overlaps", False) else 1
         self._queue: asyncio.Queue[_DepthRequest] = asyncio.Queue()
-        self._held: set[_DepthRequest] = set()  # taken by a loop but did not fit: first of its next batch
-        self._running: set[_DepthRequest] = set()  # in a batch being computed
+        self._taken: set[_DepthRequest] = set()  # out of the queue, not answered yet (held over or computing)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def compute(self, frames: np.ndarray) -> Any:
@@ -158,22 +157,20 @@ class PointMapBatcher:
 
     async def close(self) -> None:
         """Stop the batching tasks (jobs still waiting or being computed are cancelled)."""
-        running = list(self._running)  # before the loops stop (a stopping loop forgets its batch)
         await self._stop_tasks()
-        pending = [*self._held, *running]
+        pending = list(self._taken)
         while not self._queue.empty():
             pending.append(self._queue.get_nowait())
         for r in pending:
             if not r.future.done():
                 r.future.cancel()
-        self._held.clear()
-        self._running.clear()
+        self._taken.clear()
 
     async def _next_batch(self, held: _DepthRequest | None) -> tuple[list[_DepthRequest], _DepthRequest | None]:
         """-> (the batch, the request that did not fit and opens this loop's next batch)."""
         loop = asyncio.get_running_loop()
         first = held or await self._queue.get()
-        self._held.discard(first)
+        self._taken.add(first)
         batch, frames, left = [first], len(first.frames), None
         deadline = loop.time() + self.window_s
         while len(batch) < self.max_jobs and frames < self.max_frames:
@@ -184,12 +181,13 @@ class PointMapBatcher:
                     break
             else:
                 r = self._queue.get_nowait()
+            self._taken.add(r)
             if frames + len(r.frames) > self.max_frames:
                 left = r
-                self._held.add(r)
                 break
             batch.append(r)
             frames += len(r.frames)
+        self._taken.difference_update(r for r in batch if r.future.cancelled())  # cancelled while queued
         return [r for r in batch if not r.future.cancelled()], left
 
     async def _loop(self) -> None:
@@ -198,19 +196,18 @@ class PointMapBatcher:
             batch, held = await self._next_batch(held)
             if not batch:
                 continue
-            self._running.update(batch)
             try:
                 results = await asyncio.to_thread(self.backend.compute_many, [r.frames for r in batch], [None] * len(batch))
             except Exception as e:  # noqa: BLE001 - each waiting job gets the failure
                 for r in batch:
                     if not r.future.done():
                         r.future.set_exception(e)
-                continue
-            finally:
-                self._running.difference_update(batch)
-            for r, res in zip(batch, results):
-                if not r.future.done():
-                    r.future.set_result(res)
+            else:
+                for r, res in zip(batch, results):
+                    if not r.future.done():
+                        r.future.set_result(res)
+            # answered (a stopping loop does not get here: close() cancels what it had taken)
+            self._taken.difference_update(batch)
 
 
 @dataclass

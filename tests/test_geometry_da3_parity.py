@@ -3,8 +3,8 @@
 Reference numbers (tests/data/da3_parity.json) were produced by the OFFICIAL code, run outside this
 repository, with exactly the tiny checkpoint `build_tiny_da3(dir, seed=0)` writes:
 
-- Source: the official Depth Anything 3 repository (GitHub ByteDance-Seed/Depth-Anything-3) checked out at
-  commit 2c21ea849ceec7b469a3e62ea0c0e270afc3281a; its `src/` was put on sys.path in a throwaway venv
+- We ran the official Depth Anything 3 code (GitHub ByteDance-Seed/Depth-Anything-3, checked out at
+  commit 2c21ea849ceec7b469a3e62ea0c0e270afc3281a) with its `src/` on sys.path in a throwaway venv
   (torch 2.13.0 CPU, einops, addict, omegaconf, safetensors). None of its code is in this repository.
 - The official modules were built at the tiny sizes of the checkpoint's config.json:
   `DinoV2(name="vits", out_layers=[2,3,4,5], alt_start=2, qknorm_start=2, rope_start=2, cat_token=True)`
