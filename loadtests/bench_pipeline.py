@@ -19,8 +19,9 @@ configuration's best closed-loop requests/s) measures latency at partial load: a
 not "half load" (8 users already reached 95 % of the maximum on the H200).
 
 Per-stage breakdown per level, from each finished job's own `done` timings (the worker's clock): queue wait,
-decode, point maps, encode (prepare + vision + prefill up to the first token, i.e. the engine's TTFT), generate
-(the answer's tokens after the first), and the client's TTFT and e2e. Load: every user sends the standard request
+decode, point maps, encode (prepare + vision + prefill up to the first token, i.e. the engine's TTFT; with vLLM split
+into prepare, render, submit, wait, prefill and deliver, `encode_parts`), generate (the answer's tokens after the
+first), and the client's TTFT and e2e. Load: every user sends the standard request
 (one box region, exactly --max-tokens tokens, ignore_eos) on the media again and again; the point-map cache is
 off so each request pays decode + depth. `--media tum` (default) is a 640x480 clip made from the TUM RGB-D
 fixture frames (the issue's workload size); `bottle` is the 640x360 fixture clip.
@@ -209,11 +210,22 @@ def stage_breakdown(results: list[JobResult]) -> dict[str, Any]:
     done = [r for r in results if r.ok and isinstance(r.terminal.data, dict)]  # type: ignore[union-attr]
     timings = [r.terminal.data.get("timings") or {} for r in done]  # type: ignore[union-attr]
     out: dict[str, Any] = {s: rpt.dist([float(t[s]) for t in timings if s in t]) for s in STAGES}
+    # The engine's split of encode (vLLM: prepare, render, submit, wait, prefill, deliver; see the engines)
+    parts = sorted({k for t in timings for k in t if k.startswith("encode_") and k != "encode_s"}, key=_part_order)
+    out["encode_parts"] = {k: rpt.dist([float(t[k]) for t in timings if k in t]) for k in parts}
     out["ttft_s"] = rpt.dist([r.ttft for r in done if r.ttft is not None])
     out["e2e_s"] = rpt.dist([r.e2e for r in done if r.e2e is not None])
     backends = sorted({str(t.get("pointmaps_backend")) for t in timings})
     out["pointmaps_backend"] = backends
     return out
+
+
+ENCODE_PARTS = ("prepare", "render", "submit", "wait", "prefill", "deliver")  # the order time passes through them
+
+
+def _part_order(key: str) -> int:
+    name = key.removeprefix("encode_").removesuffix("_s")
+    return ENCODE_PARTS.index(name) if name in ENCODE_PARTS else len(ENCODE_PARTS)
 
 
 def level_summary(results: list[JobResult], wall: float, label: str) -> dict[str, Any]:
@@ -255,7 +267,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     rows = [(c["name"], lv) for c in report["configs"] for lv in [*c["levels"], *([c["open_loop"]] if c.get("open_loop") else [])]]
     labels = [f"{name}\n{lv['users']} users" if lv["users"] else f"{name}\nopen {lv['offered_req_per_s']}/s" for name, lv in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(rows) + 4), 5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(max(12, 3.3 * len(rows) + 4), 5))
     ax1.bar(labels, [lv["req_per_s"] or 0 for _, lv in rows], color="tab:blue")
     ax1.set_ylabel("requests/s (finished)")
     ax1.set_title("throughput")
@@ -268,7 +280,17 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax2.set_ylabel("seconds (p50 per stage, stacked)")
     ax2.set_title("per-stage breakdown")
     ax2.legend(fontsize=8)
-    for ax in (ax1, ax2):
+    bottom = [0.0] * len(rows)
+    part_keys = sorted({k for _, lv in rows for k in lv["stages"].get("encode_parts", {})}, key=_part_order)
+    for key in part_keys:
+        vals = [(lv["stages"].get("encode_parts", {}).get(key) or {}).get("p50") or 0 for _, lv in rows]
+        ax3.bar(labels, vals, bottom=bottom, label=key.removeprefix("encode_").removesuffix("_s"))
+        bottom = [a + b for a, b in zip(bottom, vals)]
+    ax3.plot(labels, [lv["stages"]["encode_s"]["p50"] or 0 for _, lv in rows], "k_", markersize=30, label="encode p50")
+    ax3.set_ylabel("seconds (p50 per part, stacked)")
+    ax3.set_title("encode: where the time to first token goes")
+    ax3.legend(fontsize=8)
+    for ax in (ax1, ax2, ax3):
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle(report["title"])
     fig.tight_layout()

@@ -49,3 +49,6 @@ class TokenDelta:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # On the first delta only, where the engine knows it: seconds per part of the time to this first token
+    # (e.g. prepare, render, submit, wait, prefill, deliver); the worker reports them as encode_<part>_s.
+    parts: dict[str, float] | None = None

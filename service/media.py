@@ -26,6 +26,8 @@ Error codes (`MediaError.code`; service/api/errors.py maps each to its HTTP stat
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import math
@@ -417,6 +419,13 @@ def _read_into(fd: int, out: np.ndarray, deadline: float) -> None:
         got += n
 
 
+def _widen_pipe(fd: int) -> None:
+    """A 1 MiB pipe buffer instead of Linux's 64 KiB: 29 MB of frames cross in ~30 wakeups, not ~450
+    (dev box, 32 frames 640x480: 0.05-0.15 -> 0.02-0.04 s). Best effort: the system's pipe-max-size may refuse."""
+    with contextlib.suppress(AttributeError, OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+
+
 _CTX: mp.context.BaseContext | None = None
 
 
@@ -450,6 +459,7 @@ def decode_video(
         return _decode_in_process(*args)
     _check_file(path, limits)  # fail fast without a process for the common rejections
     recv, send = _context().Pipe(duplex=False)
+    _widen_pipe(recv.fileno())
     proc = _context().Process(target=_child, args=(send, args), daemon=True)
     proc.start()
     send.close()

@@ -334,6 +334,9 @@ class Worker:
                 # First delta: prepare + vision + prefill are done ("encode" covers all of them).
                 timings["encode_s"] = round(now - t0, 4)
                 metrics.STAGE_SECONDS.labels("encode").observe(now - t0)
+                for part, seconds in (delta.parts or {}).items():  # the engine's split of encode, where it has one
+                    timings[f"encode_{part}_s"] = seconds
+                    metrics.STAGE_SECONDS.labels(f"encode_{part}").observe(seconds)
                 metrics.TTFT.observe(max(0.0, time.time() - job.created_at))
                 await self.queue.record_progress(jid, "encode", {"seconds": timings["encode_s"]})
             elif delta.text:

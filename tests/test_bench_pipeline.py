@@ -51,6 +51,9 @@ def test_smallest_run_on_cpu(tmp_path) -> None:
         for stage in (*bench_pipeline.STAGES, "ttft_s", "e2e_s"):
             assert st[stage]["n"] == lv["done"] and st[stage]["p50"] is not None, stage
         assert st["pointmaps_backend"] == ["single"]
+        # the engine's split of encode (the torch engine's parts), in the order time passes through them
+        assert list(st["encode_parts"]) == ["encode_prepare_s", "encode_prefill_s"]
+        assert st["encode_parts"]["encode_prepare_s"]["n"] == lv["done"]
         # the stages the worker timed fit inside what the client saw
         assert st["decode_s"]["p50"] + st["pointmaps_s"]["p50"] < st["e2e_s"]["max"]
         # the open-loop level: Poisson arrivals at half the best closed-loop rate, judged like the others

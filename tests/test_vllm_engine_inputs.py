@@ -98,3 +98,18 @@ def test_sampling_params_follow_the_core_stop_rule(engine) -> None:  # type: ign
     assert sp.output_kind == RequestOutputKind.DELTA and sp.max_tokens == 7
     assert engine.tokenizer.convert_tokens_to_ids("<|im_end|>") in sp.stop_token_ids
     assert engine.sampling_params(GenerationParams(ignore_eos=True)).stop_token_ids == []
+
+
+def test_first_token_parts_split_the_time_to_first_token() -> None:
+    """The engine-core timestamps (CLOCK_MONOTONIC, shared across processes) split encode into parts that add
+    up to it; without them (stats off) only our own parts are reported, never a negative or invented one."""
+    from vllm.v1.metrics.stats import RequestStateStats
+
+    from service.engines.vllm_engine import first_token_parts
+
+    stats = RequestStateStats(queued_ts=10.5, scheduled_ts=10.75, first_token_ts=11.0)
+    parts = first_token_parts(10.0, 10.25, 10.375, stats, 11.125)
+    assert parts == {"prepare": 0.25, "render": 0.125, "submit": 0.125, "wait": 0.25, "prefill": 0.25, "deliver": 0.125}
+    assert sum(parts.values()) == pytest.approx(11.125 - 10.0)
+    assert first_token_parts(10.0, 10.25, 10.375, RequestStateStats(), 11.0) == {"prepare": 0.25, "render": 0.125}
+    assert first_token_parts(10.0, 10.25, 10.375, None, 11.0) == {"prepare": 0.25, "render": 0.125}

@@ -125,6 +125,10 @@ def test_job_event_sequence_and_ack(data_dir: Path, redis_url: str) -> None:
         assert done["answer"] == tokens == view.answer
         assert done["usage"]["completion_tokens"] == view.usage.completion_tokens <= 8
         assert {"queue_wait_s", "decode_s", "pointmaps_s", "encode_s", "generate_s", "total_s"} <= set(done["timings"])
+        # the engine's split of encode (the torch engine: its preparation, then batch wait + vision + prefill)
+        t = done["timings"]
+        assert t["encode_prepare_s"] > 0 and t["encode_prefill_s"] > 0
+        assert t["encode_prepare_s"] + t["encode_prefill_s"] <= t["encode_s"] + 0.01
         assert await h.pending_after_ack() == 0
 
     _run(data_dir, redis_url, body)

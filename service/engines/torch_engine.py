@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -137,17 +138,24 @@ class TorchEngine:
         loop = asyncio.get_running_loop()
         try:
             # ModelInputError from prepare propagates unchanged: it is the caller's input.
+            t0 = time.monotonic()
             r.prepared = await loop.run_in_executor(self._prepare_pool, self.model.prepare, request.query)
+            t_prepared = time.monotonic()
             if r.aborted:
                 yield TokenDelta("", [], finished=True, finish_reason="abort")
                 return
             self._ready_q.put_nowait(r)
+            first = True
             while True:
                 item = await r.queue.get()
                 if item is _END:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                if first and item.token_ids:  # where the time to the first token went (the worker reports it)
+                    first = False
+                    prefill = time.monotonic() - t_prepared  # batch wait + vision + prefill
+                    item = dataclasses.replace(item, parts={"prepare": round(t_prepared - t0, 4), "prefill": round(prefill, 4)})
                 yield item
         finally:
             # Consumer stopped early (cancelled task, closed generator): stop the row too.

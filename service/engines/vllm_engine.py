@@ -80,6 +80,19 @@ def region_digest(query: SpatialQuery, region_order: list[int]) -> str:
     return h.hexdigest()
 
 
+def first_token_parts(t0: float, prepared: float, rendered: float, stats: Any, now: float) -> dict[str, float]:
+    """Where a request's time to first token went (all CLOCK_MONOTONIC, which the engine-core process shares):
+    prepare (our item preparation, pool wait included), render (vLLM's processor), submit (to the engine core's
+    queue: serialisation and IPC of the item), wait (queued until first scheduled), prefill (vision encoder +
+    prefill, interleaved with other requests' steps), deliver (output back to this process). vLLM's engine-core
+    timestamps need stats logging (on, `disable_log_stats=False`); without them only prepare and render."""
+    parts = {"prepare": prepared - t0, "render": rendered - prepared}
+    queued, scheduled, first = (float(getattr(stats, k, 0.0) or 0.0) for k in ("queued_ts", "scheduled_ts", "first_token_ts"))
+    if 0.0 < queued <= scheduled <= first:
+        parts.update(submit=queued - rendered, wait=scheduled - queued, prefill=first - scheduled, deliver=now - first)
+    return {k: round(max(0.0, v), 4) for k, v in parts.items()}
+
+
 # ------------------------------------------------------------------------------ engine
 class VLLMEngine:
     name = "vllm"
@@ -214,14 +227,17 @@ class VLLMEngine:
 
             loop = asyncio.get_running_loop()
             is_cached: Callable[[str], bool] | None = self._is_cached
+            t0 = time.monotonic()
             while True:
                 prompt, num_tokens = await loop.run_in_executor(
                     self._prepare_pool, self.build_inputs, request.query, request.params.max_tokens, is_cached
                 )
+                t_prepared = time.monotonic()
                 if rid in self._aborted:
                     break
                 try:
                     (engine_input,) = await self.llm.renderer.render_cmpl_async([prompt])
+                    t_rendered = time.monotonic()
                     break
                 except ItemNotPrepared:
                     if is_cached is None:
@@ -238,6 +254,9 @@ class VLLMEngine:
             prompt_tokens = num_tokens
             async for out in self.llm.generate(engine_input, self.sampling_params(request.params), rid):
                 c = out.outputs[0]
+                parts = None
+                if completion == 0 and c.token_ids:  # the first token
+                    parts = first_token_parts(t0, t_prepared, t_rendered, out.metrics, time.monotonic())
                 completion += len(c.token_ids)
                 prompt_tokens = len(out.prompt_token_ids or []) or prompt_tokens
                 if out.finished:
@@ -248,11 +267,11 @@ class VLLMEngine:
                     metrics.GENERATION_TOKENS.inc(completion)
                     yield TokenDelta(
                         c.text, list(c.token_ids), finished=True, finish_reason=reason,
-                        prompt_tokens=prompt_tokens, completion_tokens=completion,
+                        prompt_tokens=prompt_tokens, completion_tokens=completion, parts=parts,
                     )
                     return
                 if c.text or c.token_ids:
-                    yield TokenDelta(c.text, list(c.token_ids))
+                    yield TokenDelta(c.text, list(c.token_ids), parts=parts)
         except (ModelInputError, asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as e:
