@@ -272,3 +272,26 @@ def test_frames_cross_the_pipe_raw_and_a_short_or_stalled_sender_is_an_error() -
     assert e.value.code == "decode_timeout" and time.monotonic() - t0 < 5
     os.close(r)
     os.close(w)
+
+
+def test_the_frame_pipe_is_widened_where_the_system_allows() -> None:
+    """32 frames of 640x480 are 29 MB: through Linux's default 64 KiB pipe that is ~450 wake-ups (0.05-0.15 s on
+    the dev box); the decoder's pipe asks for 1 MiB, and a refusal (pipe-max-size, not Linux) leaves it working."""
+    import fcntl
+    import os
+    from pathlib import Path
+
+    from service.media import _widen_pipe
+
+    limit = Path("/proc/sys/fs/pipe-max-size")
+    if not hasattr(fcntl, "F_GETPIPE_SZ") or not limit.exists() or int(limit.read_text()) < 1 << 20:
+        pytest.skip("needs Linux pipes that may grow to 1 MiB (fcntl F_SETPIPE_SZ, /proc/sys/fs/pipe-max-size)")
+    r, w = os.pipe()
+    try:
+        assert fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) < 1 << 20
+        _widen_pipe(r)
+        assert fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) == 1 << 20
+    finally:
+        os.close(r)
+        os.close(w)
+    _widen_pipe(r)  # a refusal (here: a closed descriptor, EBADF) is not an error
