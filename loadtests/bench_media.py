@@ -1,7 +1,8 @@
 """Media + depth benchmark: decode time (32 frames of generated 720p/1080p H.264) and depth frames/s.
 
 Compares, within one run: isolated (killable child process) vs in-process decode, full size vs
-`max_side=640`, and depth batch size 1 vs N. The depth run is also split into its stages for one
+`max_side=640`, keyframe seeking vs decoding every frame on a long clip (`--long-seconds`), and depth
+batch size 1 vs N. The depth run is also split into its stages for one
 request: host-to-device copy of the uint8 frames, the image processor (resize + normalise, on the
 device), the network, resize to the frame size, geometry (disparity -> depth -> points -> canonical
 -> scaled, on the device) and the host copy of the float32 point maps + validity (through pinned
@@ -38,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="directory for media.json + media.png")
     p.add_argument("--frames", type=int, default=32, help="frames sampled per decode / depth run")
     p.add_argument("--source-seconds", type=float, default=5.0, help="length of the generated clips (30 fps)")
+    p.add_argument("--long-seconds", type=float, default=60.0,
+                   help="length of the long clips (30 fps) on which keyframe seeking is compared with decoding every frame")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--real-shapes", action="store_true", help="Depth-Anything-V2-Large-shaped random weights")
     p.add_argument("--device", default="auto")
@@ -101,6 +104,14 @@ def bench_decode(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
             "in_process_s": _time(lambda: decode_video(clip, args.frames, limits, isolate=False), args.repeats),
             "isolated_max_side_640_s": _time(lambda: decode_video(clip, args.frames, limits, max_side=640), args.repeats),
         }
+        # Long uploads: the sampled frames are sparser than the keyframes, so seeking skips most of the video
+        long_clip = make_clip(tmp / f"{name}-long.mp4", w, h, args.long_seconds)
+        sampled = decode_video(long_clip, args.frames, limits)
+        row["long_source_frames"] = int(args.long_seconds * 30)
+        row["long_frames_decoded"] = sampled.frames_decoded
+        row["long_isolated_s"] = _time(lambda: decode_video(long_clip, args.frames, limits), args.repeats)
+        row["long_isolated_no_seek_s"] = _time(lambda: decode_video(long_clip, args.frames, limits, seek=False), args.repeats)
+        row["long_seek_speedup"] = round(row["long_isolated_no_seek_s"] / row["long_isolated_s"], 3)
         row["isolation_overhead_ratio"] = round(row["isolated_s"] / row["in_process_s"], 3)
         row["max_side_640_speedup"] = round(row["isolated_s"] / row["isolated_max_side_640_s"], 3)
         row["frames_per_s_isolated"] = round(args.frames / row["isolated_s"], 1)
@@ -277,9 +288,10 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     for ax, panel in zip(axes[0], panels):
         if panel == "decode":
             names = list(report["decode"])
-            for i, k in enumerate(["isolated_s", "in_process_s", "isolated_max_side_640_s"]):
-                ax.bar(np.arange(len(names)) + i * 0.27, [report["decode"][n][k] for n in names], width=0.27, label=k)
-            ax.set_xticks(np.arange(len(names)) + 0.27, names)
+            keys = ["isolated_s", "in_process_s", "isolated_max_side_640_s", "long_isolated_s", "long_isolated_no_seek_s"]
+            for i, k in enumerate(keys):
+                ax.bar(np.arange(len(names)) + i * 0.16, [report["decode"][n][k] for n in names], width=0.16, label=k)
+            ax.set_xticks(np.arange(len(names)) + 0.32, names)
             ax.set_ylabel(f"seconds for {report['frames']} frames")
             ax.set_title("decode")
             ax.legend(fontsize=8)

@@ -36,7 +36,7 @@ import os
 import pickle
 import select
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -109,6 +109,8 @@ class VideoInfo:
     fps: float  # average, frame_count / duration
     timestamps: np.ndarray = field(repr=False)  # float64 [frame_count], presentation order, seconds
     pts: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.int64))  # raw, stream time_base
+    # pts of the packets flagged as keyframes (random-access points), sorted: where a decode may seek to
+    key_pts: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def display_size(self) -> tuple[int, int]:
@@ -124,6 +126,7 @@ class DecodedVideo:
     rotation: int  # CCW degrees that were applied
     source_size: tuple[int, int]  # displayed (W, H) of the source == frames' W, H
     info: VideoInfo | None = None
+    frames_decoded: int = 0  # frames the decoder produced to get these (seeking skips the rest)
 
     def index_of(self, original_index: int) -> int:
         """Position in `frames` of an original frame index (which must be in the sample)."""
@@ -204,6 +207,7 @@ def _probe_open(container: av.container.InputContainer, limits: MediaLimits, dea
     # Exact presentation timestamps from a packet scan: no decoding, stops at the frame cap.
     tb = stream.time_base
     pts: list[int] = []
+    keys: list[int] = []
     try:
         for packet in container.demux(stream):
             if time.monotonic() > deadline:
@@ -216,6 +220,8 @@ def _probe_open(container: av.container.InputContainer, limits: MediaLimits, dea
                 pts.append(packet.dts)
             else:
                 pts.append(packet.pts)
+            if packet.is_keyframe:
+                keys.append(pts[-1])
             if len(pts) > limits.max_source_frames:
                 raise MediaError("too_long", f"more than {limits.max_source_frames} frames")
     except av.FFmpegError:
@@ -240,6 +246,7 @@ def _probe_open(container: av.container.InputContainer, limits: MediaLimits, dea
         fps=len(ts) / duration if duration > 0 else 0.0,
         timestamps=ts,
         pts=raw,
+        key_pts=np.unique(np.asarray(keys, dtype=np.int64)),
     )
 
 
@@ -311,8 +318,51 @@ def _select(info: VideoInfo, num_frames: int, must_include: Iterable[int], limit
 # ----------------------------------------------------------------------------------------- decode
 
 
+def _decode_targets(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, targets: list[int],
+    key_pts: np.ndarray | None, keep: Callable[[av.VideoFrame], None], got: np.ndarray, want: dict[int, int],
+    deadline: float, limits: MediaLimits,
+) -> int:
+    """Decode forward until every target pts (ascending) was output, handing each frame to `keep`. With
+    `key_pts`, jump to the keyframe at or before the next missing target whenever that keyframe lies past the
+    frames already decoded: a long video's 32 samples cost ~32 half-GOPs instead of every frame (a 10-minute
+    4K upload decoded linearly ran into the decode timeout). Decoding from a keyframe gives the same pixels.
+    Returns the number of frames decoded."""
+    decoded = 0
+    pos: int | None = None  # pts of the last frame out of the decoder; None = not started
+    for t in targets:
+        if got[want[t]]:
+            continue
+        start = 0
+        if key_pts is not None and len(key_pts) and key_pts[0] <= t:
+            start = int(key_pts[np.searchsorted(key_pts, t, side="right") - 1])
+        if pos is None or (key_pts is not None and start > pos):
+            container.seek(start, stream=stream, backward=True, any_frame=False)  # flushes the decoder
+            pos = None
+        for packet in container.demux(stream):
+            if time.monotonic() > deadline:
+                raise MediaError("decode_timeout", f"decoding took more than {limits.decode_timeout_s:.0f} s")
+            try:
+                out = packet.decode()
+            except av.FFmpegError:
+                continue  # skip a corrupt packet; the decoder resyncs at the next keyframe
+            for frame in out:  # all of a packet's frames: a later one may be a target too
+                p = frame.pts if frame.pts is not None else frame.dts
+                if p is None:
+                    continue
+                decoded += 1
+                pos = int(p)
+                keep(frame)
+            if pos is not None and pos >= t:
+                break
+        else:
+            return decoded  # end of stream
+    return decoded
+
+
 def _decode_in_process(
-    path: str, num_frames: int, limits: MediaLimits, must_include: tuple[int, ...], max_side: int | None
+    path: str, num_frames: int, limits: MediaLimits, must_include: tuple[int, ...], max_side: int | None,
+    seek: bool = True,
 ) -> DecodedVideo:
     _check_file(path, limits)
     deadline = time.monotonic() + limits.decode_timeout_s
@@ -330,26 +380,18 @@ def _decode_in_process(
         coded_w, coded_h = (out_h, out_w) if info.rotation % 180 else (out_w, out_h)
         frames = np.zeros((len(chosen), out_h, out_w, 3), dtype=np.uint8)
         got = np.zeros(len(chosen), dtype=bool)
-        container.seek(0, stream=stream)
-        for packet in container.demux(stream):
-            if time.monotonic() > deadline:
-                raise MediaError("decode_timeout", f"decoding took more than {limits.decode_timeout_s:.0f} s")
-            try:
-                decoded = packet.decode()
-            except av.FFmpegError:
-                continue  # skip a corrupt packet; the decoder resyncs at the next keyframe
-            for frame in decoded:
-                pts = frame.pts if frame.pts is not None else frame.dts
-                if pts is None:
-                    continue
-                k = want.get(int(pts))
-                if k is None or got[k]:
-                    continue
+
+        def keep(frame: av.VideoFrame) -> None:
+            k = want.get(int(frame.pts if frame.pts is not None else frame.dts))
+            if k is not None and not got[k]:
                 arr = frame.to_ndarray(format="rgb24", width=coded_w, height=coded_h)
                 frames[k] = np.rot90(arr, k=info.rotation // 90) if info.rotation else arr
                 got[k] = True
-            if got.all():
-                break
+
+        decoded = _decode_targets(container, stream, sorted(want), info.key_pts if seek else None, keep, got, want, deadline, limits)
+        if not got.all() and seek:  # a seek that landed wrong: the missing frames by a plain pass from the start
+            decoded += _decode_targets(container, stream, sorted(p for p, k in want.items() if not got[k]), None, keep,
+                                       got, want, deadline, limits)
         if not got.all():
             missing = [int(chosen[k]) for k in np.flatnonzero(~got)]
             if got.sum() == 0:
@@ -368,6 +410,7 @@ def _decode_in_process(
             rotation=info.rotation,
             source_size=info.display_size,
             info=info,
+            frames_decoded=decoded,
         )
     finally:
         container.close()
@@ -446,15 +489,17 @@ def decode_video(
     *,
     max_side: int | None = None,
     isolate: bool = True,
+    seek: bool = True,
 ) -> DecodedVideo:
     """Sample `num_frames` frames uniformly in time plus every frame in `must_include` (original
     indices, e.g. frames that regions were drawn on) and decode them, rotation applied.
 
     `max_side` downscales (in swscale, while converting) so the long side is at most that; masks must
     then be resized with `resize_mask`. `isolate=False` decodes in this process (deadline checked only
-    between packets): for callers that already run this in a killable pool.
+    between packets): for callers that already run this in a killable pool. `seek=False` decodes every
+    frame from the start (the reference the keyframe-seeking default is tested and benchmarked against).
     """
-    args = (str(path), int(num_frames), limits, tuple(int(i) for i in must_include), max_side)
+    args = (str(path), int(num_frames), limits, tuple(int(i) for i in must_include), max_side, seek)
     if not isolate:
         return _decode_in_process(*args)
     _check_file(path, limits)  # fail fast without a process for the common rejections

@@ -295,3 +295,67 @@ def test_the_frame_pipe_is_widened_where_the_system_allows() -> None:
         os.close(r)
         os.close(w)
     _widen_pipe(r)  # a refusal (here: a closed descriptor, EBADF) is not an error
+
+
+def _long(path: Path, codec: str, n: int = 600, gop: int = 30) -> Path:
+    """A clip whose samples are sparser than its keyframes (n frames, a keyframe every `gop`)."""
+    out = av.open(str(path), "w")
+    s = out.add_stream(codec, rate=30)
+    s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+    s.codec_context.gop_size = gop
+    if codec == "libx264":  # B-frames (reordered output) and no scene-cut keyframes: the plainest hard case
+        s.options = {"crf": "10", "preset": "veryfast", "bf": "2", "g": str(gop), "sc_threshold": "0"}
+    for i in range(n):
+        for p in s.encode(av.VideoFrame.from_ndarray(_pattern(i % 256), format="rgb24")):
+            out.mux(p)
+    for p in s.encode():
+        out.mux(p)
+    out.close()
+    return path
+
+
+@pytest.mark.parametrize("codec,ext", [("libx264", "mp4"), ("mpeg4", "mp4"), ("libvpx-vp9", "webm")])
+def test_a_long_video_seeks_to_keyframes_for_the_same_frames(tmp_path: Path, codec: str, ext: str) -> None:
+    """Sampling 8 of 600 frames with a keyframe every 30: decoding from the keyframe before each sample gives
+    exactly the frames a decode of every frame gives, and decodes a fraction of them (a 10-minute upload would
+    otherwise be decoded whole, into the decode timeout)."""
+    if codec not in av.codecs_available:
+        pytest.skip(f"this PyAV build has no {codec} encoder to make the clip")
+    clip = _long(tmp_path / f"long.{ext}", codec)
+    info = probe_video(clip)
+    assert info.frame_count == 600 and 15 <= len(info.key_pts) <= 60  # every 30 frames (encoders add scene cuts)
+    seek = decode_video(clip, 8, isolate=False)
+    plain = decode_video(clip, 8, isolate=False, seek=False)
+    assert np.array_equal(seek.indices, plain.indices) and np.array_equal(seek.frames, plain.frames)
+    assert [_read_index(f) for f in seek.frames] == [int(i) % 256 for i in seek.indices]
+    assert plain.frames_decoded == 600 and 0 < seek.frames_decoded < 600 // 3
+    isolated = decode_video(clip, 8)  # the served path: the same frames from the child
+    assert np.array_equal(isolated.frames, seek.frames) and isolated.frames_decoded == seek.frames_decoded
+
+
+def test_a_seek_that_lands_past_its_target_falls_back_to_decoding_from_the_start(tmp_path: Path, monkeypatch) -> None:
+    """Some files seek imprecisely. Here every seek lands 45 frames late: the frames it skipped are decoded by
+    a pass from the start, so the answer is still exactly the plain decode's."""
+    from service import media
+
+    clip = _long(tmp_path / "long.mp4", "mpeg4")
+    real_open = media._open
+
+    class LateSeeks:
+        def __init__(self, container: av.container.InputContainer) -> None:
+            self._c = container
+
+        def __getattr__(self, name: str):  # noqa: ANN204 - a proxy
+            return getattr(self._c, name)
+
+        def seek(self, offset: int, **kw) -> None:  # noqa: ANN003
+            stream = kw.get("stream")
+            late = int(45 / (30 * stream.time_base)) if offset and stream is not None else 0
+            self._c.seek(offset + late, **kw)
+
+    monkeypatch.setattr(media, "_open", lambda path: LateSeeks(real_open(path)))
+    got = decode_video(clip, 8, isolate=False)
+    monkeypatch.setattr(media, "_open", real_open)
+    plain = decode_video(clip, 8, isolate=False, seek=False)
+    assert np.array_equal(got.frames, plain.frames)
+    assert [_read_index(f) for f in got.frames] == [int(i) % 256 for i in got.indices]
