@@ -319,18 +319,18 @@ def _select(info: VideoInfo, num_frames: int, must_include: Iterable[int], limit
 
 
 def _decode_targets(
-    container: av.container.InputContainer, stream: av.video.stream.VideoStream, targets: list[int],
-    key_pts: np.ndarray | None, keep: Callable[[av.VideoFrame], None], got: np.ndarray, want: dict[int, int],
-    deadline: float, limits: MediaLimits,
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, want: dict[int, int],
+    got: np.ndarray, key_pts: np.ndarray | None, store: Callable[[int, av.VideoFrame], None], deadline: float,
+    limits: MediaLimits,
 ) -> int:
-    """Decode forward until every target pts (ascending) was output, handing each frame to `keep`. With
-    `key_pts`, jump to the keyframe at or before the next missing target whenever that keyframe lies past the
-    frames already decoded: a long video's 32 samples cost ~32 half-GOPs instead of every frame (a 10-minute
-    4K upload decoded linearly ran into the decode timeout). Decoding from a keyframe gives the same pixels.
-    Returns the number of frames decoded."""
+    """Decode forward until every wanted pts (`want`: pts -> sample slot) not yet `got` was output, handing
+    each wanted frame to `store(slot, frame)` and marking it got. With `key_pts`, jump to the keyframe at or
+    before the next missing target whenever that keyframe lies past the frames already decoded: a long
+    video's 32 samples cost ~32 half-GOPs instead of every frame (a 10-minute 4K upload decoded linearly ran
+    into the decode timeout). Decoding from a keyframe gives the same pixels. Returns the frames decoded."""
     decoded = 0
     pos: int | None = None  # pts of the last frame out of the decoder; None = not started
-    for t in targets:
+    for t in sorted(want):
         if got[want[t]]:
             continue
         start = 0
@@ -352,7 +352,10 @@ def _decode_targets(
                     continue
                 decoded += 1
                 pos = int(p)
-                keep(frame)
+                k = want.get(pos)
+                if k is not None and not got[k]:
+                    store(k, frame)
+                    got[k] = True
             if pos is not None and pos >= t:
                 break
         else:
@@ -381,17 +384,13 @@ def _decode_in_process(
         frames = np.zeros((len(chosen), out_h, out_w, 3), dtype=np.uint8)
         got = np.zeros(len(chosen), dtype=bool)
 
-        def keep(frame: av.VideoFrame) -> None:
-            k = want.get(int(frame.pts if frame.pts is not None else frame.dts))
-            if k is not None and not got[k]:
-                arr = frame.to_ndarray(format="rgb24", width=coded_w, height=coded_h)
-                frames[k] = np.rot90(arr, k=info.rotation // 90) if info.rotation else arr
-                got[k] = True
+        def store(k: int, frame: av.VideoFrame) -> None:
+            arr = frame.to_ndarray(format="rgb24", width=coded_w, height=coded_h)
+            frames[k] = np.rot90(arr, k=info.rotation // 90) if info.rotation else arr
 
-        decoded = _decode_targets(container, stream, sorted(want), info.key_pts if seek else None, keep, got, want, deadline, limits)
+        decoded = _decode_targets(container, stream, want, got, info.key_pts if seek else None, store, deadline, limits)
         if not got.all() and seek:  # a seek that landed wrong: the missing frames by a plain pass from the start
-            decoded += _decode_targets(container, stream, sorted(p for p, k in want.items() if not got[k]), None, keep,
-                                       got, want, deadline, limits)
+            decoded += _decode_targets(container, stream, want, got, None, store, deadline, limits)
         if not got.all():
             missing = [int(chosen[k]) for k in np.flatnonzero(~got)]
             if got.sum() == 0:
