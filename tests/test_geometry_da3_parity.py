@@ -1,11 +1,10 @@
 """Parity of the in-house Depth Anything 3 port (model/geometry/da3) with the official network.
 
-Reference numbers (tests/data/da3_parity.json) were produced by the OFFICIAL code, run outside this
-repository, with exactly the tiny checkpoint `build_tiny_da3(dir, seed=0)` writes:
+Reference numbers (tests/data/da3_parity.json) were produced once, outside this repository, by running
+ByteDance-Seed/Depth-Anything-3 at commit 2c21ea849ceec7b469a3e62ea0c0e270afc3281a (its `src/` on sys.path in a
+throwaway venv with torch 2.13.0 CPU, einops, addict, omegaconf, safetensors; none of its code is in this
+repository) on exactly the tiny checkpoint `build_tiny_da3(dir, seed=0)` writes:
 
-- We ran the official Depth Anything 3 code (GitHub ByteDance-Seed/Depth-Anything-3, checked out at
-  commit 2c21ea849ceec7b469a3e62ea0c0e270afc3281a) with its `src/` on sys.path in a throwaway venv
-  (torch 2.13.0 CPU, einops, addict, omegaconf, safetensors). None of its code is in this repository.
 - The official modules were built at the tiny sizes of the checkpoint's config.json:
   `DinoV2(name="vits", out_layers=[2,3,4,5], alt_start=2, qknorm_start=2, rope_start=2, cat_token=True)`
   with `.pretrained` replaced by `DinoVisionTransformer(img_size=112, patch_size=14, embed_dim=32,
