@@ -100,20 +100,22 @@ def compare(pm: Any, ref: Any) -> dict[str, Any]:
             "patches_compared": int(pboth.sum())}
 
 
-def model_patches(pm: Any, tile: int = 448, patch: int = 14) -> tuple[np.ndarray, np.ndarray]:
-    """What the model consumes of a video's point maps: each frame resized (nearest) to one 448 tile, then the
-    mean valid point per 14-px patch (model.pos3d.pool_points_to_patches, as the plugin's prepare_item does).
-    A lever's error here is the one that reaches the 3D position encoding."""
-    import torch
-
+def model_patches(pm: Any) -> tuple[np.ndarray, np.ndarray]:
+    """What the model consumes of a video's point maps: the model's own tiling of a video (one 448 tile per frame,
+    `model.tiling.tile_query` at NVILA-Lite-8B's sizes), then the mean valid point per 14-px patch
+    (`model.pos3d.pool_points_to_patches`), as the plugin's prepare_item does. A lever's error here is the one
+    that reaches the 3D position encoding."""
+    from model.checkpoint import nvila_lite_8b_config
+    from model.inputs import SpatialQuery
     from model.pos3d import pool_points_to_patches
+    from model.tiling import tile_query
 
-    h, w = pm.points.shape[1:3]
-    rows = np.minimum(((np.arange(tile) + 0.5) * h / tile).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(tile) + 0.5) * w / tile).astype(np.int64), w - 1)
-    pts = torch.from_numpy(np.ascontiguousarray(pm.points[:, rows[:, None], cols[None, :]]))
-    val = torch.from_numpy(np.ascontiguousarray(pm.valid[:, rows[:, None], cols[None, :]]))
-    mean, ok = pool_points_to_patches(pts, val, patch)
+    cfg = nvila_lite_8b_config()
+    f, h, w = pm.points.shape[:3]
+    query = SpatialQuery(frames=np.zeros((f, h, w, 3), np.uint8), question="", pointmaps=pm.points,
+                         pointmap_valid=pm.valid, is_video=True)
+    tiled = tile_query(query, cfg)
+    mean, ok = pool_points_to_patches(tiled.points, tiled.point_valid, cfg.patch_size)
     return mean.numpy(), ok.numpy()
 
 
