@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
-# No wheel cache: the test extras are ~11 GB installed (torch 2.11's CUDA libraries, vLLM 0.24) and pip's
-# cache would hold another copy of every wheel (~5 GB) on a machine that installs once.
+# No wheel cache: the test extras are 11 GB installed (torch 2.11's CUDA libraries, vLLM 0.24); a cache
+# would keep another copy of every wheel downloaded from PyPI (~5 GB) on a machine that installs once.
 export PIP_NO_CACHE_DIR := 1
 
 .PHONY: run test install install-test loadtest bench clean
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	@avail=$$(df -Pk . | awk 'NR==2 {print int($$4/1048576)}'); \
-	  if [ "$$avail" -lt 16 ]; then echo "warning: $$avail GiB free here; the test install needs about 16 GiB at its peak (11 GiB stay)" >&2; fi
+	  if [ "$$avail" -lt 14 ]; then echo "warning: $$avail GiB free here; the test install needs about 14 GiB at its peak (11 GiB stay)" >&2; fi
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test,vllm]'
 	touch $@ $(VENV)/.installed

@@ -216,6 +216,7 @@ class Decoded:
     indices: tuple[int, ...]  # original frame index of each sampled frame (0 for an image)
     regions: list[list[RegionMask]]
     is_video: bool
+    frames_decoded: int  # frames the decoder produced to sample these (keyframe seeking skips the rest)
 
 
 class Pipeline:
@@ -239,6 +240,7 @@ class Pipeline:
         t0 = time.perf_counter()
         decoded = await self.decode(job)
         await on_stage("decode", {"seconds": round(time.perf_counter() - t0, 4), "frames": int(decoded.frames.shape[0]),
+                                  "frames_decoded": decoded.frames_decoded,
                                   "size": [int(decoded.frames.shape[2]), int(decoded.frames.shape[1])]})
         if cancelled is not None and cancelled.is_set():
             return SpatialQuery(frames=decoded.frames, question=job.question, regions=decoded.regions, is_video=decoded.is_video)
@@ -272,6 +274,7 @@ class Pipeline:
             frames = frame[None]
             indices: tuple[int, ...] = (0,)
             position = {0: 0}
+            frames_decoded = 1
         else:
             num_frames = job.options.with_defaults(self.settings).num_frames
             suffix = Path(job.media_filename).suffix[:8]
@@ -283,6 +286,7 @@ class Pipeline:
             indices = tuple(int(i) for i in video.indices)
             source_size = video.source_size
             position = {f: video.index_of(f) for f in region_frames}
+            frames_decoded = video.frames_decoded
         out_size = (frames.shape[2], frames.shape[1])
         regions: list[list[RegionMask]] = []
         # One decode per mask blob however many annotations name it, kept only at frame size (the
@@ -303,7 +307,8 @@ class Pipeline:
                     raise MediaError("invalid_argument", f"unknown region annotation {type(ann).__name__}")
                 masks.append(RegionMask(frame=position[ann.frame], mask=resize_mask(mask, out_size)))
             regions.append(masks)
-        return Decoded(frames=frames, indices=indices, regions=regions, is_video=job.media_kind == "video")
+        return Decoded(frames=frames, indices=indices, regions=regions, is_video=job.media_kind == "video",
+                       frames_decoded=frames_decoded)
 
     @staticmethod
     def _mask(data: bytes, source_size: tuple[int, int], out_size: tuple[int, int]) -> np.ndarray:

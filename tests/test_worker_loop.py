@@ -18,6 +18,7 @@ import torch
 from tests.e2e_helpers import BOTTLE_NAME, BOX, QUESTION, find_fixture
 from service.blobs import make_blob_store
 from service.engines.torch_engine import TorchEngine, ensure_tiny_checkpoint
+from service.media import probe_video
 from service.pipeline import Pipeline, make_pointmap_backend
 from service.queue import GROUP, JOBS, JobQueue
 from service.redis_conn import redis_client
@@ -120,6 +121,11 @@ def test_job_event_sequence_and_ack(data_dir: Path, redis_url: str) -> None:
         assert types[0] == "queued" and types[-1] == "done" and types.count("done") == 1
         stages = [e.data["stage"] for e in events if e.type == "progress"]
         assert stages == ["started", "decode", "pointmaps", "encode"]
+        # the decode event says how much the decoder did for the 4 samples: from the first frame through the
+        # last sample at most (the clip's keyframes decide how much seeking skips), never fewer than the samples
+        decode = next(e.data for e in events if e.type == "progress" and e.data["stage"] == "decode")
+        info = probe_video(find_fixture(BOTTLE_NAME))
+        assert decode["frames"] == 4 and 4 <= decode["frames_decoded"] <= info.frame_count
         tokens = "".join(e.data["text"] for e in events if e.type == "token")
         done = events[-1].data
         assert done["answer"] == tokens == view.answer
