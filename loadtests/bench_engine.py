@@ -393,10 +393,16 @@ def cpu_preprocess(args: argparse.Namespace, flat: Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.work_dir is not None:  # kept: the built checkpoints are reused by the next run
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        return _run(args, args.work_dir)
+    with tempfile.TemporaryDirectory(prefix="sr3d-bench-engine-") as tmp:
+        return _run(args, Path(tmp))
+
+
+def _run(args: argparse.Namespace, work: Path) -> int:
     import torch
 
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="sr3d-bench-engine-"))
-    work.mkdir(parents=True, exist_ok=True)
     flat, nvila, load_format = _model_dir(args, work)
     if args.cpu_preprocess:
         report = {"config": args.config, "workload": {"frames": args.frames, "height": args.height,

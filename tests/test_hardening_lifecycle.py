@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,24 @@ def test_embedded_redis_config_never_evicts(tmp_path: Path) -> None:
         c.close()
     finally:
         handle.stop()
+
+
+def test_embedded_redis_socket_for_a_long_data_dir_lives_in_temp_and_goes_with_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A unix socket path has ~107 bytes: a deep data dir gets its socket in a short temporary directory,
+    which stopping the server removes (one was left behind per `sr3d bench service` run)."""
+    scratch = tmp_path / "t"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    url, handle = start_embedded_redis(deep)
+    try:
+        assert not url.startswith(f"unix://{deep}") and url.startswith(f"unix://{scratch}")
+        assert redis_sync.Redis.from_url(url).ping()
+    finally:
+        handle.stop()
+    assert not list(scratch.iterdir())
 
 
 def test_embedded_redis_dies_with_its_killed_owner(tmp_path: Path) -> None:
