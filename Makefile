@@ -3,9 +3,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
-# No wheel cache: the test extras are 11 GB installed (torch 2.11's CUDA libraries, vLLM 0.24); a cache
-# would keep another copy of every wheel downloaded from PyPI (~5 GB) on a machine that installs once.
-export PIP_NO_CACHE_DIR := 1
 
 .PHONY: run test install install-test loadtest bench clean
 
