@@ -25,11 +25,16 @@ FAULT_ENV = {
 
 
 def mixed_requests(n: int, max_tokens: int, seed: int = 0) -> list[JobRequest]:
-    """n jobs: mostly videos with 1-3 box regions on random frames, every third one an image."""
+    """n jobs: mostly videos with 1-3 box regions on random frames, every third one an image.
+
+    Every answer is exactly `max_tokens` long (`ignore_eos`): the fault tests time their kills on the
+    token stream, and where the demo model's random weights say EOS moves with the float summation
+    order (thread count, CPU), so an answer that ran 400 tokens here stopped after 14 on CI's 2 cores.
+    """
     rng = random.Random(seed)
     reqs = []
     for i in range(n):
-        opts = {"max_tokens": max_tokens, "temperature": 0.0}
+        opts = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
         if i % 3 == 2:
             reqs.append(JobRequest(image_media(), question_for(1, rng), [[{"frame": 0, "box": random_box(rng, 320, 240)}]],
                                    options=opts))

@@ -50,13 +50,14 @@ class Harness:
         self.worker = Worker(self.queue, engine, Pipeline(settings, self.blobs, backend), cfg, consumer="w1")
         self.task: asyncio.Task[None] | None = None
 
-    async def submit(self, max_tokens: int = 6, job_id: str | None = None, media: bytes | None = None) -> JobSpec:
+    async def submit(self, max_tokens: int = 6, job_id: str | None = None, media: bytes | None = None,
+                     ignore_eos: bool = False) -> JobSpec:
         jid = job_id or uuid.uuid4().hex
         data = media if media is not None else find_fixture(BOTTLE_NAME).read_bytes()
         await self.blobs.put(f"{jid}/media", data)
         spec = JobSpec(job_id=jid, media_kind="video", media_blob=f"{jid}/media", media_hash="h-" + str(len(data)),
                        media_filename="clip.mp4", question=QUESTION, regions=[[BoxRegion(frame=BOX[0], box=BOX[1])]],
-                       options=GenerationOptions(max_tokens=max_tokens, num_frames=4), created_at=time.time())
+                       options=GenerationOptions(max_tokens=max_tokens, num_frames=4, ignore_eos=ignore_eos), created_at=time.time())
         await self.queue.submit(spec)
         return spec
 
@@ -157,13 +158,13 @@ def test_reclaimed_job_does_not_resend_the_crashed_attempts_prefix(data_dir: Pat
     async def body(h: Harness) -> None:
         # Reference answer (greedy, so any rerun reproduces it).
         h.start()
-        ref = await h.submit(max_tokens=20)
+        ref = await h.submit(max_tokens=20, ignore_eos=True)  # a prefix to split, whatever the random weights say
         answer = (await h.wait_terminal(ref.job_id)).answer
         await h.stop()
         assert len(answer) > 4
 
         # A "crashed" attempt: consumer `dead` took the job, streamed a prefix, then vanished.
-        spec = await h.submit(max_tokens=20)
+        spec = await h.submit(max_tokens=20, ignore_eos=True)
         await h.redis.xreadgroup(GROUP, "dead", {JOBS: ">"}, count=1)
         assert await h.queue.try_start(spec.job_id, "dead")
         prefix = answer[: len(answer) // 2]
