@@ -1,10 +1,10 @@
 """Parity of the in-house Depth Anything 3 port (model/geometry/da3) with the official network.
 
-The numbers in tests/data/da3_parity.json were computed once, outside this repository, with the official
-Depth Anything 3 code from ByteDance-Seed's GitHub repository (commit 2c21ea849ceec7b469a3e62ea0c0e270afc3281a),
-whose `src/` was put on sys.path in a throwaway venv with torch 2.13.0 CPU, einops, addict, omegaconf and
-safetensors; none of that code is in this repository. The run used exactly the tiny checkpoint
-`build_tiny_da3(dir, seed=0)` writes:
+We computed the numbers in tests/data/da3_parity.json once, outside this repository, by running the
+upstream network code; which repository and commit is recorded in that file's `official` entry. Its `src/`
+was put on sys.path in a throwaway venv (torch 2.13.0 CPU, einops, addict, omegaconf, safetensors); none
+of that code is in this repository. The run used exactly the tiny checkpoint `build_tiny_da3(dir, seed=0)`
+writes:
 
 - The official modules were built at the tiny sizes of the checkpoint's config.json:
   `DinoV2(name="vits", out_layers=[2,3,4,5], alt_start=2, qknorm_start=2, rope_start=2, cat_token=True)`
