@@ -29,7 +29,8 @@ def mixed_requests(n: int, max_tokens: int, seed: int = 0) -> list[JobRequest]:
 
     Every answer is exactly `max_tokens` long (`ignore_eos`): the fault tests time their kills on the
     token stream, and where the demo model's random weights say EOS moves with the float summation
-    order (thread count, CPU), so an answer that ran 400 tokens here stopped after 14 on CI's 2 cores.
+    order (thread count, CPU): an answer that streamed several token events on the dev box stopped
+    after 14 tokens, in one event, on CI's machine.
     """
     rng = random.Random(seed)
     reqs = []

@@ -279,7 +279,6 @@ def test_the_frame_pipe_is_widened_where_the_system_allows() -> None:
     the dev box); the decoder's pipe asks for 1 MiB, and a refusal (pipe-max-size, not Linux) leaves it working."""
     import fcntl
     import os
-    from pathlib import Path
 
     from service.media import _widen_pipe
 
