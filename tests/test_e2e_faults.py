@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
-import time
 from pathlib import Path
 
 import httpx
