@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -134,11 +135,29 @@ def canvas_pixels(page: Any) -> dict[str, Any]:
     }""")
 
 
+def settled_canvas(page: Any, frames: int = 10, timeout_s: float = 20.0) -> dict[str, Any]:
+    """The 3D view once it holds still: the same pixels over `frames` consecutive animation frames
+    (a view that keeps moving, e.g. still auto-rotating, fails here)."""
+    deadline = time.monotonic() + timeout_s
+    last, same = canvas_pixels(page), 0
+    while same < frames:
+        assert time.monotonic() < deadline, f"the 3D view did not hold still within {timeout_s} s"
+        next_frame(page)
+        now = canvas_pixels(page)
+        same = same + 1 if now["sum"] == last["sum"] else 0
+        last = now
+    return last
+
+
 def record_form_fields(page: Any) -> None:
     """Keep what the next FormData the page sends holds: text fields as text, files as
-    {name, type, base64} (the browser does not expose a multipart body with files to Playwright)."""
+    {name, type, base64} (the browser does not expose a multipart body with files to Playwright).
+    Read it with `sent_form`, which waits for it: the wrapper records the form only after it has
+    read the files' bytes, which is after `page.click` returns."""
     page.evaluate("""() => {
-        const real = window.fetch;
+        window.__sent = null;  // the next form, not one recorded before
+        if (window.__realFetch) return;  // wrap once: a second wrapper would record the form twice
+        const real = window.__realFetch = window.fetch;
         const b64 = async (blob) => {
             const bytes = new Uint8Array(await blob.arrayBuffer());
             let s = '';
@@ -157,6 +176,26 @@ def record_form_fields(page: Any) -> None:
             return real(url, init);
         };
     }""")
+
+
+def sent_form(page: Any) -> dict[str, Any]:
+    """The form `record_form_fields` kept, once the page has sent it."""
+    return wait_in_page(page, "window.__sent", "the page to send its form")
+
+
+def next_frame(page: Any) -> None:
+    """Let the page run until it has painted twice (its pending tasks and promises get to run)."""
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
+
+def wait_in_page(page: Any, expression: str, what: str, timeout_s: float = 30.0) -> Any:
+    """Poll a page expression (through CDP, which the page's CSP allows, unlike wait_for_function's
+    injected evaluator) once per painted frame until it is truthy; its value."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := page.evaluate(expression)):
+        assert time.monotonic() < deadline, f"waited {timeout_s} s for {what} ({expression})"
+        next_frame(page)
+    return value
 
 
 def drag_lasso(page: Any, points: list[tuple[float, float]]) -> None:
@@ -213,7 +252,7 @@ def test_ask_about_two_boxes_on_two_frames_then_turn_the_scene(browser: Any, ser
 
     record_form_fields(page)
     page.click("#ask")
-    fields = page.evaluate("window.__sent")
+    fields = sent_form(page)
     assert fields["question"] == "How far is <region0> from <region1>?"
     assert fields["video"]["name"] == clip.name
     regions = json.loads(fields["regions"])
@@ -260,10 +299,7 @@ def test_ask_about_two_boxes_on_two_frames_then_turn_the_scene(browser: Any, ser
     page.mouse.move(cx + 160, cy + 40, steps=8)
     page.mouse.up()
     page.mouse.wheel(0, -300)
-    page.wait_for_timeout(300)
-    turned = canvas_pixels(page)
-    page.wait_for_timeout(300)
-    assert canvas_pixels(page)["sum"] == turned["sum"]
+    turned = settled_canvas(page)
     assert turned["sum"] != before["sum"] and turned["drawn"] > 0.02 * turned["total"]
     shot(page, "4-turned.png", full_page=True)
     assert log.unexpected() == []
@@ -291,11 +327,8 @@ def test_page_asks_for_a_key_keeps_it_for_the_tab_and_cancels(browser: Any, redi
         page.fill("#key-input", "k-web")
         page.click("#key-dialog button")
         page.wait_for_selector("#key-dialog", state="hidden")
-        for _ in range(50):  # the dialog's `close` event is a queued task
-            if page.evaluate("sessionStorage.getItem('sr3d.apiKey')") == "k-web":
-                break
-            page.wait_for_timeout(20)
-        assert page.evaluate("sessionStorage.getItem('sr3d.apiKey')") == "k-web"
+        # the dialog's `close` event is a queued task: wait for the key it stores
+        wait_in_page(page, "sessionStorage.getItem('sr3d.apiKey') === 'k-web'", "the key in sessionStorage")
         assert page.evaluate("localStorage.length") == 0
 
         page.set_input_files("#file", str(find_fixture(BOTTLE_NAME)))
@@ -308,7 +341,7 @@ def test_page_asks_for_a_key_keeps_it_for_the_tab_and_cancels(browser: Any, redi
             page.click("#ask")
         assert req.value.headers["authorization"] == "Bearer k-web"
         # A freehand region is a PNG part named in `regions`, frame-sized, non-zero inside the outline.
-        sent = page.evaluate("window.__sent")
+        sent = sent_form(page)
         assert json.loads(sent["regions"]) == [{"frame": 0, "mask": "m0"}]
         assert sent["m0"]["type"] == "image/png" and sent["m0"]["name"] == "m0.png"
         mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(sent["m0"]["data"]))).convert("RGBA"))
@@ -333,7 +366,7 @@ def test_page_asks_for_a_key_keeps_it_for_the_tab_and_cancels(browser: Any, redi
         record_form_fields(page)
         page.click("#ask")
         page.wait_for_selector("#stages li[data-stage='queued'].active")
-        sent = page.evaluate("window.__sent")
+        sent = sent_form(page)
         assert sent["image"]["name"] == "frame.png" and "video" not in sent
         assert json.loads(sent["regions"]) == [{"frame": 0, "box": [10, 10, 120, 90]}]
         page.click("#cancel")
