@@ -189,8 +189,8 @@ def next_frame(page: Any) -> None:
 
 
 def wait_in_page(page: Any, expression: str, what: str, timeout_s: float = 30.0) -> Any:
-    """Poll a page expression (through CDP, which the page's CSP allows, unlike wait_for_function's
-    injected evaluator) once per painted frame until it is truthy; its value."""
+    """Poll a page expression once per painted frame until it is truthy; its value. (Playwright's
+    wait_for_function would do as well; this one fails with `what` in the message.)"""
     deadline = time.monotonic() + timeout_s
     while not (value := page.evaluate(expression)):
         assert time.monotonic() < deadline, f"waited {timeout_s} s for {what} ({expression})"
