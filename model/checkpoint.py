@@ -45,6 +45,7 @@ from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
+from model.chat_template import apply_config_chat_template
 from model.config import NVILAConfig, SR3DConfig, config_from_dict
 from model.errors import CheckpointError
 from model.marks import resolve_region_mode
@@ -70,6 +71,9 @@ SERVABLE = {
     "image_encoder": {"llava.model.encoders.BasicImageEncoder"},
     "video_encoder": {"llava.model.encoders.BasicVideoEncoder"},
     "mm_projector_type": {"mlp_downsample_3x3_fix"},
+    # VILA's SigLIP tower: "cls_patch" keeps every token (SigLIP has no CLS); "patch" drops the first patch
+    # token, which the 3x3 projector's square grid cannot take. Absent = "cls_patch" (our tiny checkpoints).
+    "mm_vision_select_feature": {"cls_patch"},
 }
 
 
@@ -176,6 +180,7 @@ def check_servable(config: SR3DConfig, where: Path) -> None:
         "image_encoder": _target(getattr(config, "image_encoder", None) or "llava.model.encoders.BasicImageEncoder"),
         "video_encoder": _target(getattr(config, "video_encoder", None) or "llava.model.encoders.BasicVideoEncoder"),
         "mm_projector_type": config.mm_projector_cfg.get("mm_projector_type", "mlp_downsample_3x3_fix"),
+        "mm_vision_select_feature": getattr(config, "mm_vision_select_feature", None) or "cls_patch",
     }
     for name, value in fields.items():
         if value not in SERVABLE[name]:
@@ -193,6 +198,14 @@ def check_servable(config: SR3DConfig, where: Path) -> None:
         raise CheckpointError("unsupported_config", f"{where}: S2 multi-scale features are not implemented")
     if int(getattr(config, "min_tiles", 1) or 1) != 1:
         raise CheckpointError("unsupported_config", f"{where}: min_tiles != 1 is not implemented")
+    # VILA resizes SigLIP's position embeddings to `vision_resolution` unless it is -1 or the tower's own size
+    # (siglip_encoder `_maybe_resize_pos_embeds`); we do not, so only those two values are servable.
+    resolution = getattr(config, "vision_resolution", None)
+    native = int(config.vision_tower_cfg.get("image_size", config.tile_size))
+    if resolution is not None and (isinstance(resolution, bool) or resolution not in (-1, native)):
+        raise CheckpointError("unsupported_config", f"{where}: vision_resolution={resolution!r} is not implemented "
+                              f"(supported: -1 or the vision tower's image_size {native}; other values resize its "
+                              "position embeddings)")
 
 
 def resize_vocab(model: SR3DForConditionalGeneration, rows: int) -> None:
@@ -274,6 +287,10 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None 
     if not any((tok_dir / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
         raise CheckpointError("missing_file", f"no tokenizer files in {tok_dir}")
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    if not flat:
+        # VILA: config.chat_template (a name) replaces the tokenizer's template. The flat layout stores the
+        # tokenizer converted from here, template included, so it is applied once, on the NVILA layout.
+        apply_config_chat_template(tokenizer, config, root)
     vila_vocab = add_media_tokens(tokenizer, config)
 
     model = build_model(config, tokenizer, device, dtype)
