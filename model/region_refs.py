@@ -1,7 +1,8 @@
 """The one parser of region references in a question. Tokenizer-free, so the gateway runs it at submit
 (before anything is stored or queued) and the prompt builder runs the very same rules.
 
-A region is referenced as `<regionK>` with K written in ASCII digits (`<region0>`, `<region12>`); region K
+A region is referenced as `<regionK>` with K written in ASCII digits without leading zeros (`<region0>`,
+`<region12>`; not `<region00>`); region K
 is the K-th entry of the request's `regions` list. Rules, each a ModelInputError code:
 - too_many_regions: more regions than the cap;
 - placeholder_in_question: the user typed a control token of the model (`<|im_end|>`, `<image>`,
@@ -18,7 +19,9 @@ import re
 from model.errors import ModelInputError
 
 # [0-9], not \d: \d also matches other scripts' digits ("<region٣>"), which int() would happily parse.
-REGION_REF = re.compile(r"<region([0-9]+)>")
+# One spelling per region, no leading zeros: `<region00>` is not region 0 (it is placeholder-shaped, so
+# it is refused as placeholder_in_question), or two spellings would name one region.
+REGION_REF = re.compile(r"<region(0|[1-9][0-9]*)>")
 # Control tokens of Qwen (`<|...|>`), VILA's media tokens and anything placeholder-shaped we own.
 _RESERVED = re.compile(r"<\|[^|>]*\|>|<\s*/?\s*(?:image|video|region|mask|depth|vila/)[^<>]*>", re.IGNORECASE)
 

@@ -158,6 +158,23 @@ class Settings(BaseSettings):
     # UNSAFE: lets remote fetches reach private/loopback/link-local addresses (SSRF). Tests only.
     allow_private_fetch: bool = False
 
+    # --- per-key quotas and request bounds (issue 30; README "Quotas") ----------------------------
+    # "Per key" = per API key, or per client address when keys are off. 429 + Retry-After beyond.
+    chat_body_max_mb: float = Field(16, gt=0, description="POST /v1/chat/completions body cap (413 beyond); larger media: POST /v1/files")
+    max_head_kb: int = Field(64, ge=1, description="request line + headers, in KiB; the connection gets 431 and is closed beyond")
+    quota_files: int = Field(32, ge=1, description="files stored through POST /v1/files per key")
+    quota_stored_mb: float = Field(256, gt=0, description="MiB per key held in the blob store: its files + the uploads of its unfinished jobs")
+    quota_jobs: int = Field(16, ge=1, description="jobs queued or running per key")
+    quota_streams: int = Field(64, ge=1, description="event streams (SSE, ?wait=true, chat answers) per key, per gateway process")
+    quota_uploads: int = Field(4, ge=1, description="request bodies being received at once per key, per gateway process")
+    # A job's 3D scene (~1 MB) is only written below the store's high-water mark and lives this long
+    # (not job_ttl_s): the page fetches it right after the answer, and 60 finished jobs' scenes kept
+    # for an hour filled a 40 MB store (issue 30 item 1).
+    scene_ttl_s: int = Field(900, ge=60, description="a finished job's 3D scene lives this long (<= job_ttl_s)")
+    # With API keys on: whether these answer without a key on the gateway's port.
+    metrics_public: bool = Field(False, description="/metrics without a key (keys on); scrape with a key otherwise")
+    docs_public: bool = Field(True, description="/docs, /redoc and /openapi.json without a key (keys on)")
+
     log_level: str = "INFO"
 
     @field_validator("api_keys", "cors_origins", "trusted_proxies", "remote_media_domains", mode="before")
@@ -168,6 +185,15 @@ class Settings(BaseSettings):
     @cached_property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @cached_property
+    def chat_body_max_bytes(self) -> int:
+        return int(self.chat_body_max_mb * 1024 * 1024)
+
+    @cached_property
+    def quota_stored_bytes(self) -> int:
+        return int(self.quota_stored_mb * 1024 * 1024)
+
 
     @cached_property
     def resolved_blob_dir(self) -> Path:

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.deps import Caller, GatewayState, authenticate, rate_limited, state
 from service.api.errors import openai_error_body, status_for
+from service.api.json_body import parse_bounded, read_body
 from service.api.openai_media import MEDIA_SCHEME, delete_file, file_meta, open_media, store_file
 from service.api.openai_schemas import (
     AssistantMessage,
@@ -178,12 +179,16 @@ def _where(loc: tuple[Any, ...]) -> str:
     return out
 
 
-async def parse_request(request: Request) -> ChatCompletionRequest:
-    raw = await request.body()  # capped by the app's BodySizeLimit
-    try:
-        body = await asyncio.to_thread(json.loads, raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise OpenAIError("invalid_json", f"the body is not valid JSON: {e}") from None
+async def parse_request(request: Request, max_body_bytes: int) -> ChatCompletionRequest:
+    """The body as a ChatCompletionRequest. Read with a byte cap (never buffered past it), then
+    bounded-parsed and validated in a worker thread: a large body is refused without stalling the
+    event loop (service/api/json_body.py says which bounds and why)."""
+    raw = await read_body(request, max_body_bytes)
+    return await asyncio.to_thread(_validate, raw)
+
+
+def _validate(raw: bytes) -> ChatCompletionRequest:
+    body = parse_bounded(raw)
     if not isinstance(body, dict):
         raise OpenAIError("invalid_json", "the body must be a JSON object")
     body = {k: v for k, v in body.items() if v is not None}  # null = not given (clients send it for defaults)
@@ -256,7 +261,7 @@ def split_masks(regions: list[Any]) -> tuple[list[Any], dict[str, str]]:
 async def chat_completions(request: Request, caller: Caller = Depends(rate_limited),
                            gw: GatewayState = Depends(state)) -> Response:
     settings = gw.settings
-    req = await parse_request(request)
+    req = await parse_request(request, settings.chat_body_max_bytes)
     if req.model != settings.served_model_name:
         raise OpenAIError("model_not_found", f"model {req.model!r} does not exist; this server serves "
                           f"{settings.served_model_name!r}", param="model")

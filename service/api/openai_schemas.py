@@ -2,7 +2,9 @@
 as OpenAI's and vLLM's clients send it, plus SR-3D's `regions`/`num_frames` extension (sent through
 the client's `extra_body`), and the response, chunk, model and file objects their clients parse.
 
-Requests are strict (extra="forbid"): a field we do not implement is refused, never ignored.
+Requests are strict (extra="forbid"): a field we do not implement is refused, never ignored. Values are
+strict too (`max_tokens: true`, `n: "1"`, `temperature: "0.5"` are refused, as the multipart route's
+options are), and every list has a length cap, so no request validates millions of items (issue 30).
 Ranges of the generation knobs are NOT checked here: GenerationOptions (service/schemas.py) owns
 them, through submission.check_fields.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 
 class _Strict(BaseModel):
@@ -32,9 +34,16 @@ class ImageURL(MediaURL):
     detail: Literal["auto"] | None = None
 
 
+# Caps far above any legal request (the deployment's own caps are checked after, in check_fields).
+MAX_PARTS = 64  # content parts of the one message: text parts + one media part
+MAX_TEXT_CHARS = 64 * 1024  # one text part; the joined question is capped by SR3D_MAX_QUESTION_CHARS
+MAX_REGION_ITEMS = 256  # regions (SR3D_MAX_REGIONS: 8 by default)
+MAX_STOP_ITEMS = 64  # a bound; OpenAI's limit of 4 is stop_list's (openai.py) clearer error
+
+
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: str = Field(max_length=MAX_TEXT_CHARS)
 
 
 class ImagePart(_Strict):
@@ -52,7 +61,7 @@ ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="t
 
 class UserMessage(_Strict):
     role: Literal["user"]
-    content: list[ContentPart]
+    content: list[ContentPart] = Field(max_length=MAX_PARTS)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -62,26 +71,26 @@ class UserMessage(_Strict):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatCompletionRequest(_Strict):
     model: str
     messages: list[UserMessage] = Field(min_length=1, max_length=1)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int | None = None
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    temperature: StrictFloat | None = None  # strict float still takes a JSON integer (0, 1)
+    top_p: StrictFloat | None = None
+    seed: StrictInt | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_ITEMS)] | None = None  # each checked by stop_list
+    n: StrictInt | None = None
     # --- SR-3D extension (extra_body) --------------------------------------------------------------
     # Same items as the multipart `regions` field, except that a mask is a `data:image/png;base64,...`
     # URL or an `sr3d-media://<file id>` reference instead of a part name.
-    regions: list[Any] | None = None
-    num_frames: int | None = None  # frames sampled from a video (capped by SR3D_MAX_FRAMES)
+    regions: list[Any] | None = Field(None, max_length=MAX_REGION_ITEMS)
+    num_frames: StrictInt | None = None  # frames sampled from a video (capped by SR3D_MAX_FRAMES)
 
 
 # --------------------------------------------------------------------------------------------------
