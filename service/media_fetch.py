@@ -9,7 +9,10 @@ The checklist is what vLLM's own media fetcher got wrong (CVE-2025-6242; vllm#57
     second DNS answer cannot rebind it to an internal address;
   - no redirects (a 3xx is refused, not followed), no proxies from the environment;
   - one deadline for DNS + connect + download, a byte cap enforced while streaming, and the
-    Content-Type and the first bytes (service/sniff.py) must both say an accepted media type.
+    Content-Type and the first bytes (service/sniff.py) must both say an accepted media type;
+  - `Accept-Encoding: identity`, any `Content-Encoding` other than identity refused, and the cap
+    counted on the wire bytes (raw, never decoded): 1,827 bytes of `gzip, gzip` decompressed to
+    1 GiB before a cap counted after decoding saw it (issue 30 item 4).
 `allow_private` lifts only the address check; it exists for tests against a loopback server and is
 unsafe anywhere else.
 """
@@ -109,7 +112,8 @@ async def _download(url: str, scheme: str, host: str, port: int, ip: IPAddress, 
     pinned = urlunsplit((scheme, f"{ip_host}:{port}", parts.path or "/", parts.query, ""))
     default_port = port == (443 if scheme == "https" else 80)
     name = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets in Host
-    headers = {"Host": name if default_port else f"{name}:{port}", "Accept": f"{content_prefix}*"}
+    headers = {"Host": name if default_port else f"{name}:{port}", "Accept": f"{content_prefix}*",
+               "Accept-Encoding": "identity"}
     out = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
     try:
         async with httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=policy.timeout_s) as client:
@@ -123,11 +127,15 @@ async def _download(url: str, scheme: str, host: str, port: int, ip: IPAddress, 
                 if not ctype.startswith(content_prefix):
                     raise ApiError("unsupported_media_type", f"the media URL's Content-Type {ctype or 'none'!r} "
                                    f"is not {content_prefix}*")
+                encoding = r.headers.get("content-encoding", "").strip().lower()
+                if encoding not in ("", "identity"):
+                    raise ApiError("remote_content_encoded", f"the media URL answered with Content-Encoding "
+                                   f"{encoding[:64]!r}; media must be sent unencoded (identity)")
                 declared = r.headers.get("content-length")
                 if declared is not None and declared.isdigit() and int(declared) > policy.max_bytes:
                     raise ApiError("upload_too_large", f"remote media is over the {policy.max_bytes} byte cap")
                 size = 0
-                async for chunk in r.aiter_bytes():
+                async for chunk in r.aiter_raw():  # wire bytes: nothing is decompressed
                     size += len(chunk)
                     if size > policy.max_bytes:
                         raise ApiError("upload_too_large", f"remote media is over the {policy.max_bytes} byte cap")
