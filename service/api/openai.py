@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.api.deps import Caller, GatewayState, authenticate, rate_limited, state
 from service.api.errors import openai_error_body, status_for
 from service.api.json_body import parse_bounded, read_body
-from service.api.openai_media import MEDIA_SCHEME, delete_file, file_meta, open_media, store_file
+from service.api.openai_media import MEDIA_SCHEME, check_referenced_bytes, delete_file, file_meta, open_media, store_file
 from service.api.openai_schemas import (
     AssistantMessage,
     ChatCompletion,
@@ -227,8 +227,11 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
 
 def split_masks(regions: list[Any]) -> tuple[list[Any], dict[str, str]]:
     """Regions with every mask URL replaced by a part name (the multipart API's form, which
-    check_fields validates), and the URL of each name. Anything else is left for check_fields."""
+    check_fields validates), and the URL of each name. One name per distinct URL: a file referenced
+    as the mask of 8 regions x 8 frames is opened and stored once, not 64 times (issue 30 item 2).
+    Anything else is left for check_fields."""
     urls: dict[str, str] = {}
+    names: dict[str, str] = {}
 
     def rename(ann: Any) -> Any:
         if isinstance(ann, dict) and isinstance(ann.get("mask"), str):
@@ -236,9 +239,10 @@ def split_masks(regions: list[Any]) -> tuple[list[Any], dict[str, str]]:
             if not url.startswith(("data:", MEDIA_SCHEME)):
                 raise OpenAIError("invalid_media_reference", "a region mask is a data:image/png;base64 URL or an "
                                   f"{MEDIA_SCHEME}<file id> reference", param="regions")
-            name = f"m{len(urls)}"
-            urls[name] = url
-            return {**ann, "mask": name}
+            if url not in names:
+                names[url] = f"m{len(urls)}"
+                urls[names[url]] = url
+            return {**ann, "mask": names[url]}
         return ann
 
     out = [[rename(a) for a in item] if isinstance(item, list) else rename(item) for item in regions]
@@ -285,6 +289,8 @@ async def chat_completions(request: Request, caller: Caller = Depends(rate_limit
     check_stream_room(gw.hub)  # the answer is streamed or waited for: refuse before queueing
     job_id = await gw.queue.lookup_idempotent(idem, caller.key_id) if idem else None
     if job_id is None:
+        # Sized before anything is decoded or copied to a temp file (sr3d-media:// files by their metadata).
+        await check_referenced_bytes(gw, caller, [url, *mask_urls.values()], settings.max_upload_bytes + 1024 * 1024)
         async with contextlib.AsyncExitStack() as stack:
             media_file, filename = await open_media(gw, caller, url, kind, stack)
             masks = {name: (await open_media(gw, caller, u, "mask", stack))[0] for name, u in mask_urls.items()}

@@ -112,6 +112,22 @@ async def open_media(gw: GatewayState, caller: Caller, url: str, use: Use,
     return f, FILENAME[family]
 
 
+async def check_referenced_bytes(gw: GatewayState, caller: Caller, urls: list[str], max_bytes: int) -> None:
+    """413 when the distinct media a request references are over `max_bytes` together, known before
+    any of them is decoded or copied: data: URLs by their length, sr3d-media:// files by their stored
+    size (remote URLs are capped while they download). Repeats of one URL count once: the route
+    opens each distinct URL once."""
+    total = 0
+    for url in dict.fromkeys(urls):
+        if url.startswith(MEDIA_SCHEME):
+            total += int((await file_meta(gw, caller, url[len(MEDIA_SCHEME):])).get("bytes", 0))
+        elif url.startswith("data:"):
+            total += (len(url) - url.find(",") - 1) // 4 * 3
+        if total > max_bytes:
+            raise ApiError("upload_too_large", f"the media this request references are over {max_bytes} bytes "
+                           "together (each distinct file counts once)")
+
+
 # --------------------------------------------------------------------------------------------------
 # POST /v1/files: media stored once, referenced by later requests (a 100 MB video is not base64 in JSON)
 
