@@ -13,11 +13,12 @@ import pytest
 
 from service import metrics
 from service.blobs import BlobNotFound, BlobTooLarge, DirBlobStore, RedisBlobStore
-from service.queue import DLQ, JobQueue, QueueFull, events_key, job_key
+from service.queue import DLQ, GROUP, JOBS, JobQueue, QueueFull, events_key, job_key
 from service.ratelimit import RateLimiter
 from service.redis_conn import redis_client, start_embedded_redis
 from service.schemas import JobSpec, JobStatus
 from service.settings import Settings
+from tests.waiting import await_until, blocked_clients, wait_idle_past
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -88,8 +89,10 @@ def test_reclaim_heartbeat_and_own_pending_after_restart(redis_url: str) -> None
         await q1.submit(b)
         got = {d.job.job_id: d for d in await q1.claim("w1", 2, 50)}
         assert set(got) == {a.job_id, b.job_id}
-        await asyncio.sleep(0.3)
-        # w1 keeps `a` alive with a heartbeat; `b` went idle past claim_idle_ms.
+        # `b` goes idle past claim_idle_ms (Redis says so, not a sleep); w1 keeps `a` alive with a heartbeat.
+        # claim_idle_ms is 1 s so that `a`, idle 0 after its heartbeat, stays below it until w2 claims,
+        # however slowly a loaded machine runs the next two commands.
+        await wait_idle_past(redis, JOBS, GROUP, got[b.job_id].entry_id, 1000)
         assert await q1.heartbeat("w1", [got[a.job_id].entry_id]) == []
         before = metrics.REDELIVERIES._value.get()
         [stolen] = await make().claim("w2", 4, 10)
@@ -101,17 +104,17 @@ def test_reclaim_heartbeat_and_own_pending_after_restart(redis_url: str) -> None
         [again] = await make().claim("w1", 4, 10)
         assert again.job.job_id == a.job_id and again.entry_id == got[a.job_id].entry_id
 
-    run(redis_url, body, claim_idle_ms=200)
+    run(redis_url, body, claim_idle_ms=1000)
 
 
 def test_dead_letter_after_max_deliveries(redis_url: str) -> None:
     async def body(redis: Any, make: Callable[..., JobQueue]) -> None:
         job = spec()
         await make().submit(job)
-        assert len(await make().claim("w1", 1, 10)) == 1  # delivery 1
-        await asyncio.sleep(0.15)
+        [d1] = await make().claim("w1", 1, 10)  # delivery 1
+        await wait_idle_past(redis, JOBS, GROUP, d1.entry_id, 100)  # claim_idle_ms: w2 may take it now
         assert len(await make().claim("w2", 1, 10)) == 1  # delivery 2 (reclaimed)
-        await asyncio.sleep(0.15)
+        await wait_idle_past(redis, JOBS, GROUP, d1.entry_id, 100)
         q = make()
         assert await q.claim("w3", 1, 10) == []  # delivery 3 > max_deliveries=2: dead-lettered
         [(_, fields)] = await redis.xrange(DLQ)
@@ -215,7 +218,8 @@ def test_read_events_blocks_then_returns_new(redis_url: str) -> None:
         await q.submit(job)
         [queued] = await q.read_events(job.job_id)
         waiter = asyncio.create_task(q.read_events(job.job_id, after=queued.id, block_ms=5000))
-        await asyncio.sleep(0.1)
+        # The reader is parked in Redis (a blocked XREAD), not merely not scheduled yet.
+        await await_until(lambda: blocked_clients(redis, "xread"), "read_events blocked in XREAD", 10)
         assert not waiter.done()
         eid = await q.append_event(job.job_id, "token", {"text": "hi"})
         [ev] = await asyncio.wait_for(waiter, 5)
@@ -299,6 +303,8 @@ def test_token_bucket(redis_url: str) -> None:
             assert [r.allowed for r in results] == [True, True, True, False]
             assert results[-1].retry_after_s == 1
             assert (await limiter.hit("other")).allowed
+            # A sleep is right here: the refill is a function of elapsed time (Redis TIME), nothing to poll for;
+            # sleep() is a lower bound, so at least 1.1 tokens are back however loaded the machine is.
             await asyncio.sleep(1.1)  # 1 token/s refill
             assert (await limiter.hit("k")).allowed
             assert 0 < await redis.ttl("sr3d:rl:k") <= 4
