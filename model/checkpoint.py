@@ -47,6 +47,7 @@ from transformers import AutoTokenizer
 
 from model.chat_template import apply_config_chat_template
 from model.config import NVILAConfig, SR3DConfig, config_from_dict
+from model.dtype import resolve_model_dtype
 from model.errors import CheckpointError
 from model.marks import resolve_region_mode
 from model.modeling import SR3DForConditionalGeneration
@@ -278,9 +279,10 @@ def _read_config(root: Path, flat: bool) -> SR3DConfig:
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
                region_mode: str = "auto") -> SR3DForConditionalGeneration:
     """Load either layout. `region_mode` (auto | embedding | marks, model/marks.py) is resolved against what
-    the checkpoint carries and stored on the model; `embedding` without trained region modules is refused."""
+    the checkpoint carries and stored on the model; `embedding` without trained region modules is refused.
+    `dtype` None = NVIDIA's inference dtype on a GPU (float16), float32 on a CPU (model/dtype.py)."""
     root = Path(path)
-    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    dtype = dtype or resolve_model_dtype("auto", device)
     flat = not (root / "llm").is_dir()
     config = _read_config(root, flat)
     tok_dir = root if flat else root / "llm"

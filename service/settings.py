@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     pointmap_backend: Literal["auto", "multiview", "single", "rgbd", "pose_recovery"] = "auto"
     multiview_model: str | None = Field(None, description="Depth Anything 3 dir (config.json + model.safetensors); unset = tiny random demo DA3")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # The VLM's compute dtype, both engines (model/dtype.py): auto = float16 on a GPU, what NVIDIA's NVILA
+    # inference uses (VILA's builder and remote code), float32 on a CPU; bfloat16 = the weights' stored type.
+    model_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     # How region questions reach the model (model/marks.py): `embedding` = SR-3D's trained region modules,
     # `marks` = regions drawn into the frames and named in words; `auto` picks by what the checkpoint has.
     region_mode: Literal["auto", "embedding", "marks"] = "auto"

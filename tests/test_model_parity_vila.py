@@ -5,19 +5,28 @@ Reference numbers (tests/data/vila_parity.json) were produced once, outside this
 NVlabs/VILA at commit b760c34b9487fd736b4075f5111fbef3d80a37e9 (Apache-2.0), its HF remote code
 `llava/remote_code` (what NVILA checkpoints ship; `VILAForCausalLM.generate_content`), in a throwaway venv
 (torch 2.13.0+cpu, transformers 4.46.0 = VILA's pin, scaling-on-scales for `s2wrapper`; `torchvision`,
-imported but unused there, replaced by an empty module). `generate_content` hard-codes `.half()` and
-`.cuda()`, and `post_config` casts the modules to float16; the driver redirected exactly those
-(`Tensor.half`, `Tensor.cuda`, `Module.to(float16)`) to float32 / CPU and otherwise called VILA's code unchanged, with `GenerationConfig(max_new_tokens=16, do_sample=False, eos_token_id=None)`, on the
-replica checkpoint `tests/replica.build_replica_checkpoint(seed=0)` (+ `mm_hidden_size`, which VILA reads).
+imported but unused there, replaced by an empty module). Everything ran in float32, not in the float16
+NVIDIA's code uses on a GPU (the reference pins the maths, not a rounding): `generate_content` hard-codes
+`.half()` and `.cuda()`, and `post_config` casts the modules to float16; the driver redirected exactly those
+(`Tensor.half`, `Tensor.cuda`, `Module.to(float16)`) to float32 / CPU, AND set the loaded config's
+`model_dtype` to "torch.float32" before building the model: the replica's config.json says "torch.bfloat16"
+(as NVILA-Lite-8B's does), and VILA's LLM builder loads the LLM with `torch_dtype=eval(config.model_dtype)`,
+which would round the weights to bfloat16 first (the numbers then do not reproduce: the data's
+`reference_dtype_why`). Otherwise it called VILA's code unchanged, with
+`GenerationConfig(max_new_tokens=16, do_sample=False, eos_token_id=None)`, on the replica checkpoint
+`tests/replica.build_replica_checkpoint(seed=0)` (+ `mm_hidden_size`, which VILA reads).
 It wrapped `model._embed` and `model.llm.generate` to record the input ids, the inputs_embeds (float64 sums)
 and the generated ids. Inputs, all from `numpy.random.default_rng(0)` in this order:
 - text: "How many chairs are in the room?" (no media);
-- tiled_image: a 300x760 RGB image, then "What is on the left side?" (dynamic tiling: 4x1 grid + thumbnail);
+- tiled_image: a 300x760 RGB image, then "What is on the left side?" (dynamic tiling, max_tiles 12: a 5x2 grid
+  of 448x448 tiles + the thumbnail = 11 `<image>` tokens, 1378 input embeddings);
 - video_8_frames: eight 120x160 RGB frames (PNG files in a directory, VILA's frame-directory loader, 8
   frames), then "What happens in the video?".
 VILA's remote code writes one `<vila/video>` for a video and expands it to 8 x (121 + "\\n"); we write one
 `<image>` per frame (as VILA's `llava/utils/media.py` does) with the same expansion, so the video's ids are
 compared with that one token mapped; the embeddings are compared as they are.
+The data's provenance also records the dtype NVIDIA's code serves in (float16) and what we serve by default
+(SR3D_MODEL_DTYPE=auto: the same on a GPU; model/dtype.py).
 """
 from __future__ import annotations
 
@@ -32,7 +41,8 @@ from model.inputs import GenerationParams, SpatialQuery
 
 pytestmark = pytest.mark.timeout(600)
 
-REF = json.loads((Path(__file__).parent / "data" / "vila_parity.json").read_text())["cases"]
+DATA = json.loads((Path(__file__).parent / "data" / "vila_parity.json").read_text())
+REF = DATA["cases"]
 VILA_VIDEO_TOKEN = 151650  # <vila/video>
 IMAGE_TOKEN = 151649  # <image>
 
@@ -96,3 +106,24 @@ def test_text_only_matches_vila(replica_model) -> None:  # type: ignore[no-untyp
             out.append(nxt)
             x = torch.cat([x, torch.tensor([[nxt]])], dim=1)
     assert out == REF["text"]["greedy_16"]
+
+
+def test_docstring_describes_the_data() -> None:
+    """The tiled image's layout as written above (5x2 grid + thumbnail) is what the reference holds."""
+    assert REF["tiled_image"]["input_ids"].count(IMAGE_TOKEN) == 11 == 5 * 2 + 1
+    assert REF["tiled_image"]["embeds_shape"] == [1378, 64]
+    assert "5x2 grid" in (__doc__ or "") and "model_dtype" in (__doc__ or "")
+    assert DATA["provenance"]["reference_dtype"] == "float32"
+
+
+def test_served_dtype_on_a_gpu_is_the_official_one() -> None:
+    """NVIDIA runs NVILA in float16 (recorded in the data's provenance); SR3D_MODEL_DTYPE=auto does the same
+    on a GPU, for both engines, and float32 on a CPU (where the reference was made)."""
+    from model.dtype import resolve_model_dtype
+    from service.settings import Settings
+
+    official = getattr(torch, DATA["provenance"]["official_inference_dtype"])
+    assert official == torch.float16
+    setting = Settings().model_dtype
+    assert resolve_model_dtype(setting, "cuda") == official
+    assert resolve_model_dtype(setting, "cpu") == torch.float32

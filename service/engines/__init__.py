@@ -20,6 +20,7 @@ def make_engine(settings: Settings) -> Engine:
         settings.model,
         data_dir=str(settings.data_dir),
         device=settings.device,
+        dtype=settings.model_dtype,
         region_mode=settings.region_mode,
         max_batch=settings.worker_concurrency,
         batch_window_s=settings.torch_batch_window_ms / 1000.0,

@@ -70,6 +70,7 @@ class TorchEngine:
         *,
         data_dir: str = "./var",
         device: str = "auto",
+        dtype: str = "auto",
         region_mode: str = "auto",
         max_batch: int = 8,
         batch_window_s: float = 0.01,
@@ -79,6 +80,7 @@ class TorchEngine:
         self.model_path = model_path
         self.data_dir = data_dir
         self.device = device
+        self.dtype = dtype  # SR3D_MODEL_DTYPE: auto = float16 on a GPU (NVIDIA's), float32 on a CPU
         self.region_mode_setting = region_mode
         self.region_mode = ""  # resolved when the checkpoint is loaded
         self.max_batch = max(1, max_batch)
@@ -98,16 +100,18 @@ class TorchEngine:
     async def start(self) -> None:
         from model.checkpoint import load_model
         from model.device import resolve_device
+        from model.dtype import resolve_model_dtype
 
         loop = asyncio.get_running_loop()
         path = self.model_path or str(await loop.run_in_executor(None, ensure_tiny_checkpoint, self.data_dir))
         device = str(resolve_device(self.device))
+        dtype = resolve_model_dtype(self.dtype, device)
         t0 = time.perf_counter()
-        self.model = await loop.run_in_executor(self._decode_pool, lambda: load_model(path, device=device,
+        self.model = await loop.run_in_executor(self._decode_pool, lambda: load_model(path, device=device, dtype=dtype,
                                                                                  region_mode=self.region_mode_setting))
         self.region_mode = self.model.region_mode
-        log.info("engine loaded checkpoint", extra={"path": path, "device": device, "region_mode": self.region_mode,
-                                                    "seconds": time.perf_counter() - t0})
+        log.info("engine loaded checkpoint", extra={"path": path, "device": device, "dtype": str(dtype),
+                                                    "region_mode": self.region_mode, "seconds": time.perf_counter() - t0})
         self._ready_q = asyncio.Queue()
         self._batcher = asyncio.create_task(self._batch_loop(), name="sr3d-torch-batcher")
         if self.warmup:

@@ -31,6 +31,7 @@ from typing import Any
 
 from model.checkpoint import check_servable
 from model.config import SR3DConfig, config_from_dict
+from model.dtype import resolve_model_dtype
 from model.errors import ModelInputError
 from model.inputs import GenerationParams, SpatialQuery, TokenDelta
 from model.marks import resolve_region_mode
@@ -123,7 +124,9 @@ class VLLMEngine:
             max_model_len=v.max_model_len,
             gpu_memory_utilization=v.gpu_memory_utilization,
             enforce_eager=v.enforce_eager,
-            dtype=v.dtype,
+            # SR3D_VLLM_DTYPE=auto defers to SR3D_MODEL_DTYPE (auto = float16, NVIDIA's NVILA inference dtype;
+            # vLLM's own "auto" would take the stored bfloat16). Anything else is passed to vLLM as given.
+            dtype=v.dtype if v.dtype != "auto" else str(resolve_model_dtype(self.settings.model_dtype, "cuda")).removeprefix("torch."),
             load_format=v.load_format,
             max_num_seqs=v.max_num_seqs,
             limit_mm_per_prompt={"image": 1},
