@@ -8,6 +8,10 @@ or an upload body were held forever (each stalled upload also holding a spooled 
   whichever `auto` picks) with one deadline per request: armed when the connection opens and again
   when a response completes (keep-alive); if no complete request head arrived by then, the
   connection is closed. Trickling bytes does not extend it.
+* Header bytes (issue 30 item 5): the same protocol counts the bytes of a request head while it is
+  incomplete; past `max_head_bytes` it answers 431 and closes the connection. httptools keeps every
+  header in memory with no limit of its own (a 32 MiB header got a 200; 20 connections x 50 MiB of
+  unfinished header added 750 MB RSS); h11 gets the same bound through h11_max_incomplete_event_size.
 * Bodies: `BodyTimeouts` (ASGI middleware) bounds every wait for the next body chunk (`idle_s`) and
   the whole body (`total_s`) while the body is incomplete; then it answers 408
   `{"error": {"code": "request_timeout"}}` with `Connection: close` and tells the app the client
@@ -32,8 +36,13 @@ from service.settings import Settings
 log = logging.getLogger("sr3d.http")
 
 
-def header_timeout_protocol(timeout_s: float, base: type[asyncio.Protocol] | None = None) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol class with a request-head deadline of `timeout_s`."""
+DEFAULT_MAX_HEAD_BYTES = 64 * 1024
+
+
+def header_timeout_protocol(timeout_s: float, base: type[asyncio.Protocol] | None = None,
+                            max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol class with a request-head deadline of `timeout_s` and a head size
+    limit of `max_head_bytes`."""
     if base is None:
         from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
@@ -41,8 +50,11 @@ def header_timeout_protocol(timeout_s: float, base: type[asyncio.Protocol] | Non
 
     class HeaderDeadlineProtocol(base):  # type: ignore[misc, valid-type]
         _header_deadline: asyncio.TimerHandle | None = None
+        _head_cycle: Any = None  # the cycle current when the deadline was armed: unchanged = head incomplete
+        _head_bytes = 0
 
         def _arm_header_deadline(self) -> None:
+            self._head_cycle, self._head_bytes = self.cycle, 0
             if self._header_deadline is not None:
                 self._header_deadline.cancel()
             # `cycle` is the protocol's current request; a new one means a full head was parsed.
@@ -57,6 +69,22 @@ def header_timeout_protocol(timeout_s: float, base: type[asyncio.Protocol] | Non
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm_header_deadline()
+
+        def data_received(self, data: bytes) -> None:
+            counting = self.cycle is self._head_cycle
+            if counting:
+                self._head_bytes += len(data)
+            super().data_received(data)
+            # Still the same cycle after parsing: the head is not complete yet (a chunk that completes
+            # it may carry body bytes too; those are not held against the head).
+            if counting and self.cycle is self._head_cycle and self._head_bytes > max_head_bytes \
+                    and not self.transport.is_closing():
+                log.info("closing a connection whose request head is over %d bytes", max_head_bytes)
+                body = json.dumps({"error": {"code": "request_header_too_large", "message":
+                                             f"the request line and headers are over {max_head_bytes} bytes"}}).encode()
+                self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                                     b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                self.transport.close()
 
         def on_response_complete(self) -> None:
             self._arm_header_deadline()  # before super(): a pipelined request it starts counts
@@ -136,7 +164,8 @@ def uvicorn_config(app: Any, settings: Settings, host: str, port: int, **kwargs:
         wrapped,
         host=host,
         port=port,
-        http=header_timeout_protocol(settings.http_header_timeout_s),
+        http=header_timeout_protocol(settings.http_header_timeout_s, max_head_bytes=settings.max_head_kb * 1024),
+        h11_max_incomplete_event_size=settings.max_head_kb * 1024,
         timeout_keep_alive=settings.http_keepalive_s,
         # X-Forwarded-For rewrites the client address (the rate-limit bucket when keys are off):
         # only from proxies the operator named. uvicorn's own default trusts 127.0.0.1.
