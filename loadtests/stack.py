@@ -153,6 +153,11 @@ class Stack:
                         {**self._service_env(), "SR3D_WORKER_METRICS_PORT": str(port), **(env or {})})
         return p, f"http://{LOOPBACK}:{port}"
 
+    def start_worker_defaults(self, env: dict[str, str] | None = None) -> Proc:
+        """`sr3d worker` with no metrics port given, as an operator starts it: it picks its own (9100 + its
+        GPU index, see service.worker_startup) and records it in its Redis registration."""
+        return self._spawn("worker", [sys.executable, "-m", "service.cli", "worker"], {**self._service_env(), **(env or {})})
+
     def start_module(self, name: str, module: str, env: dict[str, str] | None = None) -> Proc:
         """`python -m module` with the service environment (e.g. loadtests.echo_worker)."""
         return self._spawn(name, [sys.executable, "-m", module], {**self._service_env(), **(env or {})})

@@ -8,6 +8,7 @@
   sr3d:rl:{key id}          token bucket of one API key (service.ratelimit)
   sr3d:blob:{blob key}      an upload, as a list of chunks (service.blobs)
   sr3d:file:{file id}       hash: owner and type of media uploaded through POST /v1/files
+  sr3d:worker:{consumer}    hash: a live worker's metrics address, GPU and state (service.worker_registry)
 
 Blob keys (`{job_id}/media`, `{job_id}/mask/{part}`, `{job_id}/scene`) are built here too, so the
 gateway that stores them and the tools that inspect them agree.
@@ -63,3 +64,7 @@ def file_key(file_id: str) -> str:
 
 def file_blob(file_id: str) -> str:
     return f"files/{file_id}"
+
+
+def worker_key(consumer: str) -> str:
+    return f"sr3d:worker:{consumer}"

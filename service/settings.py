@@ -67,7 +67,12 @@ class Settings(BaseSettings):
     # `marks` = regions drawn into the frames and named in words; `auto` picks by what the checkpoint has.
     region_mode: Literal["auto", "embedding", "marks"] = "auto"
     worker_concurrency: int = Field(4, ge=1, le=256)
-    worker_metrics_port: int = 9100
+    # Unset = 9100 + the first GPU index in CUDA_VISIBLE_DEVICES (9100 without one), so one worker per GPU on
+    # one host needs no hand-picked ports; 0 = any free port (logged, and in the worker's Redis registration).
+    # The rule and why: service/worker_startup.py.
+    worker_metrics_port: int | None = Field(None, ge=0, le=65535)
+    # Read only to derive the worker's default metrics port (CUDA itself reads the variable, not us).
+    cuda_visible_devices: str | None = Field(None, validation_alias=AliasChoices("CUDA_VISIBLE_DEVICES"))
     # Loopback by default: /metrics is not for the world. Container images set 0.0.0.0 (Dockerfile),
     # where the network namespace is the boundary and Prometheus/kubelet must reach it.
     worker_metrics_host: str = "127.0.0.1"

@@ -1,4 +1,5 @@
-"""The standalone worker's own HTTP surface (port 9100): /metrics, /healthz, /readyz.
+"""The standalone worker's own HTTP surface (its metrics port: 9100 + GPU index by default, see
+service.worker_startup): /metrics, /healthz, /readyz. It serves on a socket bound before the model loads.
 
 Kept apart from the gateway: a worker pod is probed and scraped on its own, and `/readyz` here
 means "model loaded, warm-up generation passed, Redis reachable" — the condition for KEDA/k8s to
