@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
-from loadtests import bench_blobs, bench_engine, bench_media, bench_model, bench_pipeline, bench_queue, bench_service, bench_workers
+from loadtests import (
+    bench_blobs,
+    bench_engine,
+    bench_measure,
+    bench_media,
+    bench_model,
+    bench_pipeline,
+    bench_queue,
+    bench_service,
+    bench_workers,
+)
 
 TARGETS: dict[str, ModuleType] = {
     "model": bench_model,
@@ -16,6 +26,7 @@ TARGETS: dict[str, ModuleType] = {
     "workers": bench_workers,
     "pipeline": bench_pipeline,
     "blobs": bench_blobs,
+    "measure": bench_measure,
 }
 
 

@@ -6,9 +6,13 @@ This is the one contract between `service/` (which decodes uploads and builds th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+
+if TYPE_CHECKING:
+    from model.measure import Measurements
 
 @dataclass
 class RegionMask:
@@ -28,6 +32,8 @@ class SpatialQuery:
     pointmap_valid: np.ndarray | None = None  # bool [F, H, W]; None = all valid
     is_video: bool = False  # video: one 448 tile per frame; image: dynamic tiling + thumbnail
     media_key: str | None = None  # content hash of the upload + sampling (cache keys, mm uuids)
+    # What the point maps say about each region and pair (model/measure); None when not measured.
+    measurements: Measurements | None = None
 
 
 @dataclass

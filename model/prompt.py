@@ -82,6 +82,18 @@ def check_question(question: str, num_regions: int, tokenizer: Any, config: SR3D
     return order
 
 
+# `grounded` answer mode: the measured facts (model/measure `grounding_text`) go before the user's
+# question in this one fixed template, after the media, so the model's answer can cite them.
+GROUNDING_TEMPLATE = "Measured from the scene's 3D points:\n{facts}\nAnswer using these measurements.\n{question}"
+
+
+def grounded_question(question: str, facts: str) -> str:
+    """The question with the measured facts before it. The facts name regions in words ("region 0"),
+    never as `<regionK>` references: the region slots stay exactly the user's."""
+    facts = REGION_REF.sub(lambda m: f"region {m.group(1)}", facts).strip()
+    return GROUNDING_TEMPLATE.format(facts=facts, question=question) if facts else question
+
+
 def media_text(num_tiles: int, is_video: bool, config: SR3DConfig) -> str:
     return (config.video_frame_text if is_video else config.tile_text) * num_tiles
 

@@ -11,6 +11,10 @@ Stages (each reported through `on_stage(stage, info)` with its seconds):
              size, backend), so a second question on the same video skips the network.
              With `on_scene`, a compact 3D scene for the page (model/geometry/scene_export.py) is
              handed over before the pointmaps event, which then says `"scene": true`.
+  measure    model/measure: each region's 3D points (every frame that carries its mask), box and
+             sizes, and every pair's distances and directions, from the same point maps
+             (`SpatialQuery.measurements`; the worker puts them in `done` and, by answer mode,
+             into the prompt or the answer text).
 All blocking work runs in threads; the event loop only awaits.
 """
 from __future__ import annotations
@@ -250,6 +254,7 @@ class Pipeline:
         if on_scene is not None and await self._export_scene(job, decoded, pm, on_scene):
             info["scene"] = True  # GET /v1/spatial-qa/{id}/scene has it now
         await on_stage("pointmaps", info)
+        measurements = await self.measure(job, pm, decoded, on_stage)
         return SpatialQuery(
             frames=decoded.frames,
             question=job.question,
@@ -258,7 +263,22 @@ class Pipeline:
             pointmap_valid=pm.valid,
             is_video=decoded.is_video,
             media_key=f"{job.media_hash}:{','.join(map(str, decoded.indices))}",
+            measurements=measurements,
         )
+
+    async def measure(self, job: JobSpec, pm: PointMaps, decoded: Decoded, on_stage: StageCallback) -> Any:
+        """The regions' measurements (model/measure) and the `measure` progress event."""
+        from model.measure import ScaleHint, measure_scene
+
+        hint = job.options.scale_hint
+        t0 = time.perf_counter()
+        m = await asyncio.to_thread(
+            measure_scene, pm, decoded.regions,
+            scale_hint=ScaleHint(hint.region, hint.dimension, hint.metres) if hint is not None else None)
+        await on_stage("measure", {"seconds": round(time.perf_counter() - t0, 4), "scale": m.scale,
+                                   "regions": len(m.regions),
+                                   "available": sum(1 for r in m.regions if r.available)})
+        return m
 
     # ---- decode ------------------------------------------------------------------------------
     async def decode(self, job: JobSpec) -> Decoded:

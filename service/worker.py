@@ -33,7 +33,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from model.errors import ModelInputError
 from model.inputs import GenerationParams
+from model.prompt import grounded_question
 from service import metrics
 from service.engines.protocol import Engine, EngineRequest
 from service.errors import is_input_error
@@ -245,7 +247,15 @@ class Worker:
                 if cancelled.is_set():
                     raise JobCancelled
                 stream = _Stream(client=await self._already_streamed(jid))
-                result = await self._generate(job, query, stream, cancelled, timings)
+                mode = job.options.with_defaults(self.pipeline.settings).answer_mode
+                if mode == "measured":
+                    result = await self._measured(job, query, stream)
+                else:
+                    if mode == "grounded" and query.measurements is not None:
+                        from model.measure import grounding_text
+
+                        query.question = grounded_question(query.question, grounding_text(query.measurements))
+                    result = await self._generate(job, query, stream, cancelled, timings)
             except JobCancelled:
                 await self._terminal_cancelled(job, stream, None, timings)
                 return
@@ -266,15 +276,19 @@ class Worker:
             raise RuntimeError("engine aborted the request without a cancel")
         answer = stream.text
         timings["total_s"] = round(time.time() - job.created_at, 4)
-        # How the regions reached the model (model/marks.py); engines without regions (bench echo) say None.
-        region_mode = getattr(self.engine, "region_mode", None) or None
+        # How the regions reached the model (model/marks.py); engines without regions (bench echo) say
+        # None, and so does a measured answer (no language model ran).
+        region_mode = (getattr(self.engine, "region_mode", None) or None) if mode != "measured" else None
+        measurements = query.measurements.to_dict() if query.measurements is not None else None
         done: dict[str, Any] = {"answer": answer, "usage": usage, "timings": timings,
-                                "finish_reason": finish_reason, "region_mode": region_mode}
-        if self.pipeline.settings.model is None:  # the tiny random-weight demo checkpoint answered
+                                "finish_reason": finish_reason, "region_mode": region_mode,
+                                "answer_mode": mode, "measurements": measurements}
+        if self.pipeline.settings.model is None and mode != "measured":  # the tiny random-weight demo checkpoint answered
             done["demo_model"] = True  # clients say so next to the text: it is not a real answer
         await self.queue.append_event(jid, "done", done)
         await self.queue.finish(jid, JobStatus.done, answer=answer, usage=usage, timings=timings,
-                                finish_reason=finish_reason, region_mode=region_mode)
+                                finish_reason=finish_reason, region_mode=region_mode,
+                                answer_mode=mode, measurements=measurements)
         metrics.JOB_SECONDS.observe(time.time() - job.created_at)
 
     async def _stage_done(self, jid: str, stage: str, info: dict[str, Any], timings: dict[str, Any]) -> None:
@@ -351,6 +365,17 @@ class Worker:
         timings["generate_s"] = round(time.monotonic() - t0 - timings.get("encode_s", 0.0), 4)
         metrics.STAGE_SECONDS.labels("generate").observe(timings["generate_s"])
         return finish_reason, usage
+
+    async def _measured(self, job: JobSpec, query: Any, stream: _Stream) -> tuple[str, dict[str, int]]:
+        """`measured` answer mode: the text is written from the measurements (no language model) and
+        goes out through the same `token` event a generated answer would."""
+        if query.measurements is None:
+            raise ModelInputError("measure_unavailable", "this job has no point maps to measure from")
+        from model.measure import answer_from_measurements
+
+        stream.text = answer_from_measurements(query.question, query.measurements)
+        await self._flush(job.job_id, stream, final=True)
+        return "stop", {"prompt_tokens": 0, "completion_tokens": 0}
 
     async def _flush(self, jid: str, stream: _Stream, final: bool) -> None:
         text, reset = stream.take(final)

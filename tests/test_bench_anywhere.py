@@ -32,6 +32,7 @@ BENCHES = {
     "model": "--config tiny --frames 2 --batch 1 --max-tokens 2 --repeats 1 --height 64 --width 64",
     "engine": "--cpu-preprocess --config tiny --frames 2 --requests 2 --height 64 --width 64 --prepare-workers 1",
     "media": "--frames 2 --source-seconds 0.5 --long-seconds 2 --repeats 1 --depth-size 64x48 --batch-size 1",
+    "measure": "--frames 8 --size 64x48 --repeats 1",
 }
 DEFAULT = {("service", "checkout"), *((b, "elsewhere") for b in BENCHES if b != "media")}
 CASES = [pytest.param(b, where, marks=[] if (b, where) in DEFAULT or LONG else
