@@ -14,7 +14,8 @@ from service.errors import ApiError
 from service.queue import JobQueue, events_key, job_key
 from service.redis_conn import redis_client, start_embedded_redis
 from service.settings import Settings
-from service.stream_hub import HubFull, StreamHub, parse_event_id
+from service.stream_hub import HubFull, StreamHub, Subscription, parse_event_id
+from tests.waiting import await_until, blocked_clients, command_calls
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -45,6 +46,24 @@ async def _collect(sub: Any) -> list[Any]:
     return [ev async for ev in sub.events()]
 
 
+async def _caught_up(r: Any, jid: str, *subs: Subscription) -> None:
+    """Until every subscriber has read the job's newest event so far (its catch-up from Redis is over)."""
+    newest = (await r.xrevrange(events_key(jid), count=1))[0][0]
+    await await_until(_async(lambda: all(s.last == newest for s in subs)), f"{len(subs)} subscriber(s) of {jid} at {newest}", 30)
+
+
+async def _reader_blocked(r: Any) -> None:
+    """Until the hub's reader is parked in its blocking XREAD (the only XREAD these tests issue)."""
+    await await_until(lambda: blocked_clients(r, "xread"), "the hub's reader blocked in XREAD", 30)
+
+
+def _async(pred: Any) -> Any:
+    async def probe() -> Any:
+        return pred()
+
+    return probe
+
+
 def test_parse_event_id() -> None:
     assert parse_event_id("1718000000000-0") == "1718000000000-0"
     assert parse_event_id(f"{2**64 - 1}-{2**64 - 1}") == f"{2**64 - 1}-{2**64 - 1}"
@@ -60,7 +79,10 @@ def test_300_subscribers_one_job_one_blocking_connection(redis_url: str) -> None
         clients_before = int((await r.info("clients"))["connected_clients"])
         subs = [hub.subscribe("j1") for _ in range(300)]
         tasks = [asyncio.create_task(_collect(s)) for s in subs]
-        await asyncio.sleep(0.2)
+        # Every client follows the fan-out when the events come: caught up (no Redis call in the probe,
+        # the connection count below stays the hub's own), then the reader blocked on the job.
+        await _caught_up(r, "j1", *subs)
+        await _reader_blocked(r)
         for i in range(20):
             await q.append_event("j1", "token", {"text": f"t{i}"})
         await q.append_event("j1", "done", {"answer": "x"})
@@ -81,19 +103,32 @@ def test_new_job_wakes_the_blocked_reader(redis_url: str) -> None:
         await _new_job(r, "a")
         first = hub.subscribe("a")
         task_a = asyncio.create_task(_collect(first))
-        await asyncio.sleep(0.3)  # the reader now blocks (block_ms 10 s) on job a only
+        await _caught_up(r, "a", first)
+        await _reader_blocked(r)  # the reader now blocks (block_ms 30 s) on job a only
         await _new_job(r, "b")
-        sub = hub.subscribe("b", after=(await r.xrange(events_key("b")))[-1][0])
-        t0 = time.monotonic()
+        after = (await r.xrange(events_key("b")))[-1][0]
+        # From here on the only XRANGE is b's catch-up and the only XREAD the hub's reader's.
+        xranges, xreads = await command_calls(r, "xrange"), await command_calls(r, "xread")
+        sub = hub.subscribe("b", after=after)
         task = asyncio.create_task(_collect(sub))
-        await asyncio.sleep(0.05)
-        await q.append_event("b", "done", {"answer": "y"})
-        [ev] = await asyncio.wait_for(task, 5)
-        assert ev.type == "done" and time.monotonic() - t0 < 2
-        await q.append_event("a", "done", {"answer": "x"})
-        assert [e.type for e in await asyncio.wait_for(task_a, 5)] == ["queued", "done"]
 
-    _run(redis_url, body, block_ms=10_000)
+        async def woken_and_caught_up() -> bool:
+            # b's catch-up ran (and found nothing after `after`), and the reader left its blocked XREAD
+            # and blocks again, now on a and b: the event below can only come through the woken reader.
+            # Redis 6 counts a blocking XREAD when it starts, Redis 7 when it ends: either way one more.
+            return (await command_calls(r, "xrange") > xranges and await command_calls(r, "xread") > xreads
+                    and bool(await blocked_clients(r, "xread")))
+
+        await await_until(woken_and_caught_up, "the reader woken by the new job and blocked again", 10)  # < block_ms
+        t0 = time.monotonic()
+        await q.append_event("b", "done", {"answer": "y"})
+        [ev] = await asyncio.wait_for(task, 15)
+        assert ev.type == "done" and time.monotonic() - t0 < 15  # not after block_ms (30 s)
+        await q.append_event("a", "done", {"answer": "x"})
+        assert [e.type for e in await asyncio.wait_for(task_a, 15)] == ["queued", "done"]
+
+    # idle_check_s: no safety-net re-read during the test (it could deliver b's event without the reader).
+    _run(redis_url, body, block_ms=30_000, idle_check_s=60)
 
 
 def test_resume_rules(redis_url: str) -> None:
@@ -140,7 +175,8 @@ def test_slow_subscriber_overflow_resyncs_from_redis(redis_url: str) -> None:
         for i in range(50):  # far more than queue_size while the client reads nothing
             await q.append_event("j", "token", {"text": str(i)})
         await q.append_event("j", "done", {"answer": ""})
-        await asyncio.sleep(0.3)
+        # The reader pushed more than queue_size events at the client that reads nothing: it resyncs.
+        await await_until(_async(lambda: sub.resync), "the subscriber's queue overflowing (resync)", 30)
         rest = [ev async for ev in it]
         assert [e.data.get("text") for e in rest[:-1]] == [str(i) for i in range(50)] and rest[-1].type == "done"
 
@@ -152,7 +188,7 @@ def test_expired_job_ends_the_stream(redis_url: str) -> None:
         await _new_job(r, "gone")
         sub = hub.subscribe("gone")
         task = asyncio.create_task(_collect(sub))
-        await asyncio.sleep(0.2)
+        await _caught_up(r, "gone", sub)  # a live stream, then the job expires under it
         await r.delete(job_key("gone"), events_key("gone"))
         events = await asyncio.wait_for(task, 5)
         assert events[-1].type == "error" and events[-1].data["code"] == "job_expired"
@@ -171,7 +207,7 @@ def test_redis_outage_ends_streams_with_an_error_event(tmp_path: Path) -> None:
             await _new_job(r, "j")
             sub = hub.subscribe("j")
             task = asyncio.create_task(_collect(sub))
-            await asyncio.sleep(0.3)
+            await _caught_up(r, "j", sub)  # `queued` delivered before Redis goes away
             await asyncio.to_thread(server.stop)
             events = await asyncio.wait_for(task, 20)
             assert events[0].type == "queued"
