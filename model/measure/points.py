@@ -1,0 +1,118 @@
+"""One region's 3D points: gathered from its mask on every frame that carries it, then cleaned.
+
+Cleaning rules, in order (reported verbatim in `RegionMeasurement.cleaning`):
+1. valid depth only (`PointMaps.valid`);
+2. erosion at depth edges: a "jump" is a neighbour (in the full image, mask or not) that is invalid
+   or lies at a range from the camera differing by more than `EDGE_REL` of the pixel's own range. A
+   mask pixel that jumps against both of its neighbours along one image axis (up and down, or left
+   and right) is dropped: that is a flying pixel, mixed between the object and what lies behind it,
+   the main error source of region point sets. A true surface pixel on the silhouette jumps only
+   towards the background and is kept, so sizes are not shrunk by a rim (a plane seen at 80 degrees
+   incidence changes range by ~1 % per pixel at 500 px focal length, well under `EDGE_REL`);
+3. confidence (when the backend gives one): pixels below half the region's median confidence are
+   dropped (a scale-free rule: backends' confidence units differ);
+4. robust outliers (MAD): with d = distance of each point from the region's coordinate-wise median,
+   points with d > median(d) + 3.5 * 1.4826 * MAD(d) are dropped. For a uniformly covered surface the
+   bound lies beyond the farthest true point (median + 1.3 x extent), so only stray points go.
+
+Speed: masks are never copied at full size; when a mask holds more pixels than a frame's share of
+`MAX_POINTS`, it is read on a regular pixel grid (stride s in both directions), so gathering costs
+O(points kept), not O(pixels in the mask).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.geometry.types import PointMaps
+from model.inputs import RegionMask
+
+MAX_POINTS = 12_000  # per region, over all its frames: ~110 x 110 samples, extents to well under 1 %
+EDGE_REL = 0.04
+MAD_K = 3.5
+CONF_FRACTION = 0.5
+
+CLEANING = (f"valid depth; flying pixels at depth edges dropped (range jump > {EDGE_REL:.0%} or invalid on both sides "
+            f"along an image axis); "
+            f"confidence < {CONF_FRACTION} x region median dropped (when given); outliers: distance from the "
+            f"median point > median + {MAD_K} x 1.4826 x MAD; grid-subsampled to <= {MAX_POINTS} points")
+
+
+@dataclass
+class RegionPoints:
+    points: np.ndarray  # float64 [N, 3], world frame, point-map units
+    total: int  # mask pixels over all frames (before subsampling and cleaning)
+    frames: list[int]
+    reason: str | None  # why there is nothing to measure, when `points` is empty
+
+
+def _frame_points(pm: PointMaps, f: int, mask: np.ndarray, budget: int,
+                  confidence: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, int, int]:
+    """(points kept, their confidence, mask pixels, valid mask pixels seen) of one mask on frame f."""
+    h, w = mask.shape
+    count = int(np.count_nonzero(mask))
+    if count == 0:
+        return np.empty((0, 3)), None, 0, 0
+    stride = max(1, math.ceil(math.sqrt(count / max(budget, 1))))
+    sub = mask[::stride, ::stride]
+    ys, xs = np.nonzero(sub)
+    ys = ys * stride
+    xs = xs * stride
+    valid = pm.valid[f]
+    keep = valid[ys, xs]
+    n_valid = int(np.count_nonzero(keep))
+    ys, xs = ys[keep], xs[keep]
+    if ys.size == 0:
+        return np.empty((0, 3)), None, count, 0
+    pts = pm.points[f]
+    p = pts[ys, xs].astype(np.float64)
+    centre = pm.poses[f, :3, 3].astype(np.float64)
+    r = np.linalg.norm(p - centre, axis=1)
+    jump = []
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        ny = np.clip(ys + dy, 0, h - 1)
+        nx = np.clip(xs + dx, 0, w - 1)
+        rn = np.linalg.norm(pts[ny, nx].astype(np.float64) - centre, axis=1)
+        jump.append(~valid[ny, nx] | (np.abs(rn - r) > EDGE_REL * r))
+    # A flying pixel sits between two depth levels: it jumps against both neighbours on one image axis.
+    # A true surface pixel on a silhouette jumps only towards the background, and stays.
+    ok = ~((jump[0] & jump[1]) | (jump[2] & jump[3]))
+    conf = None if confidence is None else np.asarray(confidence[f][ys, xs], dtype=np.float64)[ok]
+    return p[ok], conf, count, n_valid
+
+
+def gather(pm: PointMaps, masks: list[RegionMask], confidence: np.ndarray | None = None) -> RegionPoints:
+    """All frames' masked points of one region, cleaned (see the module docstring)."""
+    frames = sorted({int(m.frame) for m in masks})
+    budget = max(64, MAX_POINTS // max(len(masks), 1))
+    parts, confs, total, n_valid = [], [], 0, 0
+    for m in masks:
+        p, c, count, nv = _frame_points(pm, int(m.frame), np.asarray(m.mask, dtype=bool), budget, confidence)
+        total += count
+        n_valid += nv
+        if len(p):
+            parts.append(p)
+            if c is not None:
+                confs.append(c)
+    if total == 0:
+        return RegionPoints(np.empty((0, 3)), 0, frames, "the mask is empty")
+    if n_valid == 0:
+        return RegionPoints(np.empty((0, 3)), total, frames, "no valid depth inside the mask")
+    if not parts:
+        return RegionPoints(np.empty((0, 3)), total, frames,
+                            "every masked pixel with depth lies on a depth edge (the region is too thin to measure)")
+    pts = np.concatenate(parts)
+    if confs:
+        c = np.concatenate(confs)
+        pts = pts[c >= CONF_FRACTION * np.median(c)]
+    if len(pts) >= 8:
+        med = np.median(pts, axis=0)
+        d = np.linalg.norm(pts - med, axis=1)
+        md = np.median(d)
+        mad = np.median(np.abs(d - md))
+        pts = pts[d <= md + MAD_K * 1.4826 * mad + 1e-9]
+    if len(pts) < 4:
+        return RegionPoints(np.empty((0, 3)), total, frames, f"only {len(pts)} points survive cleaning (need 4)")
+    return RegionPoints(pts, total, frames, None)
