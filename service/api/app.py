@@ -28,6 +28,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Ask spatial questions about regions of a video or an image; answers stream back as SSE.",
         lifespan=lifespan,
+        # /docs is served by the page router from local Swagger UI files (the defaults load them
+        # from a CDN and render blank offline); ReDoc has no local copy, so it is off.
+        docs_url=None,
+        redoc_url=None,
         openapi_tags=[{"name": "spatial-qa", "description": "jobs: submit, status, events, cancel"},
                       {"name": "openai", "description": "OpenAI-compatible: models, chat completions, files"},
                       {"name": "ops", "description": "health, readiness, metrics"}],
