@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Ask spatial questions about regions of a video or an image; answers stream back as SSE.",
         lifespan=lifespan,
         # /docs is served by the page router from local Swagger UI files (the defaults load them
-        # from a CDN and render blank offline); ReDoc has no local copy, so it is off.
+        # from a CDN and render blank offline); ReDoc loaded from a CDN too, and one reference page is enough.
         docs_url=None,
         redoc_url=None,
         openapi_tags=[{"name": "spatial-qa", "description": "jobs: submit, status, events, cancel"},
