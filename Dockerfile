@@ -53,10 +53,13 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
 CMD ["gateway", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM cpu-runtime AS cpu-demo
+# Workers pin their metrics port: a container has its own network namespace, so the host rule
+# (unset = 9100 + GPU index, for several workers sharing one host) must not move it off the healthcheck.
 # Unset SR3D_MODEL = the tiny demo checkpoint is built under SR3D_DATA_DIR on first start.
 ENV SR3D_ENGINE=torch \
     SR3D_DEVICE=cpu \
     SR3D_WORKER_METRICS_HOST=0.0.0.0 \
+    SR3D_WORKER_METRICS_PORT=9100 \
     SR3D_HEALTH_URL=http://127.0.0.1:9100/healthz
 EXPOSE 9100
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
@@ -102,6 +105,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     SR3D_DEVICE=cuda \
     SR3D_MODEL=/models/sr3d \
     SR3D_WORKER_METRICS_HOST=0.0.0.0 \
+    SR3D_WORKER_METRICS_PORT=9100 \
     SR3D_HEALTH_URL=http://127.0.0.1:9100/healthz
 VOLUME ["/models", "/var/lib/sr3d"]
 USER 10001:10001

@@ -194,3 +194,46 @@ def test_two_workers_with_default_settings_survive_killing_either(tmp_path: Path
         assert survivor.alive() and gw.alive()
         assert httpx.get(f"{url}/readyz", timeout=5).status_code == 200
     assert st.leaked == [], [p.log_tail(1500) for p in st.procs]
+
+
+# ---------------------------------------------------------------- the deployment files follow the same rule
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_worker_images_pin_the_metrics_port_their_healthcheck_uses() -> None:
+    from tests.test_deploy_docker import env_of
+
+    for target in ("cpu-demo", "gpu"):
+        env = env_of(target)
+        # A container has its own network namespace: the GPU-index rule must not move the port off the healthcheck.
+        assert env["SR3D_WORKER_METRICS_PORT"] == "9100", target
+        assert env["SR3D_HEALTH_URL"] == "http://127.0.0.1:9100/healthz", target
+
+
+def test_systemd_template_runs_one_worker_per_gpu_on_its_derived_port() -> None:
+    import argparse
+    import shlex
+
+    from service.commands import worker as worker_cmd
+    from service.worker_startup import EXIT_CONFIG, EXIT_REDIS
+
+    unit = (ROOT / "deploy" / "systemd" / "sr3d-worker@.service").read_text()
+    directives: dict[str, list[str]] = {}
+    for line in unit.splitlines():
+        if line.strip() and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            directives.setdefault(key.strip(), []).append(value.strip())
+    env = dict(v.split("=", 1) for v in directives["Environment"])
+    assert env["CUDA_VISIBLE_DEVICES"] == "%i"  # instance name = GPU index
+    assert "SR3D_WORKER_METRICS_PORT" not in env  # the port follows from the index: 9100 + %i
+    assert "SR3D_WORKER_METRICS_PORT" not in "\n".join(line for line in unit.splitlines() if not line.startswith("#"))
+    argv = shlex.split(directives["ExecStart"][0])
+    assert Path(argv[0]).name == "sr3d"
+    parser = argparse.ArgumentParser()
+    worker_cmd.add(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv[1:])
+    assert args.command == "worker" and args.metrics_port is None
+    # SIGTERM drains for --drain-timeout; systemd must wait longer before its SIGKILL.
+    assert float(directives["TimeoutStopSec"][0]) >= args.drain_timeout + 30
+    no_restart = {int(c) for c in directives["RestartPreventExitStatus"][0].split()}
+    assert no_restart == {EXIT_CONFIG, EXIT_METRICS_PORT} and EXIT_REDIS not in no_restart
