@@ -59,6 +59,7 @@ class JobRequest:
     masks: dict[str, bytes] = field(default_factory=dict)  # multipart part name -> PNG bytes
     options: dict[str, Any] = field(default_factory=dict)
     idempotency_key: str | None = None
+    scene: Media | None = None  # an RGB-D .npz (exact depth, intrinsics, poses), sent as the `scene` part
 
     def multipart(self) -> tuple[dict[str, str], list[tuple[str, tuple[str, bytes, str]]]]:
         data = {"question": self.question, "regions": json.dumps(self.regions)}
@@ -66,6 +67,8 @@ class JobRequest:
             data["options"] = json.dumps(self.options)
         files = [(self.media.kind, (self.media.filename, self.media.content, self.media.content_type))]
         files += [(name, (f"{name}.png", png, "image/png")) for name, png in self.masks.items()]
+        if self.scene is not None:
+            files.append(("scene", (self.scene.filename, self.scene.content, self.scene.content_type)))
         return data, files
 
     def headers(self) -> dict[str, str]:
