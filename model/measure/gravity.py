@@ -18,6 +18,7 @@ from model.measure.types import UpEstimate
 
 MAX_TILT_DEG = 35.0
 SAMPLE_POINTS = 6000
+SAMPLE_FRAMES = 8
 HYPOTHESES = 160
 INLIER_REL = 0.01  # inlier band: 1 % of the sample's median distance from the reference camera
 MIN_INLIER_FRACTION = 0.08
@@ -32,17 +33,15 @@ def reference_frame(pm: PointMaps) -> int:
 
 
 def _scene_sample(pm: PointMaps, rng: np.random.Generator) -> np.ndarray:
+    """Up to SAMPLE_POINTS valid points from up to SAMPLE_FRAMES frames spread over the job, on a grid."""
     f, h, w = pm.valid.shape
-    per_frame = max(1, SAMPLE_POINTS // f)
-    stride = max(1, int(np.sqrt(h * w / (per_frame * 1.5))))
-    parts = []
-    for i in range(f):
-        sub_valid = pm.valid[i, ::stride, ::stride]
-        pts = pm.points[i, ::stride, ::stride][sub_valid]
-        if len(pts) > per_frame:
-            pts = pts[rng.choice(len(pts), per_frame, replace=False)]
-        parts.append(pts.astype(np.float64))
-    return np.concatenate(parts) if parts else np.empty((0, 3))
+    frames = np.unique(np.linspace(0, f - 1, min(f, SAMPLE_FRAMES)).round().astype(int))
+    stride = max(1, int(np.sqrt(len(frames) * h * w / (SAMPLE_POINTS * 1.5))))
+    valid = pm.valid[frames, ::stride, ::stride]
+    pts = pm.points[frames, ::stride, ::stride][valid]
+    if len(pts) > SAMPLE_POINTS:
+        pts = pts[np.sort(rng.permutation(len(pts))[:SAMPLE_POINTS])]
+    return pts.astype(np.float64)
 
 
 def estimate_up(pm: PointMaps) -> UpEstimate:

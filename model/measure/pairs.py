@@ -33,7 +33,7 @@ import numpy as np
 from model.measure.gravity import GravityFrame
 from model.measure.types import PairMeasurement, RegionMeasurement
 
-CLOSEST_POINTS = 1200
+CLOSEST_POINTS = 800
 COARSE_POINTS = 300
 ALIGN_FRACTION = 0.1
 

@@ -48,68 +48,62 @@ class RegionPoints:
     reason: str | None  # why there is nothing to measure, when `points` is empty
 
 
-def _frame_points(pm: PointMaps, f: int, mask: np.ndarray, budget: int,
-                  confidence: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, int, int]:
-    """(points kept, their confidence, mask pixels, valid mask pixels seen) of one mask on frame f."""
-    h, w = mask.shape
+def _grid_pixels(mask: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(rows, cols, mask pixel count): the mask read on a regular grid of at most ~`budget` pixels."""
     count = int(np.count_nonzero(mask))
     if count == 0:
-        return np.empty((0, 3)), None, 0, 0
+        return np.empty(0, np.intp), np.empty(0, np.intp), 0
     stride = max(1, math.ceil(math.sqrt(count / max(budget, 1))))
-    sub = mask[::stride, ::stride]
-    ys, xs = np.nonzero(sub)
-    ys = ys * stride
-    xs = xs * stride
-    valid = pm.valid[f]
-    keep = valid[ys, xs]
-    n_valid = int(np.count_nonzero(keep))
-    ys, xs = ys[keep], xs[keep]
-    if ys.size == 0:
-        return np.empty((0, 3)), None, count, 0
-    pts = pm.points[f]
-    p = pts[ys, xs].astype(np.float64)
-    centre = pm.poses[f, :3, 3].astype(np.float64)
-    r = np.linalg.norm(p - centre, axis=1)
+    ys, xs = np.nonzero(mask[::stride, ::stride])
+    return ys * stride, xs * stride, count
+
+
+def _clean_pixels(pm: PointMaps, fs: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(points of the valid, non-flying pixels among (fs, ys, xs), keep mask over the valid ones)."""
+    _, h, w = pm.valid.shape
+    p = pm.points[fs, ys, xs].astype(np.float64)
+    centre = pm.poses[fs, :3, 3].astype(np.float64)
+    r = np.sqrt(((p - centre) ** 2).sum(axis=1))
     jump = []
     for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-        ny = np.clip(ys + dy, 0, h - 1)
-        nx = np.clip(xs + dx, 0, w - 1)
-        rn = np.linalg.norm(pts[ny, nx].astype(np.float64) - centre, axis=1)
-        jump.append(~valid[ny, nx] | (np.abs(rn - r) > EDGE_REL * r))
+        ny = np.minimum(np.maximum(ys + dy, 0), h - 1)
+        nx = np.minimum(np.maximum(xs + dx, 0), w - 1)
+        rn = np.sqrt(((pm.points[fs, ny, nx].astype(np.float64) - centre) ** 2).sum(axis=1))
+        jump.append(~pm.valid[fs, ny, nx] | (np.abs(rn - r) > EDGE_REL * r))
     # A flying pixel sits between two depth levels: it jumps against both neighbours on one image axis.
     # A true surface pixel on a silhouette jumps only towards the background, and stays.
     ok = ~((jump[0] & jump[1]) | (jump[2] & jump[3]))
-    conf = None if confidence is None else np.asarray(confidence[f][ys, xs], dtype=np.float64)[ok]
-    return p[ok], conf, count, n_valid
+    return p[ok], ok
 
 
 def gather(pm: PointMaps, masks: list[RegionMask], confidence: np.ndarray | None = None) -> RegionPoints:
     """All frames' masked points of one region, cleaned (see the module docstring)."""
     frames = sorted({int(m.frame) for m in masks})
     budget = max(64, MAX_POINTS // max(len(masks), 1))
-    parts, confs, total, n_valid = [], [], 0, 0
+    fs_l, ys_l, xs_l, total = [], [], [], 0
     for m in masks:
-        p, c, count, nv = _frame_points(pm, int(m.frame), np.asarray(m.mask, dtype=bool), budget, confidence)
+        ys, xs, count = _grid_pixels(np.asarray(m.mask, dtype=bool), budget)
         total += count
-        n_valid += nv
-        if len(p):
-            parts.append(p)
-            if c is not None:
-                confs.append(c)
+        fs_l.append(np.full(ys.size, int(m.frame), np.intp))
+        ys_l.append(ys)
+        xs_l.append(xs)
     if total == 0:
         return RegionPoints(np.empty((0, 3)), 0, frames, "the mask is empty")
-    if n_valid == 0:
+    fs, ys, xs = np.concatenate(fs_l), np.concatenate(ys_l), np.concatenate(xs_l)
+    keep = pm.valid[fs, ys, xs]
+    if not keep.any():
         return RegionPoints(np.empty((0, 3)), total, frames, "no valid depth inside the mask")
-    if not parts:
+    fs, ys, xs = fs[keep], ys[keep], xs[keep]
+    pts, ok = _clean_pixels(pm, fs, ys, xs)
+    if len(pts) == 0:
         return RegionPoints(np.empty((0, 3)), total, frames,
-                            "every masked pixel with depth lies on a depth edge (the region is too thin to measure)")
-    pts = np.concatenate(parts)
-    if confs:
-        c = np.concatenate(confs)
+                            "every masked pixel with depth is a flying pixel at a depth edge (too thin to measure)")
+    if confidence is not None:
+        c = np.asarray(confidence[fs[ok], ys[ok], xs[ok]], dtype=np.float64)
         pts = pts[c >= CONF_FRACTION * np.median(c)]
     if len(pts) >= 8:
         med = np.median(pts, axis=0)
-        d = np.linalg.norm(pts - med, axis=1)
+        d = np.sqrt(((pts - med) ** 2).sum(axis=1))
         md = np.median(d)
         mad = np.median(np.abs(d - md))
         pts = pts[d <= md + MAD_K * 1.4826 * mad + 1e-9]

@@ -127,10 +127,15 @@ def _cameras(rng: np.random.Generator, n: int) -> list[np.ndarray]:
     return poses
 
 
-def _render(pose: np.ndarray, boxes: list[SynthBox]) -> tuple[np.ndarray, np.ndarray]:
+def _intrinsics(width: int, height: int) -> np.ndarray:
+    f = FOCAL * width / IMAGE_W
+    return np.array([[f, 0, (width - 1) / 2], [0, f, (height - 1) / 2], [0, 0, 1.0]])
+
+
+def _render(pose: np.ndarray, boxes: list[SynthBox], width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     """z-depth [H, W] (0 = no hit) and instance ids [H, W] of one camera."""
-    K = np.array([[FOCAL, 0, (IMAGE_W - 1) / 2], [0, FOCAL, (IMAGE_H - 1) / 2], [0, 0, 1.0]])
-    u, v = np.meshgrid(np.arange(IMAGE_W, dtype=float), np.arange(IMAGE_H, dtype=float))
+    K = _intrinsics(width, height)
+    u, v = np.meshgrid(np.arange(width, dtype=float), np.arange(height, dtype=float))
     rays_c = np.stack([u, v, np.ones_like(u)], -1) @ np.linalg.inv(K).T  # camera z = 1 -> t is z-depth
     d = rays_c.reshape(-1, 3) @ pose[:3, :3].T
     o = pose[:3, 3]
@@ -154,18 +159,21 @@ def _render(pose: np.ndarray, boxes: list[SynthBox]) -> tuple[np.ndarray, np.nda
             best = np.where(ok, tn, best)
             ids = np.where(ok, k, ids).astype(np.int16)
     depth = np.where(np.isfinite(best), best, 0.0)
-    return depth.reshape(IMAGE_H, IMAGE_W), ids.reshape(IMAGE_H, IMAGE_W)
+    return depth.reshape(height, width), ids.reshape(height, width)
 
 
-def render_scene(seed: int, *, n_objects: int | None = None, n_frames: int = 5) -> SynthScene:
+def render_scene(seed: int, *, n_objects: int | None = None, n_frames: int = 5, width: int = IMAGE_W,
+                 height: int = IMAGE_H) -> SynthScene:
+    """Scene `seed` seen by `n_frames` cameras of `width` x `height` pixels (the same scene and cameras
+    for any image size: the focal length scales with the width)."""
     rng = np.random.default_rng(seed)
     boxes = _place_boxes(rng, n_objects or int(rng.integers(4, 7)))
     poses = _cameras(rng, n_frames)
-    K = np.array([[FOCAL, 0, (IMAGE_W - 1) / 2], [0, FOCAL, (IMAGE_H - 1) / 2], [0, 0, 1.0]])
-    depths, ids = zip(*(_render(p, boxes) for p in poses))
+    K = _intrinsics(width, height)
+    depths, ids = zip(*(_render(p, boxes, width, height) for p in poses))
     depth, inst = np.stack(depths), np.stack(ids)
-    u, v = np.meshgrid(np.arange(IMAGE_W, dtype=float), np.arange(IMAGE_H, dtype=float))
-    cam = np.stack([(u - K[0, 2]) / FOCAL, (v - K[1, 2]) / FOCAL, np.ones_like(u)], -1)[None] * depth[..., None]
+    u, v = np.meshgrid(np.arange(width, dtype=float), np.arange(height, dtype=float))
+    cam = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones_like(u)], -1)[None] * depth[..., None]
     world_from_scene = np.linalg.inv(poses[0])
     rel = np.stack([world_from_scene @ p for p in poses])  # camera -> world (frame 0 camera)
     pts = np.einsum("fij,fhwj->fhwi", rel[:, :3, :3], cam) + rel[:, None, None, :3, 3]
@@ -399,3 +407,23 @@ def build_set(n_scenes: int = 6, per_category: int = 2, *, seed: int = 0) -> tup
     """The evaluation set: `n_scenes` scenes (seeds seed .. seed + n_scenes - 1) and their items."""
     scenes = [render_scene(seed + i) for i in range(n_scenes)]
     return scenes, generate_items(scenes, per_category, seed=seed)
+
+
+def benchmark_job(seed: int = 3, *, frames: int = 32, width: int = 640, height: int = 480,
+                  regions: int = 2) -> tuple[PointMaps, list[list[RegionMask]]]:
+    """The measurement cost target's job: `frames` frames of `width` x `height` and `regions` regions
+    (the largest objects, masked on every frame that shows them). Four distinct views are rendered
+    and repeated (the cost of measuring does not depend on the frames being distinct)."""
+    sc = render_scene(seed, n_frames=4, width=width, height=height)
+    reps = -(-frames // 4)
+    pm0 = sc.pointmaps
+
+    def tile(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.concatenate([a] * reps)[:frames])
+
+    pm = PointMaps(points=tile(pm0.points), valid=tile(pm0.valid), intrinsics=tile(pm0.intrinsics),
+                   poses=tile(pm0.poses), scale=1.0, metric=True, source="synthetic")
+    inst = tile(sc.instance)
+    biggest = sorted(range(len(sc.boxes)), key=lambda k: -int((sc.instance == k).sum()))[:regions]
+    masks = [[RegionMask(frame=f, mask=inst[f] == k) for f in range(frames) if (inst[f] == k).any()] for k in biggest]
+    return pm, masks
