@@ -19,6 +19,15 @@ writes:
   strategy (saddle_balanced), and for the last case `forward(x, w2c, K)` with `_given_cameras`.
 - Stored: camera-to-world poses (inverse of the official world-to-camera output), intrinsics,
   per-view depth/confidence mean/std/min/max and every 7th pixel of both maps.
+
+The pre-processing (frames -> the network's input) has its own reference, the file's `preprocessing`
+entry: the official `InputProcessor` (src/depth_anything_3/utils/io/input_processor.py, same commit, called
+unchanged with process_res=504, "upper_bound_resize") run in another throwaway venv (its versions are
+recorded there: OpenCV 4.x and numpy<2, as the official pyproject allows) on seeded uint8 frames of real
+frame sizes. 1280x800 (16:10) is the rounding tie: the long side to 504 gives 315 rows, 7 past a multiple of
+14, which the official code rounds UP to 322 (Python's round-half-even gave 308); 1296x968 (ScanNet) shrinks
+then enlarges (376 -> 378: INTER_AREA, then INTER_CUBIC); 320x240 enlarges only. Stored: the output's size,
+its pixels back in uint8 (sha256, every 13th pixel, mean) and sums of the normalised tensor.
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ import pytest
 import torch
 
 from model.geometry.da3 import build_tiny_da3, load_da3
+from model.geometry.da3.preprocess import network_size, normalise, resize_frames
 
 DATA = json.loads((Path(__file__).parent / "data" / "da3_parity.json").read_text())
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -109,3 +119,30 @@ def test_missing_weights_are_refused(tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="missing"):
         load_da3(tmp_path)
+
+
+PRE = DATA["preprocessing"]
+
+
+@pytest.mark.parametrize("case", PRE["cases"], ids=[c["name"] for c in PRE["cases"]])
+def test_preprocessing_matches_official(case):
+    frames = np.random.default_rng(case["seed"]).integers(0, 256, size=(case["views"], case["height"], case["width"], 3),
+                                                         dtype=np.uint8)
+    assert list(network_size(case["height"], case["width"], case["process_res"])) == case["net_shape"]
+    u8 = resize_frames(frames, case["process_res"])
+    assert list(u8.shape[1:3]) == case["net_shape"]
+    ref_sub = np.frombuffer(bytes.fromhex(case["u8_sub_hex"]), np.uint8).reshape(case["u8_sub_shape"])
+    # Same OpenCV kernels on uint8: equal pixels (one grey level of slack for a different OpenCV build).
+    assert np.abs(u8[:, ::13, ::13].astype(int) - ref_sub).max() <= 1
+    assert u8.mean() == pytest.approx(case["u8_mean"], abs=1e-3)
+    x = normalise(u8).double()
+    assert list(x.shape) == [1, case["views"], 3, *case["net_shape"]]
+    assert float(x.sum()) == pytest.approx(case["x_sum"], rel=1e-5, abs=1e-2)
+    assert float(x.abs().sum()) == pytest.approx(case["x_abs_sum"], rel=1e-5)
+
+
+def test_preprocessing_ties_round_up() -> None:
+    """Issue 28: 16:10 frames hit the tie (315 rows at 504); the official code gives 322, round-half-even 308."""
+    assert network_size(800, 1280, 504) == (322, 504)
+    assert network_size(1280, 800, 504) == (504, 322)
+    assert network_size(574, 1008, 504) == (294, 504)  # 287 -> 294 (the issue's example)

@@ -14,19 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from model.device import model_dir_or_tiny, resolve_device, thread_stream
+from model.geometry.da3 import preprocess as da3_preprocess
 from model.geometry.intrinsics import broadcast_intrinsics
-from model.geometry.project import as_tensor, backproject, finalize
+from model.geometry.project import backproject, finalize
 from model.geometry.types import PointMaps
-
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
 
 
 def network_size(h: int, w: int, process_res: int, patch: int = 14) -> tuple[int, int]:
-    """Long side scaled to `process_res`, then each side rounded to the nearest patch multiple (the
-    official pre-processing's "upper_bound_resize")."""
-    s = process_res / max(h, w)
-    return tuple(max(patch, int(round(round(x * s) / patch)) * patch) for x in (h, w))  # type: ignore[return-value]
+    """Long side scaled to `process_res`, then each side to the nearest patch multiple, ties up (the
+    official pre-processing's "upper_bound_resize"; model/geometry/da3/preprocess.py)."""
+    return da3_preprocess.network_size(h, w, process_res, patch)
 
 
 class MultiViewBackend:
@@ -63,14 +60,12 @@ class MultiViewBackend:
 
     @torch.inference_mode()
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 [F, H, W, 3] -> normalised [1, F, 3, h, w] on the device (bicubic resize there)."""
-        x = as_tensor(frames).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-        size = network_size(x.shape[2], x.shape[3], self.process_res, self.net.config.backbone.patch_size)
-        if tuple(x.shape[2:]) != size:
-            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
-        mean = torch.tensor(_MEAN, device=self.device)[:, None, None]
-        std = torch.tensor(_STD, device=self.device)[:, None, None]
-        return ((x - mean) / std)[None]
+        """uint8 [F, H, W, 3] -> normalised [1, F, 3, h, w] on the device. The resizes are the official
+        ones (OpenCV INTER_AREA / INTER_CUBIC on uint8, on the CPU), then normalised on the device."""
+        u8 = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+        u8 = da3_preprocess.resize_frames(u8.astype(np.uint8, copy=False), self.process_res,
+                                          self.net.config.backbone.patch_size)
+        return da3_preprocess.normalise(u8, self.device)
 
     @torch.inference_mode()
     def predict(self, frames: np.ndarray) -> dict[str, torch.Tensor]:
