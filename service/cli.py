@@ -15,6 +15,7 @@ COMMANDS = {
     "tiny-checkpoint": "service.commands.tiny_checkpoint",
     "bench": "loadtests.bench",  # benchmarks live with the load tests
     "eval": "service.commands.eval",
+    "measure-set": "service.commands.measure_set",  # the synthetic set `sr3d eval` runs (issue 25)
 }
 
 

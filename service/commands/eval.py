@@ -3,6 +3,13 @@ score the served model on a benchmark's public release with the benchmark's own 
 and metrics. Every item goes through the HTTP API; `--in-process` starts `sr3d serve` (embedded
 Redis, in-process worker, SR3D_MODEL or the tiny demo model) on a free loopback port for the run,
 so there is one serving path, not a second one for evaluation. Needs no torch in this process.
+
+The project's own region-measurement set (`sr3d measure-set OUT`, synthetic scenes with exact depth)
+is a `spatialrgpt` dataset with RGB-D scene files: `--answer-mode measured` asks for answers written
+from the measurements, and `--no-scene` leaves the scene files out so the same questions go through
+the depth-model routes (relative scale: lengths cannot be in metres there). The report records the
+answer mode (asked for, and as the service reported it) and whether scenes were sent; a results
+directory made with other settings is refused rather than mixed.
 """
 from __future__ import annotations
 
@@ -12,6 +19,11 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported lazily at run time: `sr3d eval --help` stays light
+    from service.eval.datasets import EvalItem
+    from service.eval.runner import RunSettings
 
 
 def _positive(text: str) -> int:
@@ -36,8 +48,27 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-frames", type=_positive, default=None, help="frames sampled per video (default: the server's)")
     p.add_argument("--max-tokens", type=_positive, default=None,
                    help="override the benchmark's max new tokens (16 / 128); the report records it")
+    p.add_argument("--answer-mode", choices=("model", "grounded", "measured"), default=None,
+                   help="the request's answer_mode option (default: the server's SR3D_ANSWER_MODE)")
+    p.add_argument("--no-scene", action="store_true",
+                   help="do not send the items' RGB-D scene files (measurement set): point maps come from the "
+                        "depth-model routes instead of exact depth")
     p.add_argument("--api-key", default=os.environ.get("SR3D_API_KEY"))
     p.set_defaults(func=main)
+
+
+def _settings_clash(rows: dict[str, dict[str, Any]], items: list[EvalItem], settings: RunSettings) -> str | None:
+    """A results file made with another answer mode or scene setting: name the difference."""
+    by_id = {it.id: it for it in items}
+    for key, row in rows.items():
+        if key not in by_id:
+            continue
+        asked = row.get("answer_mode_requested")
+        if asked != settings.answer_mode:
+            return f"answer mode {asked!r}, this run asks {settings.answer_mode!r}"
+        if bool(row.get("scene_sent")) != settings.row_fields(by_id[key])["scene_sent"]:
+            return "RGB-D scenes " + ("sent, this run has --no-scene" if row.get("scene_sent") else "not sent, this run sends them")
+    return None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -57,7 +88,13 @@ def main(args: argparse.Namespace) -> int:
         print("sr3d eval: no items", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    done_before = len(runner.load_results(args.out / runner.RESULTS).keys() & {it.id for it in items})
+    settings = runner.RunSettings(answer_mode=args.answer_mode, send_scene=not args.no_scene)
+    previous = runner.load_results(args.out / runner.RESULTS)
+    clash = _settings_clash(previous, items, settings)
+    if clash:
+        print(f"sr3d eval: {args.out / runner.RESULTS} was made with {clash}; use another --out", file=sys.stderr)
+        return 2
+    done_before = len(previous.keys() & {it.id for it in items})
     print(f"sr3d eval: {len(items)} items, {done_before} already in {args.out / runner.RESULTS}", flush=True)
 
     def progress(row: dict, n: int, total: int) -> None:
@@ -66,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
 
     async def go(url: str) -> dict:
         return await runner.run_items(items, url, args.out, concurrency=args.concurrency, api_key=args.api_key,
-                                      num_frames=args.num_frames, on_done=progress)
+                                      num_frames=args.num_frames, on_done=progress, settings=settings)
 
     if done_before == len(items):  # nothing left to ask: only re-score (no service needed)
         rows = runner.load_results(args.out / runner.RESULTS)
@@ -86,7 +123,8 @@ def main(args: argparse.Namespace) -> int:
     missing = len(wanted) - len(rows)
     rep = report.score(args.fmt, rows)
     rep.update(dataset=str(args.dataset), items=len(items), unfinished=missing,
-               max_new_tokens=items[0].max_tokens, num_frames=args.num_frames)
+               max_new_tokens=items[0].max_tokens, num_frames=args.num_frames,
+               **_run_facts(items, rows, settings))
     paths = report.write(rep, args.out, f"sr3d eval {args.fmt}: {args.dataset.name} ({len(rows)} items)")
     print(report.text_table(rep))
     print("wrote " + ", ".join(str(p) for p in paths))
@@ -95,3 +133,19 @@ def main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _run_facts(items: list[EvalItem], rows: dict[str, dict[str, Any]], settings: RunSettings) -> dict[str, Any]:
+    """What the run asked for and what the service said it did: answer mode (requested; per the
+    `done` events), scenes (items that have one; rows that sent one), measurement scale per row."""
+    from collections import Counter
+
+    with_scene = sum(1 for it in items if it.scene is not None)
+    return {
+        "answer_mode_requested": settings.answer_mode,
+        "answer_mode": dict(Counter(str(r.get("answer_mode")) for r in rows.values())),
+        "scenes_sent": sum(1 for r in rows.values() if r.get("scene_sent")),
+        "items_with_scene": with_scene,
+        "no_scene": not settings.send_scene,
+        "measure_scale": dict(Counter(str(r.get("measure_scale")) for r in rows.values())),
+    }

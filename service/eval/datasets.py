@@ -13,6 +13,12 @@ records is accepted) whose records carry `id`, `image_info {file_path, height, w
 `{media_root}/{image_info.file_path}`. Nested fields stored as strings (the Hugging Face export)
 are parsed. As their script does, masks come from `rle` when it decodes
 and from `bbox` otherwise.
+
+The project's own region-measurement set (`sr3d measure-set`, service/eval/measure_set.py) is read
+by the same loader through optional extension fields the real bench lacks: `scene_file` (an RGB-D
+.npz sent as the request's `scene` part), `frames` (per region, its mask on each of several video
+frames: `[{frame, rle}, ...]`, used instead of `rle`/`bbox`) and `benchmark: "vsibench"` (a VSI-Bench
+style numeric item: VSI-Bench's prompt, 16 new tokens, scored with MRA).
 """
 from __future__ import annotations
 
@@ -44,6 +50,13 @@ class EvalItem:
     regions: list[list[dict[str, Any]]] = field(default_factory=list)
     masks: dict[str, bytes] = field(default_factory=dict)  # multipart part name -> PNG
     max_tokens: int = 16
+    scene: Path | None = None  # measurement set: RGB-D .npz sent as the `scene` part (exact depth)
+    benchmark: str = ""  # measurement set: "vsibench" for VSI-Bench-style items in a spatialrgpt file
+
+    @property
+    def region_frames(self) -> list[list[int]]:
+        """The frames each region is drawn on (one per region for the real benchmarks)."""
+        return [[int(a["frame"]) for a in region] for region in self.regions]
 
 
 class DatasetError(ValueError):
@@ -175,7 +188,7 @@ def _clamped_box(box: list[float], width: int, height: int) -> list[float] | Non
     return [float(x0), float(y0), float(x1), float(y1)] if x1 > x0 and y1 > y0 else None
 
 
-_STRUCTURED = ("image_info", "qa_info", "conversations", "bbox", "rle")
+_STRUCTURED = ("image_info", "qa_info", "conversations", "bbox", "rle", "frames")
 
 
 def _unstring(rec: dict[str, Any]) -> dict[str, Any]:
@@ -203,30 +216,67 @@ def _spatialrgpt(dataset: Path, media_root: Path | None) -> Iterator[EvalItem]:
         if missing:
             raise DatasetError(f"{ann}: record without {sorted(missing)}")
         info = rec["image_info"]
-        regions: list[list[dict[str, Any]]] = []
-        masks: dict[str, bytes] = {}
-        try:  # their order: RLE masks first, boxes when the RLE is absent or broken
-            for k, rle in enumerate(rec["rle"]):
-                masks[f"mask{k}"] = _png(decode_coco_rle(rle))
-                regions.append([{"frame": 0, "mask": f"mask{k}"}])
-        except (KeyError, TypeError, ValueError, IndexError):
-            regions, masks = [], {}
-            for box in rec.get("bbox") or []:
-                clamped = _clamped_box(list(box), int(info["width"]), int(info["height"]))
-                if clamped is None:
-                    raise DatasetError(f"{ann}: item {rec['id']}: empty box {box}") from None
-                regions.append([{"frame": 0, "box": clamped}])
+        if rec.get("frames") is not None:  # measurement set: each region on several frames
+            regions, masks = _frame_masks(rec, ann)
+        else:
+            regions, masks = _single_frame_masks(rec, info, ann)
         conv = rec["conversations"]
         question = srgpt_question(conv[0]["value"])
         # Their model silently ignores masks no <mask> token uses; our API rejects unreferenced
         # regions (422), so send only regions 0..K for the highest <regionK> the question names.
         used = [int(k) for k in re.findall(r"<region(\d+)>", question)]
         n_used = max(used) + 1 if used else 0
-        regions, masks = regions[:n_used], {f"mask{k}": masks[f"mask{k}"] for k in range(n_used) if f"mask{k}" in masks}
+        regions = regions[:n_used]
+        named = {a["mask"] for region in regions for a in region if "mask" in a}
+        masks = {name: png for name, png in masks.items() if name in named}
+        scene = root / rec["scene_file"] if rec.get("scene_file") else None
+        common = dict(id=str(rec["id"]), category=rec["qa_info"]["category"], media=root / info["file_path"],
+                      ground_truth=conv[1]["value"], regions=regions, masks=masks, scene=scene)
+        if rec.get("benchmark") == "vsibench":  # VSI-Bench's prompt and decoding, scored with MRA
+            if rec["qa_info"]["category"] not in metrics.VSI_NUMERIC_TYPES:
+                raise DatasetError(f"{ann}: item {rec['id']}: VSI-Bench item of non-numeric type "
+                                   f"{rec['qa_info']['category']!r}")
+            yield EvalItem(**common, question=metrics.vsi_prompt(rec["qa_info"]["category"], question, None),
+                           qa_type=rec["qa_info"]["type"], benchmark="vsibench", max_tokens=metrics.VSI_MAX_NEW_TOKENS)
+            continue
         # Their script asks every human turn; the bench has one turn per item.
-        yield EvalItem(
-            id=str(rec["id"]), category=rec["qa_info"]["category"], qa_type=rec["qa_info"]["type"],
-            media=root / info["file_path"], question=question,
-            ground_truth=conv[1]["value"], judge_question=rec.get("text_q", conv[0]["value"]),
-            regions=regions, masks=masks, max_tokens=metrics.SRGPT_MAX_NEW_TOKENS,
-        )
+        yield EvalItem(**common, question=question, qa_type=rec["qa_info"]["type"], benchmark="spatialrgpt",
+                       judge_question=rec.get("text_q", conv[0]["value"]), max_tokens=metrics.SRGPT_MAX_NEW_TOKENS)
+
+
+def _single_frame_masks(rec: dict[str, Any], info: dict[str, Any], ann: Path) -> tuple[list[list[dict[str, Any]]], dict[str, bytes]]:
+    """The bench's own regions: one per `rle` entry on frame 0, or per `bbox` when the RLE is absent or broken."""
+    regions: list[list[dict[str, Any]]] = []
+    masks: dict[str, bytes] = {}
+    try:  # their order: RLE masks first, boxes when the RLE is absent or broken
+        for k, rle in enumerate(rec["rle"]):
+            masks[f"mask{k}"] = _png(decode_coco_rle(rle))
+            regions.append([{"frame": 0, "mask": f"mask{k}"}])
+    except (KeyError, TypeError, ValueError, IndexError):
+        regions, masks = [], {}
+        for box in rec.get("bbox") or []:
+            clamped = _clamped_box(list(box), int(info["width"]), int(info["height"]))
+            if clamped is None:
+                raise DatasetError(f"{ann}: item {rec['id']}: empty box {box}") from None
+            regions.append([{"frame": 0, "box": clamped}])
+    return regions, masks
+
+
+def _frame_masks(rec: dict[str, Any], ann: Path) -> tuple[list[list[dict[str, Any]]], dict[str, bytes]]:
+    """The `frames` extension: region k's mask on frame f becomes part `mask{k}_f{f}`."""
+    regions: list[list[dict[str, Any]]] = []
+    masks: dict[str, bytes] = {}
+    try:
+        for k, anns in enumerate(rec["frames"]):
+            region = []
+            for a in anns:
+                frame = int(a["frame"])
+                name = f"mask{k}_f{frame}"
+                masks[name] = _png(decode_coco_rle(a["rle"]))
+                region.append({"frame": frame, "mask": name})
+            if not region:
+                raise ValueError(f"region {k} has no frames")
+            regions.append(region)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise DatasetError(f"{ann}: item {rec.get('id')}: bad `frames` entry ({e})") from None
+    return regions, masks

@@ -10,6 +10,11 @@ leaves whole lines plus at most one torn last line; a resumed run drops the torn
 every id already present. Items that hit a transient failure (connection lost for good, 429/5xx
 on submit) are not written, so the next run retries them; items the service rejected (4xx) or
 whose job failed are written with `error` set and score 0, as an unanswered question does.
+
+`RunSettings` are what a run sends besides the item: `answer_mode` (the request option; None = the
+server's default) and whether an item's RGB-D `scene` file goes with it (`--no-scene` sends the same
+item without it, so the point maps come from the depth-model routes). Every row records both, and
+the answer mode the service says it used, so a results file never silently mixes settings.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +76,28 @@ def run_id(out_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def _request(item: EvalItem, num_frames: int | None, run: str) -> JobRequest:
+@dataclass(frozen=True)
+class RunSettings:
+    answer_mode: str | None = None  # "model" | "grounded" | "measured"; None = the server's setting
+    send_scene: bool = True  # send an item's RGB-D scene file when it has one
+
+    def row_fields(self, item: EvalItem) -> dict[str, Any]:
+        return {"answer_mode_requested": self.answer_mode, "scene_sent": self.send_scene and item.scene is not None}
+
+
+def _request(item: EvalItem, num_frames: int | None, run: str, settings: RunSettings = RunSettings()) -> JobRequest:
     options: dict[str, Any] = {"max_tokens": item.max_tokens, "temperature": 0.0, "top_p": 1.0}
     if num_frames:
         options["num_frames"] = num_frames
+    if settings.answer_mode:
+        options["answer_mode"] = settings.answer_mode
+    scene = None
+    if settings.send_scene and item.scene is not None:
+        scene = Media("scene", item.scene.name, item.scene.read_bytes(), "application/octet-stream")
     # Keyed by run and item: a resumed run picks up a job its predecessor queued before dying,
     # and a new run (another checkpoint behind the same Redis) never gets an old run's answer.
     return JobRequest(Media.from_path(item.media), item.question, item.regions, item.masks, options,
-                      idempotency_key=f"sr3d-eval-{run}-{item.id}")
+                      idempotency_key=f"sr3d-eval-{run}-{item.id}", scene=scene)
 
 
 def _row(item: EvalItem, prediction: str, **extra: Any) -> dict[str, Any]:
@@ -85,14 +105,25 @@ def _row(item: EvalItem, prediction: str, **extra: Any) -> dict[str, Any]:
            "prediction": prediction}
     if item.qa_type:
         row.update(qa_type=item.qa_type, judge_question=item.judge_question)
+    if item.benchmark:
+        row["benchmark"] = item.benchmark
     return {**row, **extra}
 
 
-async def _one(client: SR3DClient, item: EvalItem, num_frames: int | None, run: str) -> dict[str, Any] | None:
+async def _one(client: SR3DClient, item: EvalItem, num_frames: int | None, run: str,
+               settings: RunSettings = RunSettings()) -> dict[str, Any] | None:
+    row = await _ask(client, item, num_frames, run, settings)
+    return None if row is None else {**row, **settings.row_fields(item)}
+
+
+async def _ask(client: SR3DClient, item: EvalItem, num_frames: int | None, run: str,
+               settings: RunSettings) -> dict[str, Any] | None:
     if not item.media.exists():
         return _row(item, "", error={"code": "media_missing", "message": f"{item.media} not found"})
+    if settings.send_scene and item.scene is not None and not item.scene.exists():
+        return _row(item, "", error={"code": "scene_missing", "message": f"{item.scene} not found"})
     for attempt in range(TRANSIENT_RETRIES + 1):
-        res = await client.run(_request(item, num_frames, run))
+        res = await client.run(_request(item, num_frames, run, settings))
         if res.terminal is not None or (res.http_status is not None and 400 <= res.http_status < 500
                                         and res.http_status != 429):
             break
@@ -106,13 +137,21 @@ async def _one(client: SR3DClient, item: EvalItem, num_frames: int | None, run: 
     if end.type == "error":
         return _row(item, "", error=end.data if isinstance(end.data, dict) else {"message": str(end.data)})
     data = end.data if isinstance(end.data, dict) else {}
+    extra: dict[str, Any] = {}
+    if data.get("answer_mode") is not None:  # what the service says wrote the text
+        extra["answer_mode"] = data["answer_mode"]
+    if data.get("measurements") is not None:  # scale (metric / relative) and source, for the report
+        m = data["measurements"]
+        extra["measure_scale"] = m.get("scale") if isinstance(m, dict) else None
+        extra["measure_source"] = m.get("source") if isinstance(m, dict) else None
     return _row(item, str(data.get("answer", res.answer_from_tokens)).strip(),
-                finish_reason=data.get("finish_reason"), usage=data.get("usage"))
+                finish_reason=data.get("finish_reason"), usage=data.get("usage"), **extra)
 
 
 async def run_items(items: list[EvalItem], url: str, out_dir: Path, *, concurrency: int = 4,
                     api_key: str | None = None, num_frames: int | None = None,
-                    on_done: Callable[[dict[str, Any], int, int], None] | None = None) -> dict[str, dict[str, Any]]:
+                    on_done: Callable[[dict[str, Any], int, int], None] | None = None,
+                    settings: RunSettings = RunSettings()) -> dict[str, dict[str, Any]]:
     """Run every item not already in out_dir/results.jsonl; return all finished rows by id."""
     path = out_dir / RESULTS
     done = load_results(path)
@@ -124,7 +163,7 @@ async def run_items(items: list[EvalItem], url: str, out_dir: Path, *, concurren
 
     async def worker(client: SR3DClient, item: EvalItem) -> None:
         async with sem:
-            row = await _one(client, item, num_frames, run)
+            row = await _one(client, item, num_frames, run, settings)
         if row is not None:
             writer.append(row)
             done[item.id] = row
