@@ -35,6 +35,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "bench-out" / "web"
 VIEWPORT = {"width": 1440, "height": 1000}
+PHONE = {"width": 390, "height": 844}  # a common phone's CSS viewport
 
 
 def _chromium() -> str:
@@ -82,8 +83,9 @@ class PageLog:
         page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
 
     def unexpected(self) -> list[str]:
-        # The key probe (GET of a job id that does not exist) is answered 404 (keys off) or 401 (keys on) by design.
-        return [e for e in self.errors if not ("Failed to load resource" in e and ("404" in e or "401" in e))]
+        # The key probe (GET /v1/models) is answered 401 when keys are on and none or a wrong one was
+        # sent, by design; anything else (a 404 included) is a fault.
+        return [e for e in self.errors if not ("Failed to load resource" in e and "401" in e)]
 
 
 def shot(page: Any, name: str, **kw: Any) -> Path:
@@ -324,6 +326,13 @@ def test_page_asks_for_a_key_keeps_it_for_the_tab_and_cancels(browser: Any, redi
         log = PageLog(page)
         page.goto(base + "/")
         page.wait_for_selector("#key-dialog[open]")
+        assert page.locator("#key-error").is_hidden()  # asked, not yet refused
+        # A wrong key: the page says it was rejected and asks again (it does not keep it).
+        page.fill("#key-input", "not-the-key")
+        page.click("#key-dialog button")
+        page.wait_for_selector("#key-dialog[open] #key-error:not([hidden])")
+        assert "rejected" in page.inner_text("#key-error").lower()
+        assert page.input_value("#key-input") == ""
         page.fill("#key-input", "k-web")
         page.click("#key-dialog button")
         page.wait_for_selector("#key-dialog", state="hidden")
@@ -425,4 +434,207 @@ def test_a_dropped_stream_is_resumed_with_last_event_id(browser: Any, service: s
     assert page.locator("#answer").text_content() == view["answer"]
     shot(page, "6-resumed.png")
     assert log.unexpected() == []
+    context.close()
+
+
+def layout_faults(page: Any) -> dict[str, Any]:
+    """What sticks out at the current viewport: the document's scroll width against its client width,
+    and every rendered element whose visible box (clipped by its scrolling/clipping ancestors) lies
+    past the viewport's left or right edge, or whose step heading runs past its card."""
+    return page.evaluate("""() => {
+        const root = document.documentElement, vw = root.clientWidth;
+        const name = (el) => el.tagName.toLowerCase() + (el.id ? '#' + el.id : '')
+            + (el.classList.length ? '.' + [...el.classList].join('.') : '');
+        const outside = [];
+        for (const el of document.querySelectorAll('body *')) {
+            const r = el.getBoundingClientRect();
+            if (r.width === 0 && r.height === 0) continue;  // not rendered
+            let left = r.left, right = r.right;
+            for (let a = el.parentElement; a && a !== document.body; a = a.parentElement) {
+                if (getComputedStyle(a).overflowX === 'visible') continue;
+                const c = a.getBoundingClientRect();
+                left = Math.max(left, c.left); right = Math.min(right, c.right);
+            }
+            if (right > left && (right > vw + 0.5 || left < -0.5)) outside.push([name(el), left, right]);
+        }
+        const headings = [...document.querySelectorAll('.card h2')].map(h => {
+            const r = h.getBoundingClientRect(), c = h.closest('.card').getBoundingClientRect();
+            return {text: h.textContent, top: r.top, inside: r.left >= c.left - 0.5 && r.right <= c.right + 0.5,
+                    fits: h.scrollWidth <= h.clientWidth + 1};
+        });
+        return {scrollWidth: root.scrollWidth, clientWidth: vw, outside, headings};
+    }""")
+
+
+def assert_fits_phone(page: Any, when: str) -> None:
+    faults = layout_faults(page)
+    assert faults["scrollWidth"] <= faults["clientWidth"], (when, faults)
+    assert faults["clientWidth"] == PHONE["width"], (when, faults)
+    assert faults["outside"] == [], (when, faults["outside"])
+    heads = faults["headings"]
+    assert all(h["inside"] and h["fits"] for h in heads), (when, heads)
+    # The four steps top to bottom in their own order (not column by column).
+    order = [h["text"].split("·")[0].strip() for h in sorted(heads, key=lambda h: h["top"])]
+    assert order == ["1", "2", "3", "4"], (when, order)
+    # "SR-3D" on one line: every line box of the title's text starts at the same height.
+    tops = page.evaluate("""() => {
+        const brand = document.querySelector('.brand');
+        const text = [...brand.childNodes].find(n => n.nodeType === 3 && n.textContent.includes('SR-3D'));
+        const range = document.createRange(); range.selectNodeContents(text);
+        return [...range.getClientRects()].filter(r => r.width > 0).map(r => Math.round(r.top));
+    }""")
+    assert tops and len(set(tops)) == 1, (when, tops)
+
+
+def test_phone_viewport_fits_and_keeps_the_steps_in_order(browser: Any, service: str) -> None:
+    """At 390 x 844 CSS px (a phone, touch, device pixel ratio 3): nothing runs past the screen's
+    width, the steps read 1 2 3 4 downwards, the "Choose a file" button is whole and tappable, and
+    the title stays on one line; the same after a clip is loaded, two regions drawn and answered."""
+    context = browser.new_context(viewport=PHONE, device_scale_factor=3, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    log = PageLog(page)
+    page.goto(service + "/")
+    page.wait_for_selector(".drop-hint label.button")
+    assert_fits_phone(page, "empty page")
+    button = page.locator(".drop-hint label.button")
+    button.scroll_into_view_if_needed()
+    whole = page.evaluate("""() => {
+        const b = document.querySelector('.drop-hint label.button').getBoundingClientRect();
+        const d = document.getElementById('drop').getBoundingClientRect();
+        const hit = document.elementFromPoint(b.left + b.width / 2, b.top + b.height / 2);
+        return {inDrop: b.left >= d.left && b.right <= d.right && b.top >= d.top && b.bottom <= d.bottom,
+                inView: b.left >= 0 && b.right <= innerWidth && b.top >= 0 && b.bottom <= innerHeight,
+                hit: !!hit && !!hit.closest('.drop-hint label.button'), height: b.height};
+    }""")
+    assert whole["inDrop"] and whole["inView"] and whole["hit"] and whole["height"] > 20, whole
+    shot(page, "7-phone-empty.png", full_page=True)
+
+    page.set_input_files("#file", str(find_fixture(BOTTLE_NAME)))
+    page.wait_for_selector("#strip .thumb")
+    page.wait_for_selector("#drop:not(.empty)")
+    page.locator("#stage").scroll_into_view_if_needed()
+    drag_box(page, (40.0, 110.0, 200.0, 340.0))
+    drag_box(page, (420.0, 110.0, 590.0, 340.0))
+    assert page.locator("#regions .region").count() == 2
+    page.fill("#question", "How far is <region0> from <region1>?")
+    page.click(".options summary")
+    page.fill("#opt-max-tokens", "8")
+    assert_fits_phone(page, "clip loaded, regions drawn, options open")
+    page.click("#ask")
+    page.wait_for_selector("#answer[data-status]", timeout=180_000)
+    assert page.get_attribute("#answer", "data-status") == "done"
+    page.wait_for_selector("#view3d[data-points]", timeout=60_000)
+    assert_fits_phone(page, "answered, scene shown")
+    shot(page, "8-phone-answered.png", full_page=True)
+    assert log.unexpected() == []
+    context.close()
+
+
+def test_page_without_a_file_then_row_clicks_arrow_keys_and_an_image(browser: Any, service: str, tmp_path: Path) -> None:
+    """Ctrl+Enter before a file says what is missing (not a JavaScript error), and a loaded file
+    clears it; five quick → presses move exactly five frames; a click anywhere on a region row but
+    its label inserts the region; an image's scene is counted as "1 camera". No console error on
+    the way (no 404 from the key probe either)."""
+    import av
+
+    image = tmp_path / "frame.png"
+    with av.open(str(find_fixture(BOTTLE_NAME))) as container:
+        next(container.decode(video=0)).to_image().save(image)
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    log = PageLog(page)
+    page.goto(service + "/")
+
+    page.fill("#question", "What is this?")
+    page.press("#question", "Control+Enter")
+    page.wait_for_selector("#answer[data-notice='media']")
+    assert page.inner_text("#answer").strip() == "Choose a video or image first."
+    page.set_input_files("#file", str(find_fixture(BOTTLE_NAME)))
+    page.wait_for_selector("#answer:not([data-notice])")
+    assert page.inner_text("#answer").strip() == ""
+
+    # Five quick presses: each moves one frame, whether or not the previous seek has landed.
+    page.wait_for_selector("#frame-badge:text-is('frame 0')")
+    page.wait_for_selector("#drop:not([data-seeking])")
+    page.focus("#stage")
+    for _ in range(5):
+        page.keyboard.press("ArrowRight")
+    page.wait_for_selector("#drop:not([data-seeking])")
+    for _ in range(3):  # and it stays there
+        next_frame(page)
+    assert page.inner_text("#frame-badge") == "frame 5"
+    assert page.input_value("#scrubber") == "5"
+    page.keyboard.press("ArrowLeft")
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_selector("#drop:not([data-seeking])")
+    assert page.inner_text("#frame-badge") == "frame 3"
+
+    drag_box(page, (40.0, 110.0, 200.0, 340.0))
+    drag_box(page, (420.0, 110.0, 590.0, 340.0))
+    page.fill("#question", "How far is ")
+    page.locator("#question").evaluate("q => q.setSelectionRange(q.value.length, q.value.length)")
+    for k, then in ((0, " from "), (1, "?")):
+        row = f"#regions .region[data-region='{k}']"
+        # The row's middle is not its label field: that is where a person clicks.
+        hit = page.eval_on_selector(row, """r => { const b = r.getBoundingClientRect();
+            return document.elementFromPoint(b.left + b.width / 2, b.top + b.height / 2).tagName; }""")
+        assert hit != "INPUT", hit
+        page.click(row)  # Playwright clicks the middle of the row
+        page.keyboard.type(then)
+    assert page.input_value("#question") == "How far is <region0> from <region1>?"
+    page.click("#regions .region[data-region='1'] input")  # editing a label inserts nothing
+    page.keyboard.press("End")
+    page.keyboard.type(" left")
+    assert page.input_value("#question") == "How far is <region0> from <region1>?"
+    assert page.input_value("#regions .region[data-region='1'] input") == "object 1 left"
+
+    # An image: one camera, said in the singular.
+    page.set_input_files("#file", str(image))
+    page.wait_for_selector("#scrub", state="hidden")
+    drag_box(page, (10.0, 10.0, 120.0, 90.0))
+    page.fill("#question", "What is <region0>?")
+    page.click(".options summary")
+    page.fill("#opt-max-tokens", "4")
+    page.click("#ask")
+    page.wait_for_selector("#answer[data-status]", timeout=180_000)
+    assert page.get_attribute("#answer", "data-status") == "done"
+    page.wait_for_selector("#view3d[data-points]", timeout=60_000)
+    legend = page.inner_text("#legend")
+    assert "· 1 camera" in legend and "1 cameras" not in legend, legend
+    assert log.unexpected() == []
+    context.close()
+
+
+def test_docs_render_offline_from_this_server(browser: Any, service: str) -> None:
+    """/docs is Swagger UI from this server's own files (no CDN): every request it makes goes to the
+    service's origin and succeeds, the CSP lets it render the API's title and routes, and no
+    console error (a CSP violation included) is logged."""
+    from urllib.parse import urlsplit
+
+    html = httpx.get(f"{service}/docs", timeout=10)  # Swagger UI 5, from the fastapi-offline package
+    assert html.status_code == 200 and "Content-Security-Policy" in html.headers
+    assert "//" not in html.text.replace("/openapi.json", ""), "the docs page names another host"
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    log = PageLog(page)
+    origin = urlsplit(service).netloc
+    seen: list[tuple[str, int]] = []
+    page.on("requestfinished", lambda r: seen.append((r.url, r.response().status if r.response() else 0)))
+    failed: list[str] = []
+    page.on("requestfailed", lambda r: failed.append(r.url))
+    page.goto(service + "/docs")
+    try:
+        page.wait_for_selector(".swagger-ui .info .title:has-text('SR-3D spatial QA')")
+    except Exception as e:  # say why it did not render (a CSP violation shows up in the log)
+        raise AssertionError(f"Swagger UI did not render: {log.errors} {failed} {seen}") from e
+    page.wait_for_selector(".swagger-ui .opblock-summary-path[data-path='/v1/spatial-qa']")
+    for _ in range(3):
+        next_frame(page)
+    assert failed == [], failed
+    hosts = {urlsplit(u).netloc for u, _ in seen if not u.startswith("data:")}
+    assert hosts == {origin}, seen
+    assert all(status == 200 for _, status in seen), seen
+    assert any(u.endswith("/docs/assets/swagger-ui-bundle.js") for u, _ in seen), seen
+    assert log.unexpected() == []
+    shot(page, "9-docs.png")
     context.close()

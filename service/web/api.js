@@ -13,7 +13,7 @@ export class ApiError extends Error {
 
 export class Api {
   constructor(onNeedKey) {
-    this.onNeedKey = onNeedKey; // async () => key | null
+    this.onNeedKey = onNeedKey; // async (rejected: bool) => key | null
   }
 
   get key() { return sessionStorage.getItem(KEY) || ""; }
@@ -25,15 +25,20 @@ export class Api {
     return h;
   }
 
-  /** fetch() with the key; a 401 asks for a key once and retries. Errors become ApiError. */
-  async request(path, init = {}, retried = false) {
-    const res = await fetch(path, { ...init, headers: this.headers(init.headers || {}) });
-    if (res.status === 401 && !retried) {
-      const key = await this.onNeedKey();
-      if (key) {
-        this.key = key;
-        return this.request(path, init, true);
+  /** fetch() with the key. A 401 asks for a key (saying "rejected" when one was sent) and retries
+   * with it, until the server takes one or the person dismisses the dialog. Errors become ApiError. */
+  async request(path, init = {}) {
+    let res;
+    for (;;) {
+      const sent = this.key;
+      res = await fetch(path, { ...init, headers: this.headers(init.headers || {}) });
+      if (res.status !== 401) break;
+      const key = await this.onNeedKey(Boolean(sent));
+      if (!key) {
+        if (sent) this.key = ""; // refused and not replaced: stop sending it
+        break;
       }
+      this.key = key;
     }
     if (!res.ok) {
       let code = `http_${res.status}`, message = res.statusText;
@@ -46,10 +51,14 @@ export class Api {
     return res;
   }
 
-  /** True when the server wants a key (probe: a well-formed id that names no job). */
-  async keysRequired() {
-    const res = await fetch(`/v1/spatial-qa/${"0".repeat(32)}`, { headers: this.headers() });
-    return res.status === 401;
+  /** Whether this tab may call the API: "ok", "required" (no key sent, the server wants one) or
+   * "rejected" (the key sent was refused). Probes GET /v1/models: authenticated, cheap, and 200 for
+   * anyone allowed in (a probe of a made-up job id would log a 404 on every load). */
+  async access() {
+    const sent = this.key;
+    const res = await fetch("/v1/models", { headers: this.headers() });
+    if (res.status !== 401) return "ok";
+    return sent ? "rejected" : "required";
   }
 
   async job(id) { return (await this.request(`/v1/spatial-qa/${id}`)).json(); }

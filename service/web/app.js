@@ -23,31 +23,42 @@ const stage = new Stage($("stage"), addShape);
 let viewer = null;
 
 // ---- API key ----------------------------------------------------------------------------------
-function askForKey() {
+let keyAsked = null; // the open dialog's promise: one dialog at a time, however many requests wait
+
+/** Ask for a key (resolves with it, or null when dismissed). `rejected`: the key just sent was
+ * refused, and the dialog says so instead of silently asking again. */
+function askForKey(rejected = false) {
   const dlg = $("key-dialog");
+  if (keyAsked) return keyAsked;
+  $("key-error").hidden = !rejected;
   $("key-input").value = "";
+  dlg.returnValue = ""; // Escape keeps the last returnValue: clear it so a dismissal is not an "ok"
   dlg.showModal();
-  return new Promise((resolve) => {
+  keyAsked = new Promise((resolve) => {
     dlg.addEventListener("close", () => {
+      keyAsked = null;
       const key = dlg.returnValue === "ok" ? $("key-input").value.trim() : "";
       if (key) api.key = key;
       resolve(key || null);
     }, { once: true });
   });
+  return keyAsked;
 }
 
+/** On load: when the server wants a key, ask until it accepts one (or the person dismisses the dialog). */
 async function checkKeys() {
   try {
-    if (await api.keysRequired()) {
-      $("key-button").hidden = false;
-      if (!api.key || await api.keysRequired()) {
-        api.key = "";
-        await askForKey();
-      }
+    let access = await api.access();
+    if (access === "ok") return;
+    $("key-button").hidden = false;
+    while (access !== "ok") {
+      if (access === "rejected") api.key = ""; // a refused key is not kept for the next request
+      if (!await askForKey(access === "rejected")) return;
+      access = await api.access();
     }
   } catch { /* server unreachable: the first request will say so */ }
 }
-$("key-button").addEventListener("click", askForKey);
+$("key-button").addEventListener("click", () => askForKey(false));
 
 // ---- media ------------------------------------------------------------------------------------
 async function loadFile(file) {
@@ -57,6 +68,8 @@ async function loadFile(file) {
     const media = await openMedia(file);
     if (state.media) state.media.close();
     state.media = media;
+    wanted = null;
+    clearNotice("media");
     state.regions = [];
     state.selected = -1;
     wrap.classList.remove("empty");
@@ -103,7 +116,7 @@ async function buildStrip() {
     b.dataset.frame = String(k);
     b.append(canvas, Object.assign(document.createElement("span"), { className: "num", textContent: k }),
       Object.assign(document.createElement("span"), { className: "dots" }));
-    b.addEventListener("click", () => showFrame(k));
+    b.addEventListener("click", () => goTo(k));
     strip.append(b);
     state.thumbs.set(k, b);
     b.classList.toggle("current", k === m.index);
@@ -119,16 +132,35 @@ function markStrip() {
   }
 }
 
-let scrubBusy = false, scrubWanted = null;
-$("scrubber").addEventListener("input", async (e) => {
-  scrubWanted = Number(e.target.value);
-  if (scrubBusy) return; // coalesce: seek to the latest position once the current seek lands
-  scrubBusy = true;
-  while (scrubWanted !== null) { const k = scrubWanted; scrubWanted = null; await showFrame(k); }
-  scrubBusy = false;
-});
-$("prev").addEventListener("click", () => state.media && showFrame(state.media.index - 1));
-$("next").addEventListener("click", () => state.media && showFrame(state.media.index + 1));
+// Frame navigation. Every move goes through goTo: one seek at a time, and while one runs only the
+// latest wanted frame is sought next (coalesced). A step (◀ ▶, arrow keys) counts from the frame last
+// asked for, not from the one still on screen, so five quick presses move exactly five frames.
+let seeking = false, wanted = null, target = 0;
+
+function goTo(k) {
+  const m = state.media;
+  if (!m) return;
+  target = wanted = Math.max(0, Math.min(m.count - 1, k));
+  if (seeking) return; // the running loop picks it up
+  seeking = true;
+  $("drop").dataset.seeking = "1"; // for tests and styles: a seek is in flight
+  (async () => {
+    try {
+      while (wanted !== null) { const f = wanted; wanted = null; await showFrame(f); }
+    } finally {
+      seeking = false;
+      delete $("drop").dataset.seeking;
+    }
+  })();
+}
+
+function step(d) {
+  if (state.media) goTo((seeking ? target : state.media.index) + d);
+}
+
+$("scrubber").addEventListener("input", (e) => goTo(Number(e.target.value)));
+$("prev").addEventListener("click", () => step(-1));
+$("next").addEventListener("click", () => step(1));
 $("file").addEventListener("change", (e) => loadFile(e.target.files[0]));
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("dragover"); });
@@ -136,8 +168,8 @@ drop.addEventListener("dragleave", () => drop.classList.remove("dragover"));
 drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("dragover"); loadFile(e.dataTransfer.files[0]); });
 document.addEventListener("keydown", (e) => {
   if (e.target.closest("textarea, input")) return;
-  if (e.key === "ArrowLeft" && state.media) showFrame(state.media.index - 1);
-  else if (e.key === "ArrowRight" && state.media) showFrame(state.media.index + 1);
+  if (e.key === "ArrowLeft" && state.media) step(-1);
+  else if (e.key === "ArrowRight" && state.media) step(1);
   else if (e.key === "b") setTool("box");
   else if (e.key === "f") setTool("lasso");
 });
@@ -180,15 +212,18 @@ function renderRegions() {
       row.querySelector(".where").textContent = frames;
       const input = row.querySelector("input");
       input.value = r.label;
+      // The label is as wide as its text, so the rest of the row is free to click (insert).
+      const fit = () => { input.size = Math.max(4, input.value.length + 1); };
+      fit();
       input.addEventListener("click", (e) => e.stopPropagation());
-      input.addEventListener("input", () => { r.label = input.value; drawStage(); });
+      input.addEventListener("input", () => { r.label = input.value; fit(); drawStage(); });
       row.querySelector("button").addEventListener("click", (e) => { e.stopPropagation(); deleteRegion(k); });
       row.addEventListener("click", () => {
         state.selected = k;
         insertRef(k);
         const f = r.anns.find((a) => a.frame === state.media.index) ? state.media.index : r.anns[0].frame;
         renderRegions();
-        if (f !== state.media.index) showFrame(f);
+        if (f !== state.media.index) goTo(f);
       });
       return row;
     }));
@@ -236,7 +271,7 @@ function drawStage() {
 }
 
 // ---- ask --------------------------------------------------------------------------------------
-$("question").addEventListener("input", updateAsk);
+$("question").addEventListener("input", () => { clearNotice("question"); updateAsk(); });
 function updateAsk() {
   $("ask").disabled = !state.media || !$("question").value.trim() || !!state.job;
 }
@@ -339,9 +374,32 @@ function finishJob(status) {
   updateAsk();
 }
 
+/** Say in the answer box why nothing was asked; `why` ("media", "question") says what clears it. */
+function showNotice(why, text) {
+  const out = $("answer");
+  out.className = "answer-text notice";
+  out.textContent = text;
+  out.dataset.notice = why;
+  delete out.dataset.status;
+  $("answer-meta").textContent = "";
+  resetStages();
+}
+
+function clearNotice(why) {
+  const out = $("answer");
+  if (out.dataset.notice !== why) return;
+  out.className = "answer-text";
+  out.textContent = "";
+  delete out.dataset.notice;
+}
+
 async function ask() {
   if (state.job) return;
+  // Ctrl+Enter reaches here even while the Ask button is disabled: say what is missing.
+  if (!state.media) { showNotice("media", "Choose a video or image first."); return; }
+  if (!$("question").value.trim()) { showNotice("question", "Write a question first."); return; }
   const out = $("answer");
+  delete out.dataset.notice;
   out.textContent = "";
   out.className = "answer-text streaming";
   delete out.dataset.status;
@@ -405,7 +463,7 @@ async function loadScene() {
       s.append(swatch("i", r.color), `region${k} · ${r.label}`);
       return s;
     }), Object.assign(document.createElement("span"), {
-      textContent: `${scene.n.toLocaleString()} points · ${scene.f} cameras${scene.metric ? ` · 1 unit = ${scene.scale.toFixed(2)} m` : ""}`,
+      textContent: `${scene.n.toLocaleString()} points · ${scene.f} ${scene.f === 1 ? "camera" : "cameras"}${scene.metric ? ` · 1 unit = ${scene.scale.toFixed(2)} m` : ""}`,
     }));
     $("view3d").dataset.points = String(scene.n);
   } catch (e) {
