@@ -101,6 +101,18 @@ class BlobStore(Protocol):
     async def exists(self, key: str) -> bool: ...
 
 
+async def check_redis_room(redis: aioredis.Redis, size: int, high_water: float) -> None:
+    """Raise BlobStoreFull when storing `size` more bytes would take Redis past high_water x
+    maxmemory. No maxmemory set (0) = no check: the operator chose an unbounded server. Everything
+    large that lives in Redis checks it: uploads (RedisBlobStore.put) and finished jobs' 3D scenes
+    (JobQueue.put_scene), so queue, event and job-hash writes always keep the rest."""
+    info = await redis.info("memory")
+    limit = int(info.get("maxmemory", 0) or 0)
+    used = int(info.get("used_memory", 0) or 0)
+    if limit and used + size > high_water * limit:
+        raise BlobStoreFull(used, limit)
+
+
 class RedisBlobStore:
     def __init__(
         self, redis: aioredis.Redis, max_bytes: int, chunk_bytes: int = 1 << 20, default_ttl_s: int = 86400,
@@ -114,13 +126,7 @@ class RedisBlobStore:
         self.high_water = high_water
 
     async def check_room(self, size: int) -> None:
-        """Raise BlobStoreFull when storing `size` more bytes would take Redis past high_water x
-        maxmemory. No maxmemory set (0) = no check: the operator chose an unbounded server."""
-        info = await self.redis.info("memory")
-        limit = int(info.get("maxmemory", 0) or 0)
-        used = int(info.get("used_memory", 0) or 0)
-        if limit and used + size > self.high_water * limit:
-            raise BlobStoreFull(used, limit)
+        await check_redis_room(self.redis, size, self.high_water)
 
     async def put(self, key: str, data: BlobData, ttl_s: int | None = None) -> int:
         name = BLOB_PREFIX + check_key(key)

@@ -8,6 +8,7 @@
   sr3d:rl:{key id}          token bucket of one API key (service.ratelimit)
   sr3d:blob:{blob key}      an upload, as a list of chunks (service.blobs)
   sr3d:file:{file id}       hash: owner and type of media uploaded through POST /v1/files
+  sr3d:tenant:{bucket}:held / :bytes   what one API key holds against its quotas (service.quotas)
   sr3d:worker:{consumer}    hash: a live worker's metrics address, GPU and state (service.worker_registry)
 
 Blob keys (`{job_id}/media`, `{job_id}/mask/{part}`, `{job_id}/scene`) are built here too, so the
@@ -64,6 +65,16 @@ def file_key(file_id: str) -> str:
 
 def file_blob(file_id: str) -> str:
     return f"files/{file_id}"
+
+
+def tenant_held_key(bucket: str) -> str:
+    """Sorted set: what one API key (rate bucket) holds against its quotas (service.quotas)."""
+    return f"sr3d:tenant:{bucket}:held"
+
+
+def tenant_bytes_key(bucket: str) -> str:
+    """Hash: bytes of each entry of tenant_held_key."""
+    return f"sr3d:tenant:{bucket}:bytes"
 
 
 def worker_key(consumer: str) -> str:

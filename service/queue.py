@@ -31,7 +31,7 @@ from redis.client import NEVER_DECODE
 from redis.exceptions import ResponseError
 
 from service import metrics
-from service.blobs import BlobStore, make_blob_store
+from service.blobs import BlobStore, check_redis_room, make_blob_store
 from service.keys import DLQ, GROUP, JOBS, events_key, idem_key, job_key, scene_key
 from service.consumer_name import is_dead_local_consumer
 from service.redis_conn import clone_client
@@ -487,7 +487,7 @@ class JobQueue:
             pipe.hset(job_key(job_id), mapping=mapping)
             pipe.expire(job_key(job_id), ttl)
             pipe.expire(events_key(job_id), ttl)
-            pipe.expire(scene_key(job_id), ttl)
+            pipe.expire(scene_key(job_id), min(ttl, self.settings.scene_ttl_s))  # settings.py says why sooner
             await pipe.execute()
         await self._delete_blobs(job_id)
         metrics.JOBS_FINISHED.labels(status=status.value).inc()
@@ -497,7 +497,11 @@ class JobQueue:
         await self.redis.xack(JOBS, GROUP, entry_id)
 
     async def put_scene(self, job_id: str, data: bytes) -> None:
-        """Store the job's 3D scene; it expires with the job (job_max_age_s now, job_ttl_s from finish())."""
+        """Store the job's 3D scene; it expires job_max_age_s from now, and scene_ttl_s (<= job_ttl_s)
+        from finish(). Only below the blob store's high-water mark (BlobStoreFull otherwise: the
+        pipeline logs it and the job goes on without a scene): a scene is ~1 MB, and 60 of them kept
+        for the job TTL filled a 40 MB store past the mark (issue 30 item 1)."""
+        await check_redis_room(self.redis, len(data), self.settings.blob_redis_high_water)
         await self.redis.set(scene_key(job_id), data, ex=self.settings.job_max_age_s)
 
     async def get_scene(self, job_id: str) -> bytes | None:

@@ -172,8 +172,8 @@ class Settings(BaseSettings):
     max_head_kb: int = Field(64, ge=1, description="request line + headers, in KiB; the connection gets 431 and is closed beyond")
     quota_files: int = Field(32, ge=1, description="files stored through POST /v1/files per key")
     quota_stored_mb: float = Field(256, gt=0, description="MiB per key held in the blob store: its files + the uploads of its unfinished jobs")
-    quota_jobs: int = Field(16, ge=1, description="jobs queued or running per key")
-    quota_streams: int = Field(64, ge=1, description="event streams (SSE, ?wait=true, chat answers) per key, per gateway process")
+    quota_jobs: int = Field(64, ge=1, description="jobs queued or running per key (a quarter of queue_max's default)")
+    quota_streams: int = Field(1024, ge=1, description="event streams (SSE, ?wait=true, chat answers) per key, per gateway process (a quarter of sse_max_clients' default)")
     quota_uploads: int = Field(4, ge=1, description="request bodies being received at once per key, per gateway process")
     # A job's 3D scene (~1 MB) is only written below the store's high-water mark and lives this long
     # (not job_ttl_s): the page fetches it right after the answer, and 60 finished jobs' scenes kept

@@ -24,20 +24,21 @@ log = logging.getLogger("sr3d.sse")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def subscribe(hub: StreamHub, job_id: str, after: str = "0-0") -> Subscription:
+def subscribe(hub: StreamHub, job_id: str, after: str = "0-0", owner: str | None = None) -> Subscription:
     """A subscription registered now, before any response byte: ApiError too_many_streams (503 +
-    Retry-After) when this gateway already serves its limit of streams."""
+    Retry-After) when this gateway already serves its limit of streams, streams_quota_exceeded (429)
+    when `owner` (the caller's rate bucket) holds its own limit (SR3D_QUOTA_STREAMS)."""
     try:
-        return hub.subscribe(job_id, after)
+        return hub.subscribe(job_id, after, owner)
     except HubFull as e:
         raise e.api_error() from None
 
 
-def check_stream_room(hub: StreamHub) -> None:
+def check_stream_room(hub: StreamHub, owner: str | None = None) -> None:
     """The same 503, before a job that is to be streamed or waited for is queued: a client told to
     retry must not leave a job behind."""
     try:
-        hub.check_room()
+        hub.check_room(owner)
     except HubFull as e:
         raise e.api_error() from None
 

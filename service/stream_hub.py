@@ -11,7 +11,10 @@ ids at or below what it already yielded are skipped, so the two sources never du
 A subscriber that falls `queue_size` events behind is not dropped: it re-reads from Redis.
 
 Limits are explicit and checked before a response starts: `subscribe()` raises `HubFull`
-(503 + Retry-After) at `max_subscribers`. Redis connections: 1 blocking + the ordinary pool's
+(503 + Retry-After) at `max_subscribers`, and (429 streams_quota_exceeded + Retry-After) when the
+subscription's `owner` (an API key's rate bucket) already holds `max_per_owner` of them: one key
+opening 4,200 streams on its own job took every slot and refused everyone else (issue 30 item 6).
+Redis connections: 1 blocking + the ordinary pool's
 short commands, however many clients.
 
 Resume (`check_resume`): Last-Event-ID must be a Redis stream id within range (400 otherwise, not a
@@ -64,22 +67,26 @@ def _id(entry_id: str) -> tuple[int, int]:
 
 
 class HubFull(Exception):
-    def __init__(self, limit: int, retry_after_s: int) -> None:
-        super().__init__(f"{limit} event streams are open on this gateway")
+    def __init__(self, limit: int, retry_after_s: int, per_owner: bool = False) -> None:
+        where = "for this API key" if per_owner else ""
+        super().__init__(f"{limit} event streams are open on this gateway{' ' + where if where else ''}")
         self.limit = limit
         self.retry_after_s = retry_after_s
+        self.per_owner = per_owner
 
     def api_error(self) -> ApiError:
-        return ApiError("too_many_streams", str(self), {"Retry-After": str(self.retry_after_s)})
+        code = "streams_quota_exceeded" if self.per_owner else "too_many_streams"
+        return ApiError(code, str(self), {"Retry-After": str(self.retry_after_s)})
 
 
 class Subscription:
     """One client's view of one job's events. Iterate `events()` once; it ends after the terminal
     event, on job expiry, or with an `error` event when Redis stays unreachable."""
 
-    def __init__(self, hub: StreamHub, job_id: str, after: str, queue_size: int) -> None:
+    def __init__(self, hub: StreamHub, job_id: str, after: str, queue_size: int, owner: str | None = None) -> None:
         self.hub = hub
         self.job_id = job_id
+        self.owner = owner
         self.last = after
         self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=queue_size)
         self.resync = False  # set when the queue overflowed: re-read from Redis
@@ -173,6 +180,7 @@ class StreamHub:
         redis: aioredis.Redis,
         *,
         max_subscribers: int = 4096,
+        max_per_owner: int | None = None,
         retry_after_s: int = 5,
         queue_size: int = 256,
         block_ms: int = 2000,
@@ -190,6 +198,8 @@ class StreamHub:
         pool = clone_client(redis, socket_timeout=None).connection_pool
         self._reader_redis = aioredis.Redis(connection_pool=pool, single_connection_client=True)
         self.max_subscribers = max_subscribers
+        self.max_per_owner = max_per_owner
+        self._owners: dict[str, int] = {}  # open subscriptions per owner (only owners with some)
         self.retry_after_s = retry_after_s
         self.queue_size = queue_size
         self.block_ms = block_ms
@@ -241,16 +251,25 @@ class StreamHub:
                 raise ApiError("bad_last_event_id", f"Last-Event-ID {after} is after this job's newest event")
         return "live"
 
-    def check_room(self) -> None:
-        """HubFull when one more stream would be over the limit (for a caller that must refuse
-        before it does work, e.g. queue a job it then could not stream)."""
+    def check_room(self, owner: str | None = None) -> None:
+        """HubFull when one more stream would be over the limit, of the gateway or of `owner` (for a
+        caller that must refuse before it does work, e.g. queue a job it then could not stream).
+        The owner's quota is checked first: a key at its own limit is told so, not that the
+        gateway is full."""
+        if owner is not None and self.max_per_owner is not None and self._owners.get(owner, 0) >= self.max_per_owner:
+            raise HubFull(self.max_per_owner, self.retry_after_s, per_owner=True)
         if self._count >= self.max_subscribers:
             raise HubFull(self.max_subscribers, self.retry_after_s)
 
-    def subscribe(self, job_id: str, after: str = "0-0") -> Subscription:
-        """Register a client now (so the 503 comes before any response byte). Raises HubFull."""
-        self.check_room()
-        sub = Subscription(self, job_id, after, self.queue_size)
+    def owned(self, owner: str) -> int:
+        return self._owners.get(owner, 0)
+
+    def subscribe(self, job_id: str, after: str = "0-0", owner: str | None = None) -> Subscription:
+        """Register a client now (so the 503/429 comes before any response byte). Raises HubFull."""
+        self.check_room(owner)
+        sub = Subscription(self, job_id, after, self.queue_size, owner)
+        if owner is not None:
+            self._owners[owner] = self._owners.get(owner, 0) + 1
         job = self._jobs.get(job_id)
         if job is None:
             # The reader starts at `after`; the subscriber's own catch-up covers the same range
@@ -270,13 +289,19 @@ class StreamHub:
             return
         job.subs.discard(sub)
         self._count -= 1
+        if sub.owner is not None:
+            left = self._owners.get(sub.owner, 1) - 1
+            if left > 0:
+                self._owners[sub.owner] = left
+            else:
+                self._owners.pop(sub.owner, None)
         metrics.SSE_CLIENTS.dec()
         if not job.subs:
             del self._jobs[sub.job_id]
 
-    async def wait_terminal(self, job_id: str, timeout_s: float) -> Event | None:
+    async def wait_terminal(self, job_id: str, timeout_s: float, owner: str | None = None) -> Event | None:
         """The job's terminal event, or None after timeout_s (for `?wait=true`)."""
-        sub = self.subscribe(job_id)
+        sub = self.subscribe(job_id, owner=owner)
         try:
             async with asyncio.timeout(timeout_s):
                 async for ev in sub.events():

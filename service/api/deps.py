@@ -19,6 +19,7 @@ from service import metrics
 from service.blobs import BlobStore, DirBlobStore, make_blob_store
 from service.errors import ApiError
 from service.queue import JobQueue
+from service.quotas import Ledger, UploadSlots
 from service.ratelimit import RateLimiter
 from service.redis_conn import EmbeddedRedis, redis_client, resolve_redis_url
 from service.schemas import JobView
@@ -38,6 +39,8 @@ class GatewayState:
     blobs: BlobStore
     limiter: RateLimiter
     hub: StreamHub  # every event stream of this process (SSE, ?wait=true) reads through it
+    ledger: Ledger  # per-key files, bytes and jobs held (service/quotas.py)
+    uploads: UploadSlots  # per-key request bodies being received by this process
 
 
 @contextlib.asynccontextmanager
@@ -54,11 +57,13 @@ async def open_state(settings: Settings) -> AsyncIterator[GatewayState]:
     sweeper = asyncio.create_task(_sweep_blobs(blobs)) if isinstance(blobs, DirBlobStore) else None
     # Streams check that their job still exists once per ping interval, and end with an `error`
     # event once Redis has been unreachable for two of them.
-    hub = StreamHub(redis, max_subscribers=settings.sse_max_clients, retry_after_s=settings.retry_after_s,
+    hub = StreamHub(redis, max_subscribers=settings.sse_max_clients, max_per_owner=settings.quota_streams,
+                    retry_after_s=settings.retry_after_s,
                     idle_check_s=settings.sse_ping_s, outage_grace_s=2 * settings.sse_ping_s)
     await hub.start()
     try:
-        yield GatewayState(settings, redis, queue, blobs, limiter, hub)
+        yield GatewayState(settings, redis, queue, blobs, limiter, hub, Ledger(redis, settings),
+                           UploadSlots(settings.quota_uploads, settings.retry_after_s))
     finally:
         await hub.close()
         if sweeper is not None:

@@ -42,6 +42,9 @@ STATUS: dict[str, int] = {
     # 429/503: come back later (with Retry-After)
     "rate_limited": 429, "queue_full": 429, "redis_unavailable": 503, "worker_not_ready": 503,
     "too_many_streams": 503, "upload_store_full": 503,
+    # 429: one API key over its own quota (service/quotas.py, service/stream_hub.py); other keys are unaffected
+    "streams_quota_exceeded": 429, "files_quota_exceeded": 429, "storage_quota_exceeded": 429,
+    "jobs_quota_exceeded": 429, "uploads_quota_exceeded": 429,
     # 408: the client did not send its request in time (service/http_timeouts.py answers it itself)
     "request_timeout": 408,
     # 413 for scene arrays whose decoded size is over the cap (checked on the .npy headers)

@@ -26,6 +26,7 @@ from service.api.deps import Caller, GatewayState
 from service.blobs import BlobNotFound, BlobTooLarge
 from service.errors import ApiError
 from service.media_fetch import SPOOL_BYTES, FetchPolicy, fetch
+from service.quotas import files_size
 from service.sniff import HEAD_BYTES, VIDEO_FAMILIES, sniff
 
 Use = Literal["image", "video", "mask"]
@@ -141,11 +142,18 @@ async def store_file(gw: GatewayState, caller: Caller, upload: UploadFile, purpo
         raise ApiError("unsupported_media_type", f"file content is {family or 'unknown'}, not png, jpeg, mp4/mov or webm/mkv")
     file_id = f"file-{uuid.uuid4().hex}"
     ttl = gw.settings.files_ttl_s
+    now = int(time.time())
+    # The key's quotas (files, bytes held: service/quotas.py) before the bytes reach the shared store:
+    # one key's uploads filled the store's high-water mark and refused every other key (issue 30 item 1).
+    await gw.ledger.reserve_file(caller.bucket, file_id, files_size(upload.file), now + ttl)
     try:
         size = await gw.blobs.put(keys.file_blob(file_id), upload.file, ttl)
     except BlobTooLarge as e:
+        await gw.ledger.release(caller.bucket, f"file:{file_id}")
         raise ApiError("upload_too_large", str(e)) from None
-    now = int(time.time())
+    except BaseException:
+        await gw.ledger.release(caller.bucket, f"file:{file_id}")
+        raise
     meta: dict[str, str | int] = {"id": file_id, "owner": caller.key_id or "", "family": family, "bytes": size,
                                   "created_at": now, "expires_at": now + ttl, "purpose": purpose,
                                   "filename": (upload.filename or FILENAME[family]).rsplit("/", 1)[-1][:200]}
@@ -156,6 +164,7 @@ async def store_file(gw: GatewayState, caller: Caller, upload: UploadFile, purpo
             await pipe.execute()
     except BaseException:
         await gw.blobs.delete(keys.file_blob(file_id))
+        await gw.ledger.release(caller.bucket, f"file:{file_id}")
         raise
     return meta
 
@@ -172,3 +181,4 @@ async def delete_file(gw: GatewayState, caller: Caller, file_id: str) -> None:
     await file_meta(gw, caller, file_id)
     await gw.redis.delete(keys.file_key(file_id))
     await gw.blobs.delete(keys.file_blob(file_id))
+    await gw.ledger.release(caller.bucket, f"file:{file_id}")

@@ -176,12 +176,12 @@ async def _delete(blobs: BlobStore, blob_keys: list[str]) -> None:
             await blobs.delete(key)
 
 
-async def wait_for_terminal(gw: GatewayState, job_id: str, timeout_s: float) -> JobView | None:
+async def wait_for_terminal(gw: GatewayState, job_id: str, timeout_s: float, owner: str | None = None) -> JobView | None:
     """The finished job, or None if it is not finished within timeout_s. Waits through the stream
     hub (no Redis connection of its own); ApiError too_many_streams (503) when the hub is full, and
     the hub's own `error` (job expired, Redis unreachable) as an ApiError."""
     try:
-        ev = await gw.hub.wait_terminal(job_id, timeout_s)
+        ev = await gw.hub.wait_terminal(job_id, timeout_s, owner)
     except HubFull as e:
         raise e.api_error() from None
     if ev is None:
