@@ -15,6 +15,19 @@ REQUESTS = Counter("sr3d_http_requests_total", "HTTP requests by route and statu
 REQUEST_LATENCY = Histogram("sr3d_http_request_duration_seconds", "HTTP request latency (until headers)", ["route"], buckets=_LATENCY)
 JOBS_SUBMITTED = Counter("sr3d_jobs_submitted_total", "Jobs accepted into the queue")
 JOBS_REJECTED = Counter("sr3d_jobs_rejected_total", "Submissions rejected before queueing", ["reason"])
+
+# Where sr3d_jobs_rejected_total is counted, so that each refusal is counted once: 413 by the body-size
+# middleware, 415 by the upload parser, 429 where the rate limit and the queue cap refuse; the refusals
+# of malformed or invalid requests (400, 422: the most common kind) by the API's error handlers,
+# for the routes that submit a job.
+SUBMIT_ROUTES = frozenset({("POST", "/v1/spatial-qa"), ("POST", "/v1/chat/completions")})
+COUNTED_BY_HANDLERS = frozenset({400, 422})
+
+
+def count_refusal(method: str, path: str, code: str, status: int) -> None:
+    """Count a refused submission (reason = its error code) if the error handlers own its status."""
+    if (method, path) in SUBMIT_ROUTES and status in COUNTED_BY_HANDLERS:
+        JOBS_REJECTED.labels(reason=code).inc()
 SSE_CLIENTS = Gauge("sr3d_sse_clients", "Open event streams on this gateway (SSE, and ?wait=true while it waits)")
 
 # Queue (set by whoever samples it: gateway and worker both)

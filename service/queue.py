@@ -9,7 +9,9 @@ Redis layout (key names: service/keys.py; deploy/ and KEDA read some of them):
   sr3d:job:{id}:events      stream of {type, data(JSON)}: the client's single source of truth
   sr3d:job:{id}:scene       bytes: the compact 3D scene for the page (model/geometry/scene_export.py)
   sr3d:dlq                  stream of dead-lettered jobs {job_id, entry_id, deliveries, reason, spec}
-  sr3d:idem:{hash}          job id for an Idempotency-Key (SET NX EX), scoped by API key
+  sr3d:idem:{hash}          {"job_id", "request"}: an Idempotency-Key's job and the hash of the
+                            request it was first sent with; scoped by API key, written in the same
+                            script that stores the job, and it expires with the job
 Job hash and events get a TTL of job_ttl_s once terminal (job_max_age_s before that, as a safety net).
 
 Delivery is at-least-once. The terminal `done`/`error` event is written before `finish()` and
@@ -44,6 +46,16 @@ DLQ_MAXLEN = 10000
 ENTRY_ID = re.compile(r"^\d+-\d+$")
 
 
+class IdempotencyKeyReused(Exception):
+    """An Idempotency-Key sent again with a different request: the API answers 422
+    `idempotency_key_reused` instead of replaying a job that answers another question."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"this Idempotency-Key was already used for another request (job {job_id}); "
+                         "use a new key for a new request")
+        self.job_id = job_id
+
+
 class QueueFull(Exception):
     """Outstanding jobs (lag + pending) reached SR3D_QUEUE_MAX; the API answers 429 + Retry-After."""
 
@@ -72,6 +84,27 @@ class Event:
         return self.type in TERMINAL_EVENTS
 
 
+# Store a new job atomically with its Idempotency-Key, so the key never names a job that was not
+# stored (a crash between the two would leave a key to nothing). KEYS: idem (or ""), job hash, events,
+# jobs stream. ARGV: spec, created_at, queued-event data, job_max_age_s, jobs maxlen, job_id, idem value.
+# Returns {0, existing idem value} when the key is taken, {1, entry id} when the job was stored.
+# A script that fails half-way does not roll back: the key is written last, so an error leaves no
+# key naming a job that was never queued (a retry with the same key then submits afresh).
+_SUBMIT = """
+if KEYS[1] ~= '' then
+  local existing = redis.call('GET', KEYS[1])
+  if existing then return {0, existing} end
+end
+redis.call('HSET', KEYS[2], 'spec', ARGV[1], 'status', 'queued', 'created_at', ARGV[2], 'attempts', 0)
+if KEYS[1] ~= '' then redis.call('HSET', KEYS[2], 'idem', KEYS[1]) end
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('XADD', KEYS[3], '*', 'type', 'queued', 'data', ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+local entry = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'job_id', ARGV[6])
+if KEYS[1] ~= '' then redis.call('SET', KEYS[1], ARGV[7], 'EX', ARGV[4]) end
+return {1, entry}
+"""
+
 # compare-and-set queued|running -> running. 1 started, 0 terminal or missing, 2 cancel requested.
 _TRY_START = """
 local s = redis.call('HGET', KEYS[1], 'status')
@@ -93,6 +126,9 @@ redis.call('XADD', KEYS[2], '*', 'type', 'error', 'data', ARGV[2])
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'error', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
+-- the job's Idempotency-Key (if any) expires with the job
+local idem = redis.call('HGET', KEYS[1], 'idem')
+if idem then redis.call('EXPIRE', idem, ARGV[4]) end
 return 2
 """
 
@@ -125,6 +161,7 @@ class JobQueue:
         self.settings = settings
         self._blocking = clone_client(redis, socket_timeout=None)
         self.blobs = blobs if blobs is not None else make_blob_store(settings, redis)
+        self._submit = redis.register_script(_SUBMIT)
         self._try_start = redis.register_script(_TRY_START)
         self._cancel = redis.register_script(_CANCEL)
         self._heartbeat = redis.register_script(_HEARTBEAT)
@@ -176,34 +213,37 @@ class JobQueue:
     # ------------------------------------------------------------------------------------------
     # Gateway side
 
-    async def lookup_idempotent(self, idempotency_key: str, api_key_id: str | None) -> str | None:
+    async def lookup_idempotent(self, idempotency_key: str, api_key_id: str | None,
+                                request_hash: str | None = None) -> str | None:
         """Job id already submitted under this key (by this API key), if any. Lets the gateway skip
-        storing blobs for a repeat."""
-        return await self.redis.get(idem_key(idempotency_key, api_key_id))
+        storing blobs for a repeat. With `request_hash`, raises IdempotencyKeyReused when the key
+        was first sent with another request."""
+        raw = await self.redis.get(idem_key(idempotency_key, api_key_id))
+        return _idem_job(raw, request_hash) if raw else None
 
-    async def submit(self, job: JobSpec, idempotency_key: str | None = None) -> tuple[str, bool]:
+    async def submit(self, job: JobSpec, idempotency_key: str | None = None,
+                     request_hash: str | None = None) -> tuple[str, bool]:
         """Queue a job (its blobs must already be stored). Returns (job_id, created): a repeated
-        Idempotency-Key returns the first job's id and created=False. Raises QueueFull when lag +
+        Idempotency-Key returns the first job's id and created=False; the key is bound to
+        `request_hash` (IdempotencyKeyReused when a repeat's hash differs). The key is written in
+        the same script that stores the job and expires with it. Raises QueueFull when lag +
         pending >= SR3D_QUEUE_MAX (a repeat of an accepted job is answered even then)."""
         ikey = idem_key(idempotency_key, job.api_key_id) if idempotency_key else None
         if ikey and (existing := await self.redis.get(ikey)):
-            return existing, False
+            return _idem_job(existing, request_hash), False
         lag, pending = await self._lag_pending()
         if lag + pending >= self.settings.queue_max:
             raise QueueFull(lag + pending, self.settings.queue_max, self.settings.retry_after_s)
-        if ikey and not await self.redis.set(ikey, job.job_id, nx=True, ex=self.settings.idempotency_ttl_s):
-            return await self.redis.get(ikey) or job.job_id, False
-        jk, ek = job_key(job.job_id), events_key(job.job_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(jk, mapping={"spec": job.model_dump_json(), "status": JobStatus.queued.value,
-                                   "created_at": repr(job.created_at), "attempts": 0})
-            # The first event names the job: a client that cannot read response headers (a browser
-            # EventSource) learns the id to resume with from the stream itself.
-            pipe.xadd(ek, {"type": "queued", "data": json.dumps({"job_id": job.job_id, "position": lag})})
-            pipe.expire(jk, self.settings.job_max_age_s)
-            pipe.expire(ek, self.settings.job_max_age_s)
-            pipe.xadd(JOBS, {"job_id": job.job_id}, maxlen=self.settings.jobs_maxlen, approximate=True)
-            await pipe.execute()
+        # The first event names the job: a client that cannot read response headers (a browser
+        # EventSource) learns the id to resume with from the stream itself.
+        queued = json.dumps({"job_id": job.job_id, "position": lag})
+        idem_value = json.dumps({"job_id": job.job_id, "request": request_hash})
+        stored, value = await self._submit(
+            keys=[ikey or "", job_key(job.job_id), events_key(job.job_id), JOBS],
+            args=[job.model_dump_json(), repr(job.created_at), queued, self.settings.job_max_age_s,
+                  self.settings.jobs_maxlen, job.job_id, idem_value])
+        if not int(stored):  # lost a race for the key to a request that stored its job first
+            return _idem_job(value, request_hash), False
         metrics.JOBS_SUBMITTED.inc()
         return job.job_id, True
 
@@ -214,6 +254,7 @@ class JobQueue:
             return None
         spec = _spec_or_none(h.get("spec"))
         return JobView(
+            job_id=job_id,
             id=job_id,
             status=JobStatus(h["status"]),
             question=spec.question if spec else None,
@@ -483,11 +524,14 @@ class JobQueue:
         if timings is not None:
             mapping["timings"] = json.dumps(timings)
         ttl = self.settings.job_ttl_s
+        idem = await self.redis.hget(job_key(job_id), "idem")
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(job_key(job_id), mapping=mapping)
             pipe.expire(job_key(job_id), ttl)
             pipe.expire(events_key(job_id), ttl)
             pipe.expire(scene_key(job_id), min(ttl, self.settings.scene_ttl_s))  # settings.py says why sooner
+            if idem:  # the Idempotency-Key expires with the job: a replay never names a vanished job
+                pipe.expire(idem, ttl)
             await pipe.execute()
         await self._delete_blobs(job_id)
         metrics.JOBS_FINISHED.labels(status=status.value).inc()
@@ -533,6 +577,21 @@ class JobQueue:
             cancelled = event.data.get("code") == "cancelled"
             await self.finish(job_id, JobStatus.cancelled if cancelled else JobStatus.failed,
                               error={"code": str(event.data.get("code")), "message": str(event.data.get("message"))})
+
+
+def _idem_job(raw: str, request_hash: str | None) -> str:
+    """The job id an Idempotency-Key names; IdempotencyKeyReused when the key was bound to another
+    request than `request_hash` (None: the caller does not check, as the queue-level tests)."""
+    try:
+        value = json.loads(raw)
+    except ValueError:  # written before keys were bound to a request: a bare job id
+        return raw
+    if not isinstance(value, dict):
+        return raw
+    bound = value.get("request")
+    if request_hash is not None and bound is not None and bound != request_hash:
+        raise IdempotencyKeyReused(str(value["job_id"]))
+    return str(value["job_id"])
 
 
 def _spec_or_none(raw: str | None) -> JobSpec | None:

@@ -271,9 +271,12 @@ class Usage(BaseModel):
 
 
 class JobView(BaseModel):
-    """GET /v1/spatial-qa/{id}."""
+    """GET /v1/spatial-qa/{id}. `job_id` is the id's one spelling in every shape (submit response,
+    events, this view); `id` carries the same value, kept so clients written before `job_id` was
+    added here keep working (README: "job_id everywhere")."""
 
-    id: str
+    job_id: str
+    id: str = Field(description="deprecated alias of job_id (the same value)")
     status: JobStatus
     question: str | None = None
     media_kind: str | None = None
@@ -294,6 +297,7 @@ class JobView(BaseModel):
 
 class SubmitResponse(BaseModel):
     job_id: str
+    # The job's current status: `queued` for a new job, whatever it is now for an idempotent replay.
     status: JobStatus = JobStatus.queued
     status_url: str
     events_url: str

@@ -151,7 +151,6 @@ class Settings(BaseSettings):
     # --- queue behaviour --------------------------------------------------------------------------
     job_ttl_s: int = Field(3600, ge=1, description="job hash and events live this long after a terminal state (blobs are deleted at once)")
     job_max_age_s: int = Field(86400, ge=60, description="safety TTL on a job that never finishes")
-    idempotency_ttl_s: int = Field(86400, ge=1)
     claim_idle_ms: int = Field(60000, ge=100, description="a pending job idle this long is reclaimed by another worker")
     heartbeat_s: float = Field(10, gt=0, description="workers refresh in-flight jobs this often (< claim_idle_ms)")
     max_deliveries: int = Field(3, ge=1, description="deliveries beyond this dead-letter the job")

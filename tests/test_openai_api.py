@@ -270,7 +270,8 @@ def test_rate_limit_idempotency_and_metrics_are_the_job_api_s(redis_url: str) ->
     kwargs: dict[str, Any] = {"model": "sr3d", "messages": image_msg(IMG_URL), "extra_body": {"regions": REGION}}
     def timed_out_count(base: str) -> float:
         line = 'sr3d_http_requests_total{method="POST",route="/v1/chat/completions",status="504"}'
-        found = [ln.split()[-1] for ln in httpx.get(f"{base}/metrics").text.splitlines() if ln.startswith(line)]
+        metrics = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text  # closed without a key
+        found = [ln.split()[-1] for ln in metrics.splitlines() if ln.startswith(line)]
         return float(found[0]) if found else 0.0
 
     with run_gateway(redis_url, api_keys=[KEY], wait_timeout_s=0.5) as base:

@@ -9,7 +9,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from service.api import errors, jobs, openai, ops, page, scene
 from service.api.deps import open_state
-from service.api.middleware import BodySizeLimit, RequestMetrics
+from service.api.middleware import BodySizeLimit, KeyGate, RequestMetrics
 from service.settings import Settings
 
 
@@ -53,5 +53,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     # Body cap: multipart overhead on top of the media cap (masks, fields, boundaries).
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 1024 * 1024)
+    app.add_middleware(KeyGate, settings=settings)  # /metrics and the API reference with keys on (middleware.py)
     app.add_middleware(RequestMetrics)
     return app

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import metrics
 from service.errors import ApiError
 from service.schemas import ErrorBody
 from service.settings import Settings
@@ -29,11 +30,13 @@ DEFAULT_INPUT_STATUS = 422
 STATUS: dict[str, int] = {
     # 400: the request is malformed
     "bad_request": 400, "regions_not_json": 400, "options_not_json": 400, "bad_idempotency_key": 400,
-    "bad_last_event_id": 400, "invalid_argument": 400, "invalid_box": 400, "invalid_scene_file": 400,
+    "bad_last_event_id": 400, "invalid_argument": 400, "invalid_box": 400, "bad_scale_hint": 400, "invalid_scene_file": 400,
     # 401/403/404/405/409
     "unauthorized": 401, "forbidden": 403, "not_found": 404, "job_not_found": 404, "job_expired": 404,
     "scene_not_ready": 404, "method_not_allowed": 405,
     "job_finished": 409,
+    # 422, listed because the name alone might suggest 409: an Idempotency-Key sent with another request
+    "idempotency_key_reused": 422,
     # 413: over a size cap
     "upload_too_large": 413, "file_too_large": 413, "resolution_too_large": 413, "too_long": 413,
     # 415: a type the service does not decode
@@ -112,25 +115,30 @@ def _coded_types() -> tuple[type[Exception], ...]:
 def install(app: FastAPI, settings: Settings) -> None:
     """Exception handlers: every error leaves as `{"error": {"code", "message"}}`."""
 
-    async def coded(_: Request, exc: Exception) -> JSONResponse:
+    async def coded(request: Request, exc: Exception) -> JSONResponse:
         if not (isinstance(getattr(exc, "code", None), str) and isinstance(getattr(exc, "message", None), str)):
             raise exc  # an uncoded ValueError is a bug: the server-error path logs it as a 500
-        return coded_response(exc)  # type: ignore[arg-type]
+        response = coded_response(exc)  # type: ignore[arg-type]
+        metrics.count_refusal(request.method, request.url.path, exc.code, response.status_code)  # type: ignore[attr-defined]
+        return response
 
     for exc_type in _coded_types():
         app.add_exception_handler(exc_type, coded)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _CODE_OF_STATUS.get(exc.status_code, f"http_{exc.status_code}")
+        metrics.count_refusal(request.method, request.url.path, code, exc.status_code)  # e.g. a malformed multipart body
         return error_response(code, str(exc.detail), dict(exc.headers or {}), status=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errs = exc.errors()
         first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return error_response("invalid_request", f"{where}: {first.get('msg')}")
+        response = error_response("invalid_request", f"{where}: {first.get('msg')}")
+        metrics.count_refusal(request.method, request.url.path, "invalid_request", response.status_code)
+        return response
 
     @app.exception_handler(RedisError)
     async def redis_down(_: Request, exc: RedisError) -> JSONResponse:

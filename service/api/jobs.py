@@ -6,11 +6,11 @@ from fastapi.responses import JSONResponse, Response
 
 from service.api.deps import Caller, GatewayState, authenticate, owned_job, rate_limited, state
 from service.api.errors import ERROR_RESPONSES
-from service.api.submission import store_and_submit, wait_for_terminal
+from service.api.submission import replayed_job, request_hash, store_and_submit, wait_for_terminal
 from service.api.upload import SUBMIT_BODY, parse_submit
 from service.errors import ApiError
 from service.quotas import files_size
-from service.schemas import JobView, SubmitResponse
+from service.schemas import JobStatus, JobView, SubmitResponse
 from service.sse import check_stream_room, sse_response, subscribe
 from service.stream_hub import parse_event_id
 
@@ -43,13 +43,14 @@ async def submit(
     if wants_stream or wait:
         check_stream_room(gw.hub, caller.bucket)
 
-    # A repeat of a known key skips storing the uploads again.
-    job_id = await gw.queue.lookup_idempotent(idem, caller.key_id) if idem else None
+    # A repeat of a known key (with the same request) skips storing the uploads again.
+    req_hash = request_hash(sub) if idem else None
+    job_id = await replayed_job(gw, idem, caller, req_hash)
     created = False
     if job_id is None:
         # Per-key quotas (service/quotas.py): jobs in flight and bytes held, reserved before storing.
         async with gw.ledger.job_slot(caller.bucket, files_size(sub.media, sub.scene, *sub.masks.values())) as slot:
-            job_id, created = await store_and_submit(gw, sub, caller, idem)
+            job_id, created = await store_and_submit(gw, sub, caller, idem, req_hash)
             await slot.bind(job_id, created)
     headers = {"Location": f"/v1/spatial-qa/{job_id}"}
     if not created:
@@ -62,8 +63,10 @@ async def submit(
         if view is not None:
             return JSONResponse(view.model_dump(mode="json"), status_code=200, headers=headers)
     base = str(request.base_url).rstrip("/")
-    body = SubmitResponse(job_id=job_id, status_url=f"{base}/v1/spatial-qa/{job_id}",
-                          events_url=f"{base}/v1/spatial-qa/{job_id}/events")
+    # A replay answers with the job's status now (it may be done), not the `queued` of a new job.
+    current = None if created else await gw.queue.get(job_id)
+    body = SubmitResponse(job_id=job_id, status=current.status if current else JobStatus.queued,
+                          status_url=f"{base}/v1/spatial-qa/{job_id}", events_url=f"{base}/v1/spatial-qa/{job_id}/events")
     return JSONResponse(body.model_dump(mode="json"), status_code=202, headers=headers)
 
 

@@ -1,16 +1,19 @@
-"""ASGI middleware of the gateway: the request-body cap (enforced while the body streams in) and the
-HTTP request metrics."""
+"""ASGI middleware of the gateway: the request-body cap (enforced while the body streams in), the API-key
+gate of /metrics and the API reference, and the HTTP request metrics."""
 from __future__ import annotations
 
 import json
 import time
 from typing import Any
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.api.errors import openai_error_body, status_for
+from service.api.deps import authenticate
+from service.api.errors import error_body, openai_error_body, status_for
 from service.errors import ApiError
+from service.settings import Settings
 
 
 class BodySizeLimit:
@@ -50,6 +53,42 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+class KeyGate:
+    """With API keys on, the operational and reference routes answer only to a key unless the
+    operator opened them: /metrics (SR3D_METRICS_PUBLIC, default closed: request counts, queue depth
+    and error codes are not for anyone who can reach the port) and /docs + /openapi.json
+    (SR3D_DOCS_PUBLIC, default open: they describe the public API and nothing of its state).
+    Issue 30 item 11. /healthz and /readyz stay open (probes carry no key)."""
+
+    DOCS = ("/docs", "/openapi.json", "/redoc")
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    def _gated(self, path: str) -> bool:
+        if not self.settings.api_keys:
+            return False
+        if path == "/metrics":
+            return not self.settings.metrics_public
+        if path in self.DOCS or path.startswith("/docs/"):
+            return not self.settings.docs_public
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self._gated(scope.get("path", "")):
+            try:
+                authenticate(Request(scope))
+            except ApiError as e:
+                payload = json.dumps(error_body(e.code, e.message)).encode()
+                await send({"type": "http.response.start", "status": status_for(e.code), "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                    (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body", "body": payload})
+                return
+        await self.app(scope, receive, send)
 
 
 class RequestMetrics:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -52,7 +53,8 @@ from service.api.openai_schemas import (
     TextPart,
     inline_schema,
 )
-from service.api.submission import Submission, check_fields, store_and_submit, wait_for_terminal
+from service.api.submission import Submission, check_fields, replayed_job, store_and_submit, wait_for_terminal
+from service import metrics
 from service.errors import ApiError
 from service.schemas import JobStatus, JobView, Usage
 from service.sse import SSE_HEADERS, SubscriptionResponse, check_stream_room, subscribe
@@ -97,6 +99,13 @@ def openai_response(exc: Any) -> JSONResponse:
                         headers=getattr(exc, "headers", None) or None)
 
 
+def _refused(request: Request, exc: Any) -> JSONResponse:
+    """The refusal in OpenAI's shape, counted in sr3d_jobs_rejected_total as the job API counts it."""
+    response = openai_response(exc)
+    metrics.count_refusal(request.method, request.url.path, exc.code, response.status_code)
+    return response
+
+
 class OpenAIRoute(APIRoute):
     """Every refusal of these routes, from dependencies (auth, rate limit) to the handler, in OpenAI's shape."""
 
@@ -112,10 +121,10 @@ class OpenAIRoute(APIRoute):
                 return openai_response(OpenAIError("redis_unavailable", "the job store is unavailable; retry later",
                                                    headers={"Retry-After": retry}))
             except StarletteHTTPException as e:  # e.g. a malformed multipart body
-                return openai_response(OpenAIError("bad_request", str(e.detail), status=e.status_code))
+                return _refused(request, OpenAIError("bad_request", str(e.detail), status=e.status_code))
             except Exception as e:
                 if isinstance(getattr(e, "code", None), str) and isinstance(getattr(e, "message", None), str):
-                    return openai_response(e)
+                    return _refused(request, e)
                 raise
 
         return wrapped
@@ -289,7 +298,10 @@ async def chat_completions(request: Request, caller: Caller = Depends(rate_limit
     if idem is not None and not (1 <= len(idem) <= 255):
         raise OpenAIError("bad_idempotency_key", "Idempotency-Key must be 1..255 characters")
     check_stream_room(gw.hub, caller.bucket)  # the answer is streamed or waited for: refuse before queueing
-    job_id = await gw.queue.lookup_idempotent(idem, caller.key_id) if idem else None
+    # The key is bound to the request as parsed (canonical JSON, media URLs included): a repeat with
+    # another body is 422 idempotency_key_reused, not a replay of a job that answers something else.
+    req_hash = hashlib.sha256(req.model_dump_json().encode()).hexdigest() if idem else None
+    job_id = await replayed_job(gw, idem, caller, req_hash)
     if job_id is None:
         # Sized before anything is decoded or copied to a temp file (sr3d-media:// files by their metadata).
         await check_referenced_bytes(gw, caller, [url, *mask_urls.values()], settings.max_upload_bytes + 1024 * 1024)
@@ -304,7 +316,7 @@ async def chat_completions(request: Request, caller: Caller = Depends(rate_limit
                              regions=regions, masks=masks, scene=None, options=opts)
             # Per-key quotas (service/quotas.py): jobs in flight and bytes held, reserved before storing.
             async with gw.ledger.job_slot(caller.bucket, total) as slot:
-                job_id, created_job = await store_and_submit(gw, sub, caller, idem)
+                job_id, created_job = await store_and_submit(gw, sub, caller, idem, req_hash)
                 await slot.bind(job_id, created_job)
 
     headers = {JOB_HEADER: job_id, "Location": f"/v1/spatial-qa/{job_id}"}

@@ -2,6 +2,8 @@
 others that take the same job in another wire format):
 
   check_fields(...)         question, regions and options validated against the deployment caps
+  request_hash(...)         what an Idempotency-Key is bound to: the request's fields and file contents
+  replayed_job(...)         the job an Idempotency-Key already names (422 when sent with another request)
   store_and_submit(...)     uploads -> blob store (media hashed while stored: one read) -> JobSpec -> queue
   wait_for_terminal(...)    the finished JobView, or None after a timeout
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import time
@@ -24,7 +27,7 @@ from service import keys, metrics
 from service.api.deps import Caller, GatewayState
 from service.blobs import BlobStore, BlobTooLarge
 from service.errors import ApiError
-from service.queue import QueueFull
+from service.queue import IdempotencyKeyReused, QueueFull
 from service.schemas import (
     BoxRegion,
     GenerationOptions,
@@ -123,11 +126,56 @@ def check_fields(kind: MediaKind, question: str, regions: Any, options: Any,
     return check_question(question, len(parsed), settings), parsed, opts
 
 
+def _file_digest(f: BinaryIO) -> str:
+    """sha256 of a whole upload, read in 1 MiB slices; the file is left rewound for the blob store."""
+    h = hashlib.sha256()
+    f.seek(0)
+    while chunk := f.read(1 << 20):
+        h.update(chunk)
+    f.seek(0)
+    return h.hexdigest()
+
+
+def request_hash(sub: Submission) -> str:
+    """The request an Idempotency-Key is bound to: every field and the content of every file, in a
+    canonical form (a client's retry re-encodes the multipart body with a new boundary, so the raw
+    bytes would differ for the same request). A repeat with another hash is refused."""
+    parts = {
+        "media_kind": sub.media_kind, "media": _file_digest(sub.media), "question": sub.question,
+        "regions": [[ann.model_dump(mode="json") for ann in region] for region in sub.regions],
+        "masks": {name: _file_digest(f) for name, f in sorted(sub.masks.items())},
+        "scene": _file_digest(sub.scene) if sub.scene is not None else None,
+        "options": sub.options.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _reused(e: IdempotencyKeyReused) -> ApiError:
+    # Counted in sr3d_jobs_rejected_total by the error handler, like every 422 of a submit route.
+    return ApiError("idempotency_key_reused", str(e))
+
+
+async def replayed_job(gw: GatewayState, idempotency_key: str | None, caller: Caller,
+                       req_hash: str | None) -> str | None:
+    """The job this Idempotency-Key already names, if any (so a repeat stores nothing). ApiError
+    idempotency_key_reused (422) when the key was first sent with a different request."""
+    if idempotency_key is None:
+        return None
+    try:
+        return await gw.queue.lookup_idempotent(idempotency_key, caller.key_id, req_hash)
+    except IdempotencyKeyReused as e:
+        raise _reused(e) from None
+
+
 async def store_and_submit(gw: GatewayState, sub: Submission, caller: Caller,
-                           idempotency_key: str | None = None) -> tuple[str, bool]:
+                           idempotency_key: str | None = None, req_hash: str | None = None) -> tuple[str, bool]:
     """Store the uploads and queue the job. Returns (job_id, created); created is False when the
     Idempotency-Key already named a job (that job's id is returned, nothing of this one is kept).
-    Raises ApiError queue_full (429) or upload_too_large (413); stored blobs never outlive a failure."""
+    The key is bound to `req_hash` (`request_hash(sub)` when None and a key is given).
+    Raises ApiError queue_full (429), upload_too_large (413) or idempotency_key_reused (422);
+    stored blobs never outlive a failure."""
+    if idempotency_key is not None and req_hash is None:
+        req_hash = request_hash(sub)
     job_id = uuid.uuid4().hex
     ttl = gw.settings.job_max_age_s
     stored: list[str] = []
@@ -152,7 +200,10 @@ async def store_and_submit(gw: GatewayState, sub: Submission, caller: Caller,
             regions=regions, scene_blob=scene_key, options=sub.options, created_at=time.time(),
             api_key_id=caller.key_id,
         )
-        got_id, created = await gw.queue.submit(spec, idempotency_key)
+        got_id, created = await gw.queue.submit(spec, idempotency_key, req_hash)
+    except IdempotencyKeyReused as e:
+        await _delete(gw.blobs, stored)
+        raise _reused(e) from None
     except QueueFull as e:
         await _delete(gw.blobs, stored)
         metrics.JOBS_REJECTED.labels(reason="queue_full").inc()

@@ -1,6 +1,10 @@
 """`sr3d ask FILE --region FRAME:x0,y0,x1,y1 [--mask FRAME:mask.png] "question"`: submit one job and
 print the answer as it streams (SSE). A dropped connection is resumed from the last event id.
 The client is service/client.py (the load generator's too); needs only httpx (no torch).
+
+Every failure ends in one line on stderr and a non-zero exit, never a traceback: a file that cannot
+be read (2), a service that cannot be reached (1, the line names the URL), a refused request or a
+failed job (1).
 """
 from __future__ import annotations
 
@@ -13,6 +17,13 @@ from pathlib import Path
 from typing import Any
 
 
+DEFAULT_URL = "http://127.0.0.1:8000"
+# A refused connection is retried this many times, CONNECT_BACKOFF_S apart (a service that is just
+# starting), then reported in one line naming the URL: about 1 s, not a dozen.
+CONNECT_RETRIES = 2
+CONNECT_BACKOFF_S = 0.5
+
+
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ask", help="ask a spatial question about regions of a video/image; streams the answer")
     p.add_argument("file", type=Path, help="video (mp4/webm/...) or image (png/jpg)")
@@ -20,8 +31,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--region", action="append", default=[], metavar="FRAME:x0,y0,x1,y1",
                    help="a box region (repeat for <region1>, ...)")
     p.add_argument("--mask", action="append", default=[], metavar="FRAME:file.png", help="a mask region (PNG)")
-    p.add_argument("--url", default=os.environ.get("SR3D_URL", "http://127.0.0.1:8000"))
-    p.add_argument("--api-key", default=os.environ.get("SR3D_API_KEY"))
+    p.add_argument("--url", default=os.environ.get("SR3D_URL", DEFAULT_URL), metavar="URL",
+                   help=f"base URL of the service (default: $SR3D_URL, else {DEFAULT_URL}, where `sr3d serve` listens)")
+    p.add_argument("--api-key", default=os.environ.get("SR3D_API_KEY"),
+                   help="API key when the service sets SR3D_API_KEYS (default: $SR3D_API_KEY)")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--retries", type=int, default=5, help="submit attempts after a refused (429/503) or failed POST")
     p.add_argument("--resume-timeout", type=float, default=60.0,
@@ -55,7 +68,18 @@ def main(args: argparse.Namespace) -> int:
     except argparse.ArgumentTypeError as e:
         print(f"sr3d ask: {e}", file=sys.stderr)
         return 2
-    return asyncio.run(ask(args, regions, masks))
+    for path in [args.file, *(m[2] for m in masks)]:
+        if not path.is_file():
+            print(f"sr3d ask: {path}: no such file", file=sys.stderr)
+            return 2
+    try:
+        return asyncio.run(ask(args, regions, masks))
+    except OSError as e:  # unreadable file (permissions, a directory)
+        print(f"sr3d ask: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nsr3d ask: interrupted", file=sys.stderr)
+        return 130
 
 
 async def ask(args: argparse.Namespace, regions: list[dict[str, Any]], masks: list[tuple[dict[str, Any], str, Path]]) -> int:
@@ -70,7 +94,11 @@ async def ask(args: argparse.Namespace, regions: list[dict[str, Any]], masks: li
         # Same key on every retry: a POST that got through is not queued twice.
         idempotency_key=uuid.uuid4().hex,
     )
-    async with SR3DClient(args.url, api_key=args.api_key, timeout=120) as client:
+    import httpx
+
+    url = args.url
+    connect_failures = 0
+    async with SR3DClient(url, api_key=args.api_key, timeout=120) as client:
         for attempt in range(args.retries + 1):
             stream = client.events(req, resume_timeout_s=args.resume_timeout)
             try:
@@ -86,12 +114,23 @@ async def ask(args: argparse.Namespace, regions: list[dict[str, Any]], masks: li
                     elif ev.type == "error":
                         print(f"\nsr3d ask: job failed: {ev.data.get('code')}: {ev.data.get('message')}", file=sys.stderr)
                         return 1
+            except httpx.ConnectError as e:  # nothing listening there (or no route): say where we looked
+                connect_failures += 1
+                if connect_failures <= CONNECT_RETRIES:
+                    await asyncio.sleep(CONNECT_BACKOFF_S)
+                    continue
+                print(f"sr3d ask: cannot connect to {url} ({_reason(e)}); is `sr3d serve` running there? "
+                      "(set --url or SR3D_URL)", file=sys.stderr)
+                return 1
             except RESUMABLE as e:  # the POST got no answer: send it again (same Idempotency-Key)
-                print(f"sr3d ask: connection failed ({type(e).__name__}); retrying", file=sys.stderr)
+                print(f"sr3d ask: {url}: connection failed ({type(e).__name__}); retrying", file=sys.stderr)
                 await asyncio.sleep(min(2**attempt * 0.2, 5))
                 continue
             except StreamLost as e:
-                print(f"\nsr3d ask: {e}", file=sys.stderr)
+                print(f"\nsr3d ask: {url}: {e}", file=sys.stderr)
+                return 1
+            except (httpx.HTTPError, httpx.InvalidURL) as e:  # a malformed URL, a timeout, ...
+                print(f"sr3d ask: {url}: {type(e).__name__}: {_reason(e)}", file=sys.stderr)
                 return 1
             err = stream.submit_error.get("error", {}) if isinstance(stream.submit_error, dict) else {}
             print(f"sr3d ask: HTTP {stream.submit_status} {err.get('code', '')}: {err.get('message', stream.submit_error)}",
@@ -100,5 +139,12 @@ async def ask(args: argparse.Namespace, regions: list[dict[str, Any]], masks: li
                 await asyncio.sleep(float(stream.submit_headers.get("retry-after", "1")))
                 continue
             return 1
-        print("sr3d ask: gave up after retries", file=sys.stderr)
+        print(f"sr3d ask: {url}: gave up after {args.retries + 1} attempts", file=sys.stderr)
         return 1
+
+
+def _reason(e: Exception) -> str:
+    """The innermost cause's message, on one line (httpx wraps the OS error)."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return " ".join(str(e).split()) or type(e).__name__
