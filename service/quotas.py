@@ -79,6 +79,7 @@ class Ledger:
 
     # ---- files -----------------------------------------------------------------------------------
     async def reserve_file(self, bucket: str, file_id: str, nbytes: int, expires_at: float) -> None:
+        await self._prune_jobs(bucket)  # finished jobs' uploads are gone: they no longer count as bytes held
         await self._reserve(bucket, f"file:{file_id}", nbytes, expires_at, "file:", self.settings.quota_files,
                             "files_quota_exceeded", "stored files")
 
