@@ -525,6 +525,7 @@ def test_phone_viewport_fits_and_keeps_the_steps_in_order(browser: Any, service:
     assert page.get_attribute("#answer", "data-status") == "done"
     page.wait_for_selector("#view3d[data-points]", timeout=60_000)
     assert_fits_phone(page, "answered, scene shown")
+    page.evaluate("scrollTo(0, 0)")  # the sticky header at the top of the full-page shot, not mid-page
     shot(page, "8-phone-answered.png", full_page=True)
     assert log.unexpected() == []
     context.close()
