@@ -127,6 +127,8 @@ def main(args: argparse.Namespace) -> int:
                **_run_facts(items, rows, settings))
     paths = report.write(rep, args.out, f"sr3d eval {args.fmt}: {args.dataset.name} ({len(rows)} items)")
     print(report.text_table(rep))
+    if rep.get("demo_model"):
+        print(f"sr3d eval: {_DEMO_NOTE}", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in paths))
     if missing:
         print(f"sr3d eval: {missing} items unfinished (transient errors); run the same command again to resume",
@@ -141,11 +143,28 @@ def _run_facts(items: list[EvalItem], rows: dict[str, dict[str, Any]], settings:
     from collections import Counter
 
     with_scene = sum(1 for it in items if it.scene is not None)
+    answered = [r for r in rows.values() if not r.get("error")]
+    demo_rows = sum(1 for r in answered if r.get("demo_model"))
     return {
+        # Which model answered, as the service's `done` events said: the tiny random-weight demo
+        # checkpoint (SR3D_MODEL unset) makes every score meaningless, so the report says so.
+        "demo_model": demo_rows > 0,
+        "demo_model_rows": demo_rows,
+        "region_mode": dict(Counter(str(r.get("region_mode")) for r in answered)),
+        **({"demo_model_note": _DEMO_NOTE} if demo_rows else {}),
         "answer_mode_requested": settings.answer_mode,
         "answer_mode": dict(Counter(str(r.get("answer_mode")) for r in rows.values())),
         "scenes_sent": sum(1 for r in rows.values() if r.get("scene_sent")),
         "items_with_scene": with_scene,
         "no_scene": not settings.send_scene,
         "measure_scale": dict(Counter(str(r.get("measure_scale")) for r in rows.values())),
+        **({"relative_scale_note": _RELATIVE_NOTE} if any(r.get("measure_scale") == "relative" for r in rows.values())
+           else {}),
     }
+
+
+_DEMO_NOTE = ("answered by the tiny random-weight demo model (SR3D_MODEL unset): these scores say nothing "
+              "about SR-3D or any real checkpoint; they only show that the harness runs")
+_RELATIVE_NOTE = ("some answers came from relative-scale point maps (no metric depth): their lengths are in "
+                  "relative units, which the judge reads as metres, so length successes and errors on those "
+                  "rows say nothing about metric accuracy; comparisons and directions are still meaningful")

@@ -171,4 +171,6 @@ def text_table(report: dict[str, Any]) -> str:
                      f"unparsed {rel['unparsed']}); {parts}")
     if "answer_mode" in report or "scenes_sent" in report:
         lines.append(f"answer mode: {report.get('answer_mode')}; RGB-D scenes sent: {report.get('scenes_sent')}")
+    if report.get("relative_scale_note"):
+        lines.append("note: " + report["relative_scale_note"])
     return "\n".join(lines)
