@@ -158,6 +158,8 @@ def test_vsibench_end_to_end_with_resume(service: str, vsibench_dir: Path, tmp_p
     report = json.loads((out / "report.json").read_text())
     assert report["format"] == "vsibench" and report["n"] == 6 and report["request_errors"] == 0
     assert report["unfinished"] == 0 and report["max_new_tokens"] == 16
+    # The tiny demo checkpoint answered, and the report says so (issue 28).
+    assert report["demo_model"] is True and report["demo_model_rows"] == 6 and "demo_model_note" in report
     # rel-direction levels fold into one category, as the benchmark reports it
     assert list(report["categories"]) == ["object_counting", "object_abs_distance", "room_size_estimation",
                                           "object_rel_distance", "object_rel_direction", "route_planning"]

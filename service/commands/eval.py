@@ -26,6 +26,10 @@ if TYPE_CHECKING:  # imported lazily at run time: `sr3d eval --help` stays light
     from service.eval.runner import RunSettings
 
 
+_DEMO_NOTE = ("answered by the tiny random-weight demo model (SR3D_MODEL unset): these scores say nothing "
+              "about SR-3D or any real checkpoint; they only show that the harness runs")
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:  # a concurrency of 0 would wait forever
@@ -163,8 +167,6 @@ def _run_facts(items: list[EvalItem], rows: dict[str, dict[str, Any]], settings:
     }
 
 
-_DEMO_NOTE = ("answered by the tiny random-weight demo model (SR3D_MODEL unset): these scores say nothing "
-              "about SR-3D or any real checkpoint; they only show that the harness runs")
 _RELATIVE_NOTE = ("some answers came from relative-scale point maps (no metric depth): their lengths are in "
                   "relative units, which the judge reads as metres, so length successes and errors on those "
                   "rows say nothing about metric accuracy; comparisons and directions are still meaningful")

@@ -138,6 +138,10 @@ async def _ask(client: SR3DClient, item: EvalItem, num_frames: int | None, run: 
         return _row(item, "", error=end.data if isinstance(end.data, dict) else {"message": str(end.data)})
     data = end.data if isinstance(end.data, dict) else {}
     extra: dict[str, Any] = {}
+    if data.get("demo_model"):  # the tiny random-weight demo checkpoint answered: the report must say so
+        extra["demo_model"] = True
+    if data.get("region_mode") is not None:
+        extra["region_mode"] = data["region_mode"]
     if data.get("answer_mode") is not None:  # what the service says wrote the text
         extra["answer_mode"] = data["answer_mode"]
     if data.get("measurements") is not None:  # scale (metric / relative) and source, for the report
