@@ -262,6 +262,8 @@ class JobQueue:
             answer=h.get("answer"),
             finish_reason=h.get("finish_reason"),
             region_mode=h.get("region_mode"),
+            answer_mode=h.get("answer_mode"),
+            measurements=_loads(h.get("measurements")),
             error=ErrorInfo(**_loads(h["error"])) if h.get("error") else None,
             usage=Usage(**_loads(h["usage"])) if h.get("usage") else None,
             timings=_loads(h.get("timings")) or {},
@@ -505,6 +507,8 @@ class JobQueue:
         timings: dict[str, float] | None = None,
         finish_reason: str | None = None,
         region_mode: str | None = None,
+        answer_mode: str | None = None,
+        measurements: dict[str, Any] | None = None,
     ) -> None:
         """Record the terminal state for GET (after the terminal event is written), start the TTL
         (job_ttl_s) on the job hash and its events, and delete its blobs. Counts sr3d_jobs_finished_total."""
@@ -517,6 +521,10 @@ class JobQueue:
             mapping["finish_reason"] = finish_reason
         if region_mode is not None:
             mapping["region_mode"] = region_mode
+        if answer_mode is not None:
+            mapping["answer_mode"] = answer_mode
+        if measurements is not None:
+            mapping["measurements"] = json.dumps(measurements)
         if error is not None:
             mapping["error"] = json.dumps(error.model_dump() if isinstance(error, ErrorInfo) else error)
         if usage is not None:

@@ -86,6 +86,19 @@ MIN_TEMPERATURE = 0.01  # vLLM's own floor (it clamps smaller values); below it 
 MIN_TOP_P = 0.01  # smaller keeps only the top token anyway; reject rather than pass degenerate floats on
 
 
+AnswerMode = Literal["model", "grounded", "measured"]
+
+
+class ScaleHint(_Strict):
+    """One known length that puts a relative scene into metres: e.g. region 0's height is 0.30 m.
+    Checked at submit (the region must exist); the worker rescales the scene's measurements by it."""
+
+    region: int = Field(ge=0, description="the region (index into `regions`) whose size is known")
+    dimension: Literal["width", "height", "depth", "longest"] = Field(
+        "longest", description="which side of the region's gravity-aligned box the length is")
+    metres: float = Field(gt=0.0, le=1000.0, description="the known length in metres")
+
+
 class GenerationOptions(_Strict):
     """Client-tunable generation knobs. Absolute bounds here; deployment caps in `check_caps`."""
 
@@ -96,6 +109,11 @@ class GenerationOptions(_Strict):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     cancel_on_disconnect: bool = Field(False, description="cancel the job when the streaming client goes away")
     ignore_eos: bool = Field(False, description="generate exactly max_tokens (fixed-length benchmarks); still capped")
+    answer_mode: AnswerMode | None = Field(
+        None, description="model: the language model's text alone; grounded: the measured facts go into the "
+        "prompt before the question; measured: no language model, the text is written from the measurements. "
+        "None = SR3D_ANSWER_MODE")
+    scale_hint: ScaleHint | None = Field(None, description="one known length, to state a relative scene in metres")
 
     @field_validator("temperature")
     @classmethod
@@ -121,6 +139,7 @@ class GenerationOptions(_Strict):
             update={
                 "max_tokens": min(self.max_tokens or settings.default_max_tokens, settings.max_tokens),
                 "num_frames": min(self.num_frames or settings.num_frames, settings.max_frames),
+                "answer_mode": self.answer_mode or settings.answer_mode,
             }
         )
 
@@ -224,6 +243,84 @@ def check_question(question: str, n_regions: int, settings: Settings) -> str:
 # Jobs
 
 
+# --------------------------------------------------------------------------------------------------
+# Measurements (model/measure `Measurements.to_dict`): the typed shape in `done`, GET and the OpenAI
+# extension. Every length is a Length: its value, its unit ("m", or null when the scene has no metric
+# scale) and that scale, so no number is read without knowing what it is.
+
+
+class Length(BaseModel):
+    value: float
+    unit: Literal["m", "m^3"] | None = Field(description="null: relative units (no metric scale; ratios only)")
+    scale: Literal["metric", "relative"]
+
+
+class UpVector(BaseModel):
+    vector: list[float] = Field(description="world-frame unit vector of 'up'")
+    method: Literal["horizontal plane", "reference camera"] = Field(
+        description="from the dominant horizontal plane of the scene, or the reference camera's up (fallback)")
+    plane_inliers: int
+
+
+class Box(BaseModel):
+    center: list[float]
+    size: list[float] = Field(description="width, height, depth along `axes`")
+    yaw_deg: float
+    axes: list[list[float]] = Field(description="world-frame unit vectors of width, height (= up), depth")
+    unit: Literal["m"] | None
+    scale: Literal["metric", "relative"]
+
+
+class RegionMeasurementOut(BaseModel):
+    region: int
+    available: bool
+    reason: str | None = Field(None, description="why no number when not available")
+    points_used: int
+    points_total: int
+    frames: list[int] = Field(description="sampled frames whose masks gave points")
+    cleaning: str = Field(description="the rules applied to the points")
+    position_unit: Literal["m"] | None
+    scale: Literal["metric", "relative"]
+    centroid: list[float] | None
+    width: Length | None
+    height: Length | None
+    depth: Length | None
+    longest: Length | None
+    volume: Length | None
+    box: Box | None
+
+
+class PairMeasurementOut(BaseModel):
+    a: int
+    b: int
+    available: bool
+    reason: str | None = None
+    center_distance: Length | None
+    closest_distance: Length | None
+    horizontal_distance: Length | None
+    vertical_distance: Length | None
+    offset_right: Length | None
+    offset_up: Length | None
+    offset_forward: Length | None
+    direction: dict[str, Any] | None = Field(
+        description="where b is from a in the reference view: left_right, above_below, front_behind, clock (1-12)")
+    bigger: bool | None
+    taller: bool | None
+    wider: bool | None
+
+
+class Measurements(BaseModel):
+    """What the job's point maps measured about its regions (README "Measured answers")."""
+
+    scale: Literal["metric", "relative"]
+    unit: Literal["m"] | None
+    source: str = Field(description="where the scale comes from: the depth source, or the scale hint")
+    up: UpVector
+    frame: str
+    regions: list[RegionMeasurementOut]
+    pairs: list[PairMeasurementOut]
+
+
 class JobStatus(str, Enum):
     queued = "queued"
     running = "running"
@@ -284,6 +381,8 @@ class JobView(BaseModel):
     finish_reason: str | None = None
     # `embedding` (SR-3D's region vectors) or `marks` (regions drawn into the frames); set when done.
     region_mode: Literal["embedding", "marks"] | None = None
+    answer_mode: AnswerMode | None = None  # how the answer text was written; set when done
+    measurements: Measurements | None = None  # what the point maps measured (units and scale on every number)
     error: ErrorInfo | None = None
     usage: Usage | None = None
     timings: dict[str, float | str] = Field(default_factory=dict)  # seconds; pointmaps_backend names the backend
@@ -306,9 +405,9 @@ class SubmitResponse(BaseModel):
 # Event types written to `sr3d:job:{id}:events` (the SSE `event:` field); data is a JSON object:
 #   queued   {job_id, position}                   the gateway, at submit (position: jobs waiting ahead)
 #   progress {stage, seconds, ...}                the worker, per stage: "started", "decode", "pointmaps",
-#                                                 "encode" (also recorded in the job's `progress` for GET);
+#                                                 "measure", "encode" (also recorded in the job's `progress` for GET);
 #                                                 {stage: "restream", discard: true} = drop the tokens so far
 #   token    {text}                               the worker: one delta of the answer
-#   done     {job_id, answer, usage, timings, finish_reason, region_mode}   terminal
+#   done     {job_id, answer, usage, timings, finish_reason, region_mode, answer_mode, measurements}   terminal
 #   error    {job_id, code, message}              terminal (also cancellation: code "cancelled")
 TERMINAL_EVENTS = ("done", "error")

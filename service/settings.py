@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     # How region questions reach the model (model/marks.py): `embedding` = SR-3D's trained region modules,
     # `marks` = regions drawn into the frames and named in words; `auto` picks by what the checkpoint has.
     region_mode: Literal["auto", "embedding", "marks"] = "auto"
+    # How answers are written when the request does not say (README "Measured answers" says why grounded).
+    answer_mode: Literal["model", "grounded", "measured"] = "grounded"
     worker_concurrency: int = Field(4, ge=1, le=256)
     # Unset = 9100 + the first GPU index in CUDA_VISIBLE_DEVICES (9100 without one), so one worker per GPU on
     # one host needs no hand-picked ports; 0 = any free port (logged, and in the worker's Redis registration).
@@ -200,7 +202,6 @@ class Settings(BaseSettings):
     @cached_property
     def quota_stored_bytes(self) -> int:
         return int(self.quota_stored_mb * 1024 * 1024)
-
 
     @cached_property
     def resolved_blob_dir(self) -> Path:

@@ -290,7 +290,8 @@ async def chat_completions(request: Request, caller: Caller = Depends(rate_limit
     url = media[0].image_url.url if isinstance(media[0], ImagePart) else media[0].video_url.url
     question_text = "\n".join(p.text for p in parts if isinstance(p, TextPart))
     options = {k: v for k, v in {"max_tokens": req.max_completion_tokens or req.max_tokens, "temperature": req.temperature,
-                                 "top_p": req.top_p, "seed": req.seed, "num_frames": req.num_frames}.items() if v is not None}
+                                 "top_p": req.top_p, "seed": req.seed, "num_frames": req.num_frames,
+                                 "answer_mode": req.answer_mode, "scale_hint": req.scale_hint}.items() if v is not None}
     named_regions, mask_urls = split_masks(req.regions or [])
     question, regions, opts = check_fields(kind, question_text, named_regions, options, settings)
 
@@ -336,7 +337,8 @@ async def chat_completions(request: Request, caller: Caller = Depends(rate_limit
     text, cut = apply_stop(view.answer or "", stops)
     body = ChatCompletion(id=cid, created=created, model=model, usage=_usage(view.usage),
                           choices=[Choice(message=AssistantMessage(content=text),
-                                          finish_reason="stop" if cut else (view.finish_reason or "stop"))])
+                                          finish_reason="stop" if cut else (view.finish_reason or "stop"))],
+                          measurements=view.measurements, answer_mode=view.answer_mode)
     return JSONResponse(body.model_dump(mode="json"), headers=headers)
 
 
@@ -393,9 +395,11 @@ async def stream_chunks(sub: Subscription, cid: str, created: int, model: str, s
     """The job's events as chat.completion.chunk events, then `data: [DONE]`. An error after the
     stream started is an OpenAI error object in the stream (the openai client raises it)."""
 
-    def chunk(delta: Delta | None = None, finish: str | None = None, usage: CompletionUsage | None = None) -> ServerSentEvent:
+    def chunk(delta: Delta | None = None, finish: str | None = None, usage: CompletionUsage | None = None,
+              done: dict[str, Any] | None = None) -> ServerSentEvent:
         choices = [] if delta is None else [ChunkChoice(delta=delta, finish_reason=finish)]
-        c = ChatCompletionChunk(id=cid, created=created, model=model, choices=choices, usage=usage)
+        c = ChatCompletionChunk(id=cid, created=created, model=model, choices=choices, usage=usage,
+                                measurements=(done or {}).get("measurements"), answer_mode=(done or {}).get("answer_mode"))
         return ServerSentEvent(data=c.model_dump_json(exclude_none=True))
 
     gate, produced = TextGate(stops), ""
@@ -418,7 +422,8 @@ async def stream_chunks(sub: Subscription, cid: str, created: int, model: str, s
                 if not gate.stopped:
                     if delta := gate.advance(str(ev.data.get("answer", "")), final=True):
                         yield chunk(Delta(content=delta))
-                    yield chunk(Delta(), finish="stop" if gate.stopped else str(ev.data.get("finish_reason") or "stop"))
+                    yield chunk(Delta(), finish="stop" if gate.stopped else str(ev.data.get("finish_reason") or "stop"),
+                                done=ev.data)
                 if include_usage:  # after a stop sequence: the tokens the job generated
                     yield chunk(usage=_usage(ev.data.get("usage")))
     except ApiError as e:

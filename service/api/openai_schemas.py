@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
+from service.schemas import AnswerMode, Measurements
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -91,6 +93,8 @@ class ChatCompletionRequest(_Strict):
     # URL or an `sr3d-media://<file id>` reference instead of a part name.
     regions: list[Any] | None = Field(None, max_length=MAX_REGION_ITEMS)
     num_frames: StrictInt | None = None  # frames sampled from a video (capped by SR3D_MAX_FRAMES)
+    answer_mode: AnswerMode | None = None  # model | grounded | measured (None = SR3D_ANSWER_MODE)
+    scale_hint: dict[str, Any] | None = None  # one known length; validated as the multipart option is
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,6 +126,10 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: CompletionUsage
+    # Extension (README "Measured answers"): what the point maps measured, and how the text was written.
+    # The openai client keeps unknown fields: `completion.measurements` / `completion.model_extra`.
+    measurements: Measurements | None = None
+    answer_mode: AnswerMode | None = None
 
 
 class Delta(BaseModel):
@@ -144,6 +152,9 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: CompletionUsage | None = None
+    # Extension, on the chunk that carries the finish_reason only (see ChatCompletion).
+    measurements: Measurements | None = None
+    answer_mode: AnswerMode | None = None
 
 
 class ModelCard(BaseModel):

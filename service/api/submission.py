@@ -119,10 +119,15 @@ def check_fields(kind: MediaKind, question: str, regions: Any, options: Any,
     try:
         opts = GenerationOptions.model_validate(options)
     except ValidationError as e:
-        raise ApiError("options_invalid", first_error(e)) from None
+        # A scale hint is a fact about the scene, not a knob: a wrong one is a plain bad request.
+        code = "bad_scale_hint" if e.errors()[0]["loc"][:1] == ("scale_hint",) else "options_invalid"
+        raise ApiError(code, first_error(e)) from None
     except TypeError:
         raise ApiError("options_invalid", "options must be a JSON object") from None
     opts = opts.check_caps(settings)
+    if opts.scale_hint is not None and opts.scale_hint.region >= len(parsed):
+        raise ApiError("bad_scale_hint", f"scale_hint names region {opts.scale_hint.region}; "
+                       f"the request has {len(parsed)} region(s)")
     return check_question(question, len(parsed), settings), parsed, opts
 
 
@@ -252,7 +257,8 @@ def _view_from_event(view: JobView, type_: str, data: dict[str, Any]) -> JobView
         update["usage"] = data["usage"]
     if type_ == "done":
         update.update(status=JobStatus.done, answer=data.get("answer"), finish_reason=data.get("finish_reason"),
-                      region_mode=data.get("region_mode"))
+                      region_mode=data.get("region_mode"), answer_mode=data.get("answer_mode"),
+                      measurements=data.get("measurements"))
     else:
         update.update(status=JobStatus.cancelled if data.get("code") == "cancelled" else JobStatus.failed,
                       error={"code": str(data.get("code")), "message": str(data.get("message"))})
