@@ -16,7 +16,7 @@ import numpy as np
 from model.geometry.types import PointMaps
 from model.measure.types import UpEstimate
 
-MAX_TILT_DEG = 35.0
+MAX_TILT_DEG = 60.0
 SAMPLE_POINTS = 6000
 SAMPLE_FRAMES = 8
 HYPOTHESES = 160
