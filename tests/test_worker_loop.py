@@ -25,6 +25,7 @@ from service.redis_conn import redis_client
 from service.schemas import BoxRegion, GenerationOptions, JobSpec, JobStatus
 from service.settings import Settings
 from service.worker import Worker, WorkerConfig, _Stream
+from tests.waiting import await_until, wait_idle_past
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -88,6 +89,13 @@ class Harness:
         while (n := await self.pending()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return n
+
+
+async def _take_as_dead(h: Harness) -> str:
+    """Consumer `dead` takes the next job and then never acks it: the stream entry's id."""
+    await h.redis.xreadgroup(GROUP, "dead", {JOBS: ">"}, count=1)
+    [p] = await h.redis.xpending_range(JOBS, GROUP, min="-", max="+", count=1, consumername="dead")
+    return str(p["message_id"])
 
 
 def _run(data_dir: Path, redis_url: str, body: Any, **overrides: Any) -> None:
@@ -165,14 +173,14 @@ def test_reclaimed_job_does_not_resend_the_crashed_attempts_prefix(data_dir: Pat
 
         # A "crashed" attempt: consumer `dead` took the job, streamed a prefix, then vanished.
         spec = await h.submit(max_tokens=20, ignore_eos=True)
-        await h.redis.xreadgroup(GROUP, "dead", {JOBS: ">"}, count=1)
+        entry_id = await _take_as_dead(h)
         assert await h.queue.try_start(spec.job_id, "dead")
         prefix = answer[: len(answer) // 2]
         await h.queue.append_event(spec.job_id, "progress", {"stage": "started", "worker": "dead", "attempt": 1})
         await h.queue.append_event(spec.job_id, "token", {"text": prefix})
-        await asyncio.sleep(h.settings.claim_idle_ms / 1000 + 0.1)
+        await wait_idle_past(h.redis, JOBS, GROUP, entry_id, h.settings.claim_idle_ms)
 
-        h.start()  # reclaims via XAUTOCLAIM after claim_idle_ms
+        h.start()  # reclaims via XAUTOCLAIM: the entry is idle past claim_idle_ms
         view = await h.wait_terminal(spec.job_id)
         assert view.status == JobStatus.done and view.answer == answer
         events = await h.queue.events_range(spec.job_id)
@@ -189,10 +197,11 @@ def test_reclaimed_job_does_not_resend_the_crashed_attempts_prefix(data_dir: Pat
 def test_redelivery_of_an_answered_job_is_just_acked(data_dir: Path, redis_url: str) -> None:
     async def body(h: Harness) -> None:
         spec = await h.submit(max_tokens=4)
-        await h.redis.xreadgroup(GROUP, "dead", {JOBS: ">"}, count=1)
+        entry_id = await _take_as_dead(h)
         assert await h.queue.try_start(spec.job_id, "dead")
         await h.queue.append_event(spec.job_id, "done", {"answer": "x", "usage": {}, "timings": {}, "finish_reason": "stop"})
-        await asyncio.sleep(0.4)  # the dead worker never acked nor finished
+        # the dead worker never acked nor finished; its entry is idle past claim_idle_ms: reclaimable
+        await wait_idle_past(h.redis, JOBS, GROUP, entry_id, h.settings.claim_idle_ms)
         h.start()
         view = await h.wait_terminal(spec.job_id)
         assert view.status == JobStatus.done and view.answer == "x"
@@ -207,8 +216,11 @@ def test_stop_drains_in_flight_jobs(data_dir: Path, redis_url: str) -> None:
     async def body(h: Harness) -> None:
         h.start()
         spec = await h.submit(max_tokens=400)
-        while (await h.queue.get(spec.job_id)).status == JobStatus.queued:
-            await asyncio.sleep(0.02)
+
+        async def started() -> bool:
+            return (await h.queue.get(spec.job_id)).status != JobStatus.queued
+
+        await await_until(started, f"job {spec.job_id} taken by the worker", 60)
         await h.stop()  # like SIGTERM: stop claiming, finish what is running
         view = await h.queue.get(spec.job_id)
         assert view.status == JobStatus.done

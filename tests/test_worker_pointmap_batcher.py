@@ -76,35 +76,55 @@ def test_a_failing_batch_fails_each_of_its_jobs_and_the_batcher_goes_on(backend:
     assert after.points.shape == (2, 24, 32, 3)
 
 
+HOLD_LIMIT_S = 30.0  # a call held for a condition that never comes gives up after this (the test then fails)
+
+
 class Overlapping(Recording):
-    """A backend that declares `overlaps` (a GPU one): records how many of its calls ran at the same time."""
+    """A backend that declares `overlaps` (a GPU one): records how many of its calls ran at the same time.
+
+    Each call is held until `until_peak` calls have been in flight at once (the overlap the test expects,
+    reached however slowly the loops get going) and the gate is open (`open_gate()`), then for `window_s`
+    more (a window in which a batcher that must not overlap would show it)."""
 
     overlaps = True
 
-    def __init__(self, backend: DepthAnythingBackend) -> None:
+    def __init__(self, backend: DepthAnythingBackend, until_peak: int = 1, window_s: float = 0.0) -> None:
         super().__init__(backend)
         import threading
 
-        self.lock = threading.Lock()
+        self.cond = threading.Condition()
         self.running = 0
         self.peak = 0
+        self.until_peak = until_peak
+        self.window_s = window_s
+        self.gate_open = True
+
+    def open_gate(self) -> None:
+        with self.cond:
+            self.gate_open = True
+            self.cond.notify_all()
 
     def compute_many(self, frames: list[np.ndarray], intrinsics: list[Any]) -> list[Any]:
         import time
 
-        with self.lock:
+        with self.cond:
             self.running += 1
             self.peak = max(self.peak, self.running)
+            self.cond.notify_all()
         try:
-            time.sleep(0.05)  # long enough for the other loop to take the next batch
+            with self.cond:
+                self.cond.wait_for(lambda: self.peak >= self.until_peak and self.gate_open, HOLD_LIMIT_S)
+            if self.window_s:
+                # A sleep is right here: the test checks that NO second call starts within the window.
+                time.sleep(self.window_s)
             return super().compute_many(frames, intrinsics)
         finally:
-            with self.lock:
+            with self.cond:
                 self.running -= 1
 
 
 def test_streams_run_that_many_batches_at_once_and_every_job_gets_its_own_result(backend: DepthAnythingBackend) -> None:
-    rec = Overlapping(backend)
+    rec = Overlapping(backend, until_peak=3)  # each call waits for the other two loops' calls
     jobs = [_frames(4, seed) for seed in range(6)]
     results = asyncio.run(_all(PointMapBatcher(rec, max_jobs=1, max_frames=128, streams=3), jobs))
     assert rec.peak == 3 and sorted(len(c) for c in rec.calls) == [1] * 6
@@ -113,7 +133,7 @@ def test_streams_run_that_many_batches_at_once_and_every_job_gets_its_own_result
 
 
 def test_a_backend_that_does_not_overlap_runs_one_batch_at_a_time(backend: DepthAnythingBackend) -> None:
-    rec = Overlapping(backend)
+    rec = Overlapping(backend, window_s=0.2)  # room for a wrong second loop to start a call
     rec.overlaps = False  # a CPU backend: parallel batches would only share the same cores
     asyncio.run(_all(PointMapBatcher(rec, max_jobs=1, max_frames=128, streams=3), [_frames(2, s) for s in range(4)]))
     assert rec.peak == 1 and len(rec.calls) == 4
@@ -123,11 +143,22 @@ def test_a_backend_that_does_not_overlap_runs_one_batch_at_a_time(backend: Depth
 def test_a_job_left_over_by_one_loop_is_cancelled_on_close(backend: DepthAnythingBackend) -> None:
     """A request a loop took but could not fit (held for its next batch) is not lost on close: it is cancelled."""
     async def scenario() -> list[Any]:
+        from tests.waiting import await_until
+
         rec = Overlapping(backend)
+        rec.gate_open = False  # calls stay in flight until the batcher is closed
         batcher = PointMapBatcher(rec, max_jobs=8, max_frames=4, streams=2)
         futs = [asyncio.ensure_future(batcher.compute(_frames(4, s))) for s in range(5)]
-        await asyncio.sleep(0.02)  # both loops busy with one job each, the rest queued or held
-        await batcher.close()
+
+        async def both_loops_busy() -> bool:
+            return rec.running == 2
+
+        try:
+            # both loops busy with one job each (each holding the next, which did not fit), the rest queued
+            await await_until(both_loops_busy, "both batcher loops inside compute_many", 30)
+            await batcher.close()
+        finally:
+            rec.open_gate()  # the abandoned calls' threads finish (asyncio.run waits for them)
         return await asyncio.gather(*futs, return_exceptions=True)
 
     out = asyncio.run(scenario())

@@ -19,6 +19,7 @@ from loadtests.echo_engine import EchoEngine
 from service.pipeline import make_pointmap_backend
 from service.settings import Settings
 from tests.test_worker_loop import Harness, data_dir  # noqa: F401 - fixture
+from tests.waiting import await_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -37,7 +38,14 @@ def test_a_stalled_heartbeat_does_not_make_a_worker_rerun_its_own_job(data_dir: 
             h.start()
             spec = await h.submit(max_tokens=8)
             await h.wait_terminal(spec.job_id)
-            await asyncio.sleep(0.5)  # a second copy, if one started, would still be writing
+
+            async def every_copy_ended() -> bool:
+                # The worker runs each delivery as a task named job-<id> on this loop: once none is left
+                # and the entry is acked, no copy of the job is writing and none can start any more.
+                alive = [t for t in asyncio.all_tasks() if t.get_name() == f"job-{spec.job_id}" and not t.done()]
+                return not alive and await h.pending() == 0
+
+            await await_until(every_copy_ended, f"every run of job {spec.job_id} on the worker finished and acked", 60)
             events: list[Any] = await h.queue.events_range(spec.job_id)
             starts = [e.data for e in events if e.type == "progress" and e.data.get("stage") == "started"]
             assert len(starts) == 1, starts
