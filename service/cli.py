@@ -12,6 +12,7 @@ COMMANDS = {
     "worker": "service.commands.worker",
     "ask": "service.commands.ask",
     "pointmaps": "service.commands.pointmaps",
+    "rgbd-npz": "service.commands.rgbd_npz",  # a folder like tests/data/rgbd -> the scene .npz (--rgbd, `scene`)
     "tiny-checkpoint": "service.commands.tiny_checkpoint",
     "bench": "loadtests.bench",  # benchmarks live with the load tests
     "eval": "service.commands.eval",

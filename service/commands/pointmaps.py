@@ -1,5 +1,7 @@
 """`sr3d pointmaps INPUT --out scene.npz`: decode -> point maps -> canonical frame, as the worker does
-(the same backend choice: model/geometry/routes.py), plus an optional PLY cloud and PNG preview."""
+(the same backend choice: model/geometry/routes.py), plus an optional PLY cloud and PNG preview.
+The output (printed line and the npz's `depth_model`) names what produced the points: the client's
+RGB-D, a depth checkpoint directory, or the tiny random-weight demo model, whose points mean nothing."""
 from __future__ import annotations
 
 import argparse
@@ -29,7 +31,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depth-model", default=None,
                    help="Depth Anything V2 directory (default: SR3D_DEPTH_MODEL, else the tiny random demo model)")
     p.add_argument("--rgbd", help="RGB-D scene npz (depth, intrinsics[, poses, depth_scale, frame_indices]): exact "
-                   "geometry with poses, recovered poses without")
+                   "geometry with poses, recovered poses without (`sr3d rgbd-npz` packs a folder such as "
+                   "tests/data/rgbd into one, with a matching video)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default: SR3D_DEVICE)")
     p.add_argument("--ply-points", type=int, default=200_000, help="PLY subsample size")
     p.set_defaults(func=run)
@@ -71,6 +74,24 @@ def compute(args: argparse.Namespace, limits: MediaLimits):
     return frames, indices, timestamps, pm, route, registered_frames(route, len(frames))
 
 
+_TINY_NOTE = "random weights: not metric, not meaningful (demo and tests only)"
+
+
+def depth_model_of(route: str, args: argparse.Namespace) -> tuple[str, str]:
+    """(what produced the points, what that means for them), for the output line and the npz."""
+    if route == "rgbd":
+        return f"RGB-D depth from {args.rgbd}", "metric, exact back-projection of the given depth and poses"
+    if route == "pose_recovery":
+        return f"RGB-D depth from {args.rgbd}", "metric depth, poses recovered from the frames"
+    if route == "multiview":
+        if args.multiview_model:
+            return f"Depth Anything 3 at {args.multiview_model}", "relative scale (not metric)"
+        return "the tiny random Depth Anything 3 demo model (SR3D_MULTIVIEW_MODEL unset)", _TINY_NOTE
+    if args.depth_model:
+        return f"Depth Anything V2 at {args.depth_model}", "its own scale (metric only for a metric checkpoint)"
+    return "the tiny random Depth Anything V2 demo model (SR3D_DEPTH_MODEL unset)", _TINY_NOTE
+
+
 def write_ply(path: str, points: np.ndarray, colors: np.ndarray, valid: np.ndarray, limit: int, seed: int = 0) -> int:
     """Binary little-endian PLY of a random subsample of the valid points, coloured by their pixels."""
     idx = np.flatnonzero(valid.reshape(-1))
@@ -109,10 +130,14 @@ def run(args: argparse.Namespace) -> int:
     except (MediaError, SceneError) as e:
         print(f"error: {e.code}: {e.message}", file=sys.stderr)
         return 2
+    except OSError as e:  # an unreadable --rgbd file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    depth_model, depth_note = depth_model_of(route, args)
     np.savez_compressed(
         args.out, frames=frames, points=pm.points, valid=pm.valid, intrinsics=pm.intrinsics, poses=pm.poses,
         scale=np.float64(pm.scale), metric=np.bool_(pm.metric), source=np.str_(pm.source), backend=np.str_(route),
-        frames_registered=np.int64(registered),
+        frames_registered=np.int64(registered), depth_model=np.str_(depth_model), depth_model_note=np.str_(depth_note),
         frame_indices=indices, timestamps=timestamps,
     )
     n = write_ply(args.ply, pm.points, frames, pm.valid, args.ply_points) if args.ply else 0
@@ -127,4 +152,5 @@ def run(args: argparse.Namespace) -> int:
         f"scale {pm.scale:.4g}{' m/unit' if pm.metric else ' (relative)'} -> {args.out}"
         + (f", {n} points -> {args.ply}" if args.ply else "") + (f", preview -> {preview}" if preview else "")
     )
+    print(f"depth model: {depth_model}: {depth_note}")
     return 0
