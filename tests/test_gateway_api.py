@@ -424,7 +424,9 @@ def test_error_codes_map_to_statuses_in_one_table(redis_url: str) -> None:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
+    deadline = time.monotonic() + 20
     while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.02)
     try:
         r = httpx.get(f"http://127.0.0.1:{port}/boom/model")

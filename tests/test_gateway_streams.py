@@ -98,24 +98,32 @@ def test_stream_limit_is_a_503_with_retry_after_and_each_stream_counts_once(env:
     assert read_all(url)[-1]["event"] == "done"  # a slot is free again
 
 
-def test_resume_at_or_after_the_terminal_event_ends_at_once(env: tuple[str, Driver]) -> None:
-    base, driver = env
-    job_id = post(base, **image_form()).json()["job_id"]
-    answer(driver, job_id, ["a", "b"])
-    url = f"{base}/v1/spatial-qa/{job_id}/events"
-    full = read_all(url)
-    done_id = full[-1]["id"]
-    assert full[-1]["event"] == "done"
-    ms, seq = map(int, done_id.split("-"))
-    t0 = time.monotonic()
-    for r in (httpx.get(url, headers={"Last-Event-ID": done_id}, timeout=5),  # what a browser EventSource sends
-              httpx.get(f"{url}?last_event_id={done_id}", timeout=5),
-              httpx.get(url, headers={"Last-Event-ID": f"{ms}-{seq + 1}"}, timeout=5),
-              httpx.get(url, headers={"Last-Event-ID": f"{ms + 10**9}-0"}, timeout=5)):
-        assert r.status_code == 204 and r.content == b"", (r.status_code, r.text)
-    assert time.monotonic() - t0 < 3
-    # One before the end still streams exactly the terminal event.
-    assert [e["event"] for e in read_all(url, headers={"Last-Event-ID": full[-2]["id"]})] == ["done"]
+def test_resume_at_or_after_the_terminal_event_ends_at_once(redis_url: str) -> None:
+    driver = Driver(redis_url)
+    # Pings and the hub's idle check every 30 s: an answer that waited for either would take 30 s, so
+    # "at once" is checked with a 10 s bound per request, which a loaded machine does not break.
+    try:
+        with run_gateway(redis_url, wait_timeout_s=1.0, sse_ping_s=30) as base:
+            job_id = post(base, **image_form()).json()["job_id"]
+            answer(driver, job_id, ["a", "b"])
+            url = f"{base}/v1/spatial-qa/{job_id}/events"
+            full = read_all(url)
+            done_id = full[-1]["id"]
+            assert full[-1]["event"] == "done"
+            ms, seq = map(int, done_id.split("-"))
+            for kw in ({"headers": {"Last-Event-ID": done_id}},  # what a browser EventSource sends
+                       {"params": {"last_event_id": done_id}},
+                       {"headers": {"Last-Event-ID": f"{ms}-{seq + 1}"}},
+                       {"headers": {"Last-Event-ID": f"{ms + 10**9}-0"}}):
+                t0 = time.monotonic()
+                r = httpx.get(url, timeout=10, **kw)  # type: ignore[arg-type]
+                took = time.monotonic() - t0
+                assert r.status_code == 204 and r.content == b"", (kw, r.status_code, r.text)
+                assert took < 10, f"204 after {took:.1f} s for {kw}"
+            # One before the end still streams exactly the terminal event.
+            assert [e["event"] for e in read_all(url, headers={"Last-Event-ID": full[-2]["id"]})] == ["done"]
+    finally:
+        driver.close()
 
 
 @pytest.mark.parametrize("bad", ["18446744073709551616-0", "0-18446744073709551616", "99999999999999999999999-0",
@@ -180,5 +188,6 @@ def test_a_stream_cut_by_a_redis_outage_ends_with_an_error_event(tmp_path: Path)
                     st.stop(redis, signal.SIGKILL)
         assert [e["event"] for e in events] == ["queued", "error"], events
         assert events[-1]["data"]["code"] == "redis_unavailable" and "id" not in events[-1]
-        assert time.monotonic() - t0 < 10  # within a few ping intervals, not the job TTL
+        # within a few ping intervals (0.5 s, outage grace 1 s), not the job TTL; 20 s: a loaded box
+        assert time.monotonic() - t0 < 20
         assert gw.alive(), gw.log_tail()
