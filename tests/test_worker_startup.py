@@ -37,8 +37,11 @@ assert "SR3D_WORKER_METRICS_PORT" not in os.environ, "unset SR3D_WORKER_METRICS_
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    # one data dir for the module: the tiny checkpoint is built once (flock-protected)
-    return {**FAULT_ENV, "SR3D_DATA_DIR": str(tmp_path_factory.getbasetemp() / "sr3d-startup-data")}
+    # one data dir for the module: the tiny checkpoint is built once (flock-protected). The per-key
+    # quotas (issue 30: 4 uploads at once, 16 jobs) are the gateway's business, not these tests': the
+    # 10 jobs are submitted at once from one client.
+    return {**FAULT_ENV, "SR3D_DATA_DIR": str(tmp_path_factory.getbasetemp() / "sr3d-startup-data"),
+            "SR3D_QUOTA_UPLOADS": "64", "SR3D_QUOTA_JOBS": "64"}
 
 
 def port_free(port: int) -> bool:
@@ -174,7 +177,8 @@ def test_two_workers_with_default_settings_survive_killing_either(tmp_path: Path
                 return list(await asyncio.gather(*(c.run(r, on_event=on_event, resume_timeout_s=180) for r in reqs)))
 
         results = asyncio.run(load())
-        assert "pid" in killed, f"the {victim} worker never streamed a token (it got no job?)"
+        assert "pid" in killed, (f"the {victim} worker never streamed a token (it got no job?)",
+                                 [(r.http_status, r.error_body, started_by(r)) for r in results])
         assert dead.wait(10) == -signal.SIGKILL
         # Every job: accepted, exactly one terminal event and it is `done`, no lost or repeated token.
         assert verdict(results) == []
