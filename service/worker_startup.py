@@ -120,14 +120,16 @@ def check_paths(settings: Settings) -> None:
                        ("SR3D_MULTIVIEW_MODEL", settings.multiview_model)):
         if value and not Path(value).is_dir():
             raise StartupError(EXIT_CONFIG, f"sr3d worker: {env}={value} is not a directory; mount the checkpoint there or unset {env} for the tiny demo model")
-    if settings.blob_store == "dir" and not settings.resolved_blob_dir.is_dir():
-        raise StartupError(EXIT_CONFIG, f"sr3d worker: SR3D_BLOB_STORE=dir but {settings.resolved_blob_dir} is not a directory; "
-                                        "mount the directory the gateway writes uploads to (SR3D_BLOB_DIR)")
-    data = settings.data_dir
-    probe = data if data.exists() else next((p for p in data.resolve().parents if p.exists()), None)
-    if probe is None or not probe.is_dir() or not _writable(probe):
-        raise StartupError(EXIT_CONFIG, f"sr3d worker: SR3D_DATA_DIR={data} cannot be written by this user; point it at a writable directory")
+    # Both are created on first use (DirBlobStore, the demo checkpoint builder): they must be, or be creatable.
+    if settings.blob_store == "dir" and not _usable_dir(settings.resolved_blob_dir):
+        raise StartupError(EXIT_CONFIG, f"sr3d worker: SR3D_BLOB_STORE=dir but {settings.resolved_blob_dir} cannot be created or written "
+                                        "by this user; mount the directory the gateway writes uploads to (SR3D_BLOB_DIR)")
+    if not _usable_dir(settings.data_dir):
+        raise StartupError(EXIT_CONFIG, f"sr3d worker: SR3D_DATA_DIR={settings.data_dir} cannot be created or written by this user; "
+                                        "point it at a writable directory")
 
 
-def _writable(path: Path) -> bool:
-    return os.access(path, os.W_OK | os.X_OK)
+def _usable_dir(path: Path) -> bool:
+    """A writable directory, or one this user can create (its nearest existing ancestor is writable)."""
+    probe = path if path.exists() else next((p for p in path.resolve().parents if p.exists()), None)
+    return probe is not None and probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)

@@ -3,7 +3,8 @@ real Redis with the tiny demo checkpoint.
 
 * A metrics port that is taken ends the worker before it loads any model: exit code 4, one stderr line
   naming the address and the settings to change; the data dir where the demo model would be built
-  stays untouched.
+  stays untouched. A missing SR3D_MODEL directory (exit 2) and a Redis that does not answer (exit 5)
+  end it the same way.
 * SR3D_WORKER_METRICS_PORT=0: any free port, found in the worker's Redis registration and served.
 * Two workers on one host with default settings, one per GPU (CUDA_VISIBLE_DEVICES, as the README's
   multi-GPU layout runs them): each serves on 9100 + its GPU index, both serve jobs, and SIGKILLing
@@ -114,6 +115,32 @@ def test_taken_metrics_port_ends_the_worker_before_the_model_loads(tmp_path: Pat
         assert "SR3D_WORKER_METRICS_PORT" in lines[0] and "--metrics-port" in lines[0], lines[0]
         assert f"code {EXIT_METRICS_PORT}" in lines[0], lines[0]
         assert registrations(st.redis_url) == {}  # it never announced itself
+    assert st.leaked == [], [p.log_tail(1500) for p in st.procs]
+
+
+@pytest.mark.parametrize("broken", ["model_dir_missing", "redis_unreachable"])
+def test_other_preconditions_end_the_worker_before_the_model_loads(tmp_path: Path, broken: str) -> None:
+    from loadtests.stack import free_port
+    from service.worker_startup import EXIT_CONFIG, EXIT_REDIS, REDIS_PING_TIMEOUT_S
+
+    data = tmp_path / "data"
+    with Stack(tmp_path, {**FAULT_ENV, "SR3D_DATA_DIR": str(data)}) as st:
+        if broken == "model_dir_missing":
+            st.start_redis()
+            w = st.start_worker_defaults({"SR3D_WORKER_METRICS_PORT": "0", "SR3D_MODEL": str(tmp_path / "no-such-checkpoint")})
+            expect, within, words = EXIT_CONFIG, 15.0, ["SR3D_MODEL=", "is not a directory"]
+        else:
+            st.redis_port = free_port()  # nothing listens there
+            w = st.start_worker_defaults({"SR3D_WORKER_METRICS_PORT": "0"})
+            expect, within, words = EXIT_REDIS, REDIS_PING_TIMEOUT_S + 15, ["Redis at REDIS_URL did not answer", "before loading the model"]
+        rc, seconds = wait_exit(w, within + 30)
+        log = w.log_tail()
+        assert rc == expect, (rc, log)
+        assert seconds < within, (seconds, log)
+        assert not data.exists() or not any(data.iterdir()), sorted(p.name for p in data.iterdir())
+        errors = [line for line in log.splitlines() if line.startswith("sr3d worker:")]
+        assert len(errors) == 1 and all(w_ in errors[0] for w_ in words), log
+        assert "Traceback" not in log, log
     assert st.leaked == [], [p.log_tail(1500) for p in st.procs]
 
 
