@@ -149,7 +149,7 @@ def answer_from_measurements(question: str, m: Measurements) -> str:
         return (f"{nb} is roughly at {hour} o'clock from {na} (seen from the reference view: 12 o'clock is "
                 f"straight ahead, away from the viewer; 3 o'clock is to the right).")
 
-    if two and pair is not None and _has(q, r"distance|how far|\bapart\b|how close|\bgap\b|separat"):
+    if two and pair is not None and _has(q, r"distance|how far|how distant|\bapart\b|how close|\bgap\b|separat"):
         if _has(q, r"vertical"):
             return f"{na} and {nb} are {length(m, pair.vertical_distance or 0)} apart vertically (between their centres).{note}"
         if _has(q, r"horizontal"):
