@@ -16,17 +16,17 @@ REQUEST_LATENCY = Histogram("sr3d_http_request_duration_seconds", "HTTP request 
 JOBS_SUBMITTED = Counter("sr3d_jobs_submitted_total", "Jobs accepted into the queue")
 JOBS_REJECTED = Counter("sr3d_jobs_rejected_total", "Submissions rejected before queueing", ["reason"])
 
-# Where sr3d_jobs_rejected_total is counted, so that each refusal is counted once: 413 by the body-size
-# middleware, 415 by the upload parser, 429 where the rate limit and the queue cap refuse; the refusals
-# of malformed or invalid requests (400, 422: the most common kind) by the API's error handlers,
-# for the routes that submit a job.
+# sr3d_jobs_rejected_total is counted in one place, so that each refusal is counted once: the API's
+# error handlers (service/api/errors.py, and the OpenAI-compatible routes' wrapper) count every error
+# response of a route that submits a job, whatever raised it (400/422 validation, 401, 413, 415, 429
+# rate limit, queue or quota, 503). The one exception answers before the app runs: the body-size
+# middleware's refusal of a declared Content-Length over the cap, which it counts itself.
 SUBMIT_ROUTES = frozenset({("POST", "/v1/spatial-qa"), ("POST", "/v1/chat/completions")})
-COUNTED_BY_HANDLERS = frozenset({400, 422})
 
 
 def count_refusal(method: str, path: str, code: str, status: int) -> None:
-    """Count a refused submission (reason = its error code) if the error handlers own its status."""
-    if (method, path) in SUBMIT_ROUTES and status in COUNTED_BY_HANDLERS:
+    """Count a refused submission (reason = its error code)."""
+    if (method, path) in SUBMIT_ROUTES and status >= 400:
         JOBS_REJECTED.labels(reason=code).inc()
 SSE_CLIENTS = Gauge("sr3d_sse_clients", "Open event streams on this gateway (SSE, and ?wait=true while it waits)")
 

@@ -170,3 +170,21 @@ def test_validation_refusals_are_counted_as_rejected(gw: str) -> None:
     for reason, n in before.items():
         assert rejected(gw, reason) == n + 1, reason
     assert rejected(gw, "job_not_found") == 0.0
+
+
+def test_every_refused_submission_is_counted_once(redis_url: str) -> None:
+    """415, 429 (rate limit), 413 and 401 counted exactly once each, wherever they were raised."""
+    with run_gateway(redis_url, api_keys=["k1"], rate_limit_per_min=1, rate_limit_burst=1, max_upload_mb=1,
+                     metrics_public=True) as gw:
+        key = {"X-API-Key": "k1"}
+        before = {k: rejected(gw, k) for k in ("unsupported_media_type", "rate_limited", "upload_too_large",
+                                               "unauthorized")}
+        r = post(gw, headers=key, files={"image": ("a.png", b"not a png at all" * 10, "image/png")},
+                 data={"question": "What is <region0>?", "regions": BOX})
+        assert r.status_code == 415  # took the one token
+        assert post(gw, headers=key, **image_form()).status_code == 429
+        assert post(gw, **image_form()).status_code == 401
+        big = {"image": ("a.png", png_bytes() + b"\0" * (2 << 20), "image/png")}
+        assert post(gw, headers=key, files=big, data={"question": "q"}).status_code == 413
+        for reason, n in before.items():
+            assert rejected(gw, reason) == n + 1, reason

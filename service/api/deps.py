@@ -15,7 +15,6 @@ import redis.asyncio as aioredis
 from fastapi import Depends, Request
 from redis.exceptions import RedisError
 
-from service import metrics
 from service.blobs import BlobStore, DirBlobStore, make_blob_store
 from service.errors import ApiError
 from service.queue import JobQueue
@@ -126,7 +125,6 @@ async def rate_limited(request: Request, caller: Caller = Depends(authenticate))
     as the dependency of every route that creates work."""
     decision = await state(request).limiter.hit(caller.bucket)
     if not decision.allowed:
-        metrics.JOBS_REJECTED.labels(reason="rate_limited").inc()
         raise ApiError("rate_limited", "too many requests for this API key", {"Retry-After": str(decision.retry_after_s)})
     return caller
 

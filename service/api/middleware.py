@@ -48,8 +48,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    metrics.JOBS_REJECTED.labels(reason=too_large.code).inc()
-                    raise too_large
+                    raise too_large  # answered (and counted) by the app's error handlers
             return message
 
         await self.app(scope, counting_receive, send)

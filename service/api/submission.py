@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, Literal
 
 from pydantic import ValidationError
 
-from service import keys, metrics
+from service import keys
 from service.api.deps import Caller, GatewayState
 from service.blobs import BlobStore, BlobTooLarge
 from service.errors import ApiError
@@ -211,7 +211,6 @@ async def store_and_submit(gw: GatewayState, sub: Submission, caller: Caller,
         raise _reused(e) from None
     except QueueFull as e:
         await _delete(gw.blobs, stored)
-        metrics.JOBS_REJECTED.labels(reason="queue_full").inc()
         raise ApiError("queue_full", str(e), {"Retry-After": str(e.retry_after_s)}) from None
     except BlobTooLarge as e:
         await _delete(gw.blobs, stored)

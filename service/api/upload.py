@@ -9,7 +9,6 @@ from typing import Any
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
-from service import metrics
 from service.api.submission import Submission, check_fields
 from service.errors import ApiError
 from service.schemas import MaskRegion, parse_json_field
@@ -60,7 +59,6 @@ async def _check_type(upload: UploadFile, part: str, allowed_ext: frozenset[str]
     await upload.seek(0)
     ext = _ext(upload.filename)
     if ext not in allowed_ext or family is None or ext not in FAMILY_EXT[family]:
-        metrics.JOBS_REJECTED.labels(reason="unsupported_media_type").inc()
         raise ApiError("unsupported_media_type",
                        f"part {part!r}: {upload.filename!r} is not one of {sorted(allowed_ext)} "
                        f"(extension and content must agree; content looks like {family or 'unknown'})")
