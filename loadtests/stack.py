@@ -197,7 +197,9 @@ class Stack:
         for p in reversed(self.procs):
             if p.alive():
                 self.stop(p, signal.SIGTERM, timeout=20)
-        deadline = time.monotonic() + 5  # children get a moment to notice their parent is gone
+        # children get a moment to notice their parent is gone (generous: a loaded 2-core box; a clean
+        # stop does not wait it out, the loop ends as soon as none is left)
+        deadline = time.monotonic() + 15
         while self.leaked_pids() and time.monotonic() < deadline:
             time.sleep(0.1)
         self.leaked = self.leaked_pids()

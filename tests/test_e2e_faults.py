@@ -83,11 +83,13 @@ def test_queue_cap_redis_restart_and_worker_kill(tmp_path: Path) -> None:
                 data, files = bottle_request(max_tokens=1000, ignore_eos=True).multipart()  # long whatever the weights say
                 events = []
                 killed_pid = None
-                for _ in range(20):
+                refused_until = asyncio.get_running_loop().time() + 60.0
+                while True:  # retried while 503, for up to 60 s (was 20 tries, 4 s: short on a loaded box)
                     async with c._http.stream("POST", "/v1/spatial-qa", data=data, files=files, headers=headers) as r:
                         if r.status_code == 503:
-                            await r.aread()
-                            await asyncio.sleep(0.2)
+                            body = await r.aread()
+                            assert asyncio.get_running_loop().time() < refused_until, f"still 503 after 60 s: {body[:300]!r}"
+                            await asyncio.sleep(0.2)  # a client's retry pause, inside a loop bounded above
                             continue
                         assert r.status_code == 200, (r.status_code, await r.aread())
                         async for ev in iter_sse(r):

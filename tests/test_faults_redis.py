@@ -17,6 +17,7 @@ import pytest
 from loadtests.client import JobResult, SR3DClient, SSEEvent
 from loadtests.faultkit import FAULT_ENV, mixed_requests, queue_state, started_by, verdict, wait_until
 from loadtests.stack import Stack
+from tests.waiting import await_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -44,8 +45,12 @@ def test_redis_restart_with_jobs_queued_and_clients_streaming(tmp_path: Path, tm
             async with SR3DClient(url) as c:
                 reqs = mixed_requests(6, max_tokens=12, seed=3)
                 tasks = [asyncio.create_task(c.run(r, on_event=on_event, resume_timeout_s=180)) for r in reqs]
-                while len(queued) < len(reqs):  # every job accepted and its client streaming
-                    await asyncio.sleep(0.02)
+                async def all_streaming() -> bool:
+                    ended = [t.result() for t in tasks if t.done()]
+                    assert not ended, f"a client ended before every job was queued: {ended}"
+                    return len(queued) == len(reqs)
+
+                await await_until(all_streaming, "every job accepted and its client streaming", 120)
                 await asyncio.to_thread(st.stop, redis, signal.SIGKILL, 10)
                 readyz_down = not await asyncio.to_thread(_ready, url)
                 await asyncio.to_thread(st.start_redis, "always")

@@ -22,6 +22,7 @@ import pytest
 from loadtests.client import JobResult, SR3DClient, SSEEvent
 from loadtests.faultkit import FAULT_ENV, consumer_is, mixed_requests, queue_state, started_by, verdict, wait_until
 from loadtests.stack import Stack, pids_alive
+from tests.waiting import await_until
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -94,8 +95,12 @@ def test_sigterm_worker_drains_and_exits_zero(tmp_path: Path, env: dict[str, str
             async with SR3DClient(url) as c:
                 reqs = mixed_requests(6, max_tokens=64, seed=2)
                 tasks = [asyncio.create_task(c.run(r, on_event=on_event, resume_timeout_s=240)) for r in reqs]
-                while "sent" not in term or len(clients) < len(reqs):
-                    await asyncio.sleep(0.02)
+                async def sigterm_sent_and_all_streaming() -> bool:
+                    ended = [t.result() for t in tasks if t.done()]
+                    assert not ended, f"a client ended before the SIGTERM went out to a streaming worker: {ended}"
+                    return "sent" in term and len(clients) == len(reqs)
+
+                await await_until(sigterm_sent_and_all_streaming, "a token (then SIGTERM) and every client streaming", 240)
                 term["rc"] = await asyncio.to_thread(a.wait, 120)
                 # A is gone: every job is either finished by A (drained) or still queued (never claimed)
                 term["after_a"] = {r.job_id: (await c.get(str(r.job_id))).json()["status"] for r in clients.values()}
