@@ -639,3 +639,141 @@ def test_docs_render_offline_from_this_server(browser: Any, service: str) -> Non
     assert log.unexpected() == []
     shot(page, "9-docs.png")
     context.close()
+
+
+# ---- measurements: the panel under the answer and the boxes / distance segment in the 3D view ----------
+# Ground truth made here, as tests/test_measured_service.py does: a flat wall 2 m in front of a pinhole
+# camera (f = 100 px), sent as an exact RGB-D scene through the page's own .npz input. A box's pixels
+# span px * 2 m / 100 px on the wall, so the boxes' sizes and centre distance are known in closed form.
+WALL_W, WALL_H, WALL_F, WALL_DEPTH_M = 160, 120, 100.0, 2.0
+WALL_BOXES = [(20.0, 40.0, 60.0, 80.0), (100.0, 30.0, 140.0, 90.0)]
+WALL_CENTRE_DISTANCE_M = 80 * WALL_DEPTH_M / WALL_F  # centres 80 px apart on one row: 1.6 m
+WALL_A_WIDTH_M = 40 * WALL_DEPTH_M / WALL_F  # 0.8 m
+
+
+def wall_files(tmp_path: Path) -> tuple[Path, Path]:
+    image, scene = tmp_path / "wall.png", tmp_path / "wall.npz"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (WALL_H, WALL_W, 3), dtype=np.uint8)).save(image)
+    K = np.array([[WALL_F, 0, WALL_W / 2], [0, WALL_F, WALL_H / 2], [0, 0, 1]], np.float32)
+    np.savez(scene, depth=np.full((1, WALL_H, WALL_W), WALL_DEPTH_M, np.float32), intrinsics=K,
+             poses=np.eye(4, dtype=np.float32)[None])
+    return image, scene
+
+
+def page_length(value: float) -> str:
+    """measure.js `formatLength` for metres: mm below 1 m, cm above."""
+    return f"{value:.3f} m" if abs(value) < 1 else f"{value:.2f} m"
+
+
+def colour_pixels(page: Any, colours: list[str]) -> list[int]:
+    """Pixels of the 3D view that are exactly (±3 per channel) each colour. Region points never are:
+    they mix in 18 % of the photo's colour and are shaded; the boxes' edges are drawn flat."""
+    return page.eval_on_selector("#view3d", """(c, colours) => {
+        const t = document.createElement('canvas'); t.width = c.width; t.height = c.height;
+        const x = t.getContext('2d'); x.drawImage(c, 0, 0);
+        const d = x.getImageData(0, 0, t.width, t.height).data;
+        const want = colours.map(h => [1, 3, 5].map(i => parseInt(h.slice(i, i + 2), 16)));
+        const n = want.map(() => 0);
+        for (let i = 0; i < d.length; i += 4) {
+          if (d[i + 3] < 250) continue;
+          want.forEach((w, k) => { if (Math.abs(d[i] - w[0]) <= 3 && Math.abs(d[i + 1] - w[1]) <= 3 && Math.abs(d[i + 2] - w[2]) <= 3) n[k]++; });
+        }
+        return n;
+    }""", colours)
+
+
+def test_measured_answer_shows_measurements_and_draws_boxes_and_the_distance(browser: Any, service: str,
+                                                                              tmp_path: Path) -> None:
+    """Image + RGB-D scene chosen in the page, "Answer from: measured": the panel under the answer
+    states the sizes and the centre distance in metres (the API's numbers, and the closed-form truth),
+    says they come from RGB-D depth; the 3D view draws both regions' boxes in their colours and the
+    centre-to-centre segment labelled with the API's distance. Then without the scene: relative
+    units, said so, and no metres."""
+    image, npz = wall_files(tmp_path)
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    log = PageLog(page)
+    page.goto(service + "/")
+    page.set_input_files("#file", str(image))
+    page.wait_for_selector("#drop:not(.empty)")
+    for box in WALL_BOXES:
+        drag_box(page, box)
+    assert page.locator("#regions .region").count() == 2
+    colours = page.eval_on_selector_all("#regions .region .swatch", "s => s.map(e => getComputedStyle(e).backgroundColor)")
+    colours = ["#" + "".join(f"{int(v):02x}" for v in c[c.index("(") + 1:-1].split(",")[:3]) for c in colours]
+    page.fill("#question", "How far is <region0> from <region1>?")
+    page.click(".options summary")
+    page.set_input_files("#opt-scene", str(npz))
+    page.select_option("#opt-answer-mode", "measured")
+
+    record_form_fields(page)
+    page.click("#ask")
+    fields = sent_form(page)
+    assert json.loads(fields["options"])["answer_mode"] == "measured"
+    assert fields["scene"]["name"] == "wall.npz"
+    page.wait_for_selector("#answer[data-status]", timeout=180_000)
+    assert page.get_attribute("#answer", "data-status") == "done"
+    job_id = page.get_attribute("#answer", "data-job-id")
+    view = httpx.get(f"{service}/v1/spatial-qa/{job_id}", timeout=10).json()
+    assert view["answer_mode"] == "measured"
+    m = view["measurements"]
+    assert m["scale"] == "metric" and m["unit"] == "m"
+    distance = m["pairs"][0]["center_distance"]
+    assert distance["unit"] == "m" and abs(distance["value"] - WALL_CENTRE_DISTANCE_M) <= 0.05 * WALL_CENTRE_DISTANCE_M
+
+    # The panel: the API's numbers with their unit, and where the scale came from.
+    page.wait_for_selector("#measurements:not([hidden])")
+    assert "measured from RGB-D depth" in page.inner_text("#measurements .m-source")
+    centre = page.locator("#measurements .m-pair[data-pair='0-1'] .m-centre")
+    assert float(centre.get_attribute("data-value")) == distance["value"]
+    assert page_length(distance["value"]) in centre.inner_text() and centre.inner_text().endswith(" m apart")
+    pair_text = page.inner_text("#measurements .m-pair[data-pair='0-1']")
+    assert "closest points" in pair_text and "horizontal" in pair_text and "vertical" in pair_text
+    assert "region1 from region0: right" in pair_text and "o'clock" in pair_text, pair_text
+    size = page.locator("#measurements .m-region[data-region='0'] .m-size")
+    width = m["regions"][0]["width"]["value"]
+    assert float(size.get_attribute("data-width")) == width and abs(width - WALL_A_WIDTH_M) <= 0.05 * WALL_A_WIDTH_M
+    assert size.inner_text().endswith(" m (w × h × d)"), size.inner_text()
+    assert page.locator("#demo-note").is_hidden()  # no language model wrote this text
+
+    # The 3D view: two boxes and one segment, labelled with the API's distance.
+    page.wait_for_selector("#view3d[data-boxes='2'][data-segments='1']", timeout=60_000)
+    label = page.locator("#view-labels .seg-label[data-pair='0-1']")
+    assert label.inner_text() == page_length(distance["value"])
+    assert float(label.get_attribute("data-value")) == distance["value"]
+    # Hold the view still at its start pose (double-click resets, a click stops the turning) and
+    # compare the same view with and without the overlay: the boxes' colours appear only with it.
+    page.locator("#view3d").scroll_into_view_if_needed()
+    page.dblclick("#view3d")
+    page.click("#view3d")
+    with_boxes = settled_canvas(page)
+    drawn = colour_pixels(page, colours)
+    label_box, canvas_box = label.bounding_box(), page.locator("#view3d").bounding_box()
+    assert canvas_box["x"] <= label_box["x"] and label_box["x"] + label_box["width"] <= canvas_box["x"] + canvas_box["width"]
+    assert canvas_box["y"] <= label_box["y"] and label_box["y"] + label_box["height"] <= canvas_box["y"] + canvas_box["height"]
+    shot(page, "5-measured.png", full_page=True)
+    page.uncheck("#view-measure")
+    without = settled_canvas(page)
+    bare = colour_pixels(page, colours)
+    assert without["sum"] != with_boxes["sum"]
+    assert label.is_hidden()
+    assert all(d >= 100 and d > 4 * b for d, b in zip(drawn, bare)), (drawn, bare)
+    page.check("#view-measure")
+
+    # No RGB-D scene: the depth model's relative scale, and the page says so instead of metres.
+    page.set_input_files("#opt-scene", [])
+    page.click("#ask")
+    page.wait_for_selector("#answer[data-status='done']:not(.streaming)", timeout=180_000)
+    page.wait_for_selector("#measurements:not([hidden])")
+    rel_id = page.get_attribute("#answer", "data-job-id")
+    assert rel_id != job_id
+    rel = httpx.get(f"{service}/v1/spatial-qa/{rel_id}", timeout=10).json()["measurements"]
+    assert rel["scale"] == "relative"
+    text = page.inner_text("#measurements")
+    assert "no metric scale" in page.inner_text("#measurements .m-source")
+    assert " m " not in text and not text.rstrip().endswith(" m"), text
+    if any(r["available"] for r in rel["regions"]):
+        assert "rel. units" in text, text
+    assert log.unexpected() == []
+    context.close()

@@ -3,11 +3,12 @@
 import { Api, ApiError } from "./api.js";
 import { Stage, maskPNG } from "./draw.js";
 import { openMedia } from "./frames.js";
+import { renderMeasurements, sceneOverlay } from "./measure.js";
 import { Viewer, parseScene } from "./viewer.js";
 
 const PALETTE = ["#ff5d73", "#4fc3ff", "#ffd166", "#7ee081", "#c792ff", "#ff9f43", "#2de2c8", "#ff7ad9",
   "#a3e635", "#60a5fa", "#f472b6", "#fbbf24", "#34d399", "#f87171", "#818cf8", "#e879f9"];
-const STAGES = ["queued", "decode", "pointmaps", "encode", "generate"];
+const STAGES = ["queued", "decode", "pointmaps", "measure", "encode", "generate"];
 const $ = (id) => document.getElementById(id);
 
 const state = {
@@ -16,6 +17,8 @@ const state = {
   selected: -1,
   job: null, // {id, controller}
   thumbs: new Map(), // frame index -> thumb element
+  scene: null, // the last job's parsed scene (3D view)
+  measurements: null, // the last job's `measurements` (done event)
 };
 
 const api = new Api(askForKey);
@@ -297,6 +300,7 @@ async function buildForm() {
   form.append("regions", JSON.stringify(regions));
   const options = { max_tokens: Number($("opt-max-tokens").value) || 128, temperature: Number($("opt-temperature").value) || 0 };
   if ($("opt-frames").value) options.num_frames = Number($("opt-frames").value);
+  if ($("opt-answer-mode").value) options.answer_mode = $("opt-answer-mode").value; // unset: the server's default
   form.append("options", JSON.stringify(options));
   const scene = $("opt-scene").files[0];
   if (scene) form.append("scene", scene, scene.name);
@@ -334,9 +338,10 @@ function onEvent(ev) {
     else if (d.stage === "decode") { setStage("decode", "done", secs(d)); setStage("pointmaps", "active"); }
     else if (d.stage === "pointmaps") {
       setStage("pointmaps", "done", secs(d));
-      setStage("encode", "active");
+      setStage("measure", "active");
       if (d.scene) loadScene();
     }
+    else if (d.stage === "measure") { setStage("measure", "done", secs(d)); setStage("encode", "active"); }
     else if (d.stage === "encode") { setStage("encode", "done", secs(d)); setStage("generate", "active"); }
     else if (d.stage === "restream" && d.discard) out.textContent = "";
   } else if (ev.event === "token") {
@@ -349,8 +354,12 @@ function onEvent(ev) {
     out.textContent = d.answer; // authoritative
     const u = d.usage || {};
     $("answer-meta").textContent = `${u.completion_tokens ?? "?"} tokens · ${u.prompt_tokens ?? "?"} prompt tokens · finish: ${d.finish_reason}`
-      + (d.timings && d.timings.total_s !== undefined ? ` · ${d.timings.total_s.toFixed(2)} s in all` : "");
+      + (d.timings && d.timings.total_s !== undefined ? ` · ${d.timings.total_s.toFixed(2)} s in all` : "")
+      + (d.answer_mode ? ` · answer from: ${d.answer_mode}` : "");
     $("demo-note").hidden = !d.demo_model;
+    state.measurements = d.measurements || null;
+    renderMeasurements($("measurements"), state.measurements, state.regions);
+    showOverlay();
     finishJob("done");
   } else if (ev.event === "error") {
     const active = document.querySelector("#stages li.active");
@@ -407,6 +416,11 @@ async function ask() {
   delete out.dataset.jobId;
   $("answer-meta").textContent = "";
   $("demo-note").hidden = true;
+  state.measurements = null;
+  state.scene = null;
+  renderMeasurements($("measurements"), null, []);
+  if (viewer) viewer.clearOverlay();
+  $("view-measure-toggle").hidden = true;
   resetStages();
   note("");
   const controller = new AbortController();
@@ -453,8 +467,11 @@ async function loadScene() {
   if (!id) return;
   try {
     const scene = parseScene(await api.scene(id));
-    if (!viewer) viewer = new Viewer($("view3d"));
+    if (!viewer) viewer = new Viewer($("view3d"), $("view-labels"));
+    if ($("answer").dataset.jobId !== id) return; // another job started while this one's scene loaded
     viewer.setScene(scene, state.regions.map((r) => r.color));
+    state.scene = scene;
+    showOverlay();
     $("view-empty").hidden = true;
     $("view-help").hidden = false;
     const legend = $("legend");
@@ -471,5 +488,17 @@ async function loadScene() {
     $("view-empty").textContent = `3D view unavailable: ${e.message}`;
   }
 }
+
+/** The measured boxes and distances in the 3D view, once both the scene and the measurements are here
+ * (the scene comes at the `pointmaps` event, the measurements with `done`: either may be first). */
+function showOverlay() {
+  if (!viewer || !state.scene || !state.measurements) return;
+  const overlay = sceneOverlay(state.measurements, state.scene, state.regions.map((r) => r.color));
+  viewer.setOverlay(overlay);
+  viewer.setOverlayVisible($("view-measure").checked);
+  $("view-measure-toggle").hidden = !(overlay.boxes.length || overlay.segments.length);
+  if (overlay.skipped) $("measurements").append(Object.assign(document.createElement("p"), { className: "muted small", textContent: overlay.skipped }));
+}
+$("view-measure").addEventListener("change", (e) => viewer && viewer.setOverlayVisible(e.target.checked));
 
 checkKeys();

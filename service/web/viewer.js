@@ -2,6 +2,8 @@
 // Byte layout: model/geometry/scene_export.py. World axes are OpenCV's (x right, y down, z forward)
 // in the first sampled camera's frame; the orbit camera keeps -y as "up".
 
+import { BOX_EDGES } from "./measure.js";
+
 const MAGIC = "SR3DSCN1";
 const HEADER_BYTES = 48;
 
@@ -95,8 +97,9 @@ const LINE_VS = `#version 300 es
 layout(location=0) in vec3 aPos;
 layout(location=1) in vec4 aColor;
 uniform mat4 uMVP;
+uniform vec2 uShift;  // clip-space nudge (per unit w): the overlay is drawn a few times, 1 px apart, to read thicker
 out vec4 vColor;
-void main() { gl_Position = uMVP * vec4(aPos, 1.0); vColor = aColor; }`;
+void main() { gl_Position = uMVP * vec4(aPos, 1.0); gl_Position.xy += uShift * gl_Position.w; vColor = aColor; }`;
 const LINE_FS = `#version 300 es
 precision mediump float;
 in vec4 vColor;
@@ -118,8 +121,12 @@ function program(gl, vs, fs) {
 }
 
 export class Viewer {
-  constructor(canvas) {
+  /** labels: an element laid over the canvas (absolutely positioned, same box) for the distance labels. */
+  constructor(canvas, labels = null) {
     this.canvas = canvas;
+    this.labels = labels;
+    this.overlay = null; // {vao, count, segments: [{mid, el}]}
+    this.showOverlay = true;
     const gl = canvas.getContext("webgl2", { antialias: true, alpha: true, preserveDrawingBuffer: true });
     if (!gl) throw new Error("WebGL2 is not available in this browser");
     this.gl = gl;
@@ -136,6 +143,7 @@ export class Viewer {
   setScene(scene, regionColors) {
     const gl = this.gl;
     this.scene = scene;
+    this.clearOverlay(); // a new job's scene: the last job's boxes are not about it
     if (this.vaoPoints) { gl.deleteVertexArray(this.vaoPoints); gl.deleteVertexArray(this.vaoLines); }
     this.vaoPoints = gl.createVertexArray();
     gl.bindVertexArray(this.vaoPoints);
@@ -169,6 +177,57 @@ export class Viewer {
     this.regionColors = flat;
     this.reset();
     this._loop();
+  }
+
+  /** Measurement boxes and distance segments (measure.js `sceneOverlay`, in scene coordinates): each
+   * box's 12 edges in its region's colour, each segment in white with a DOM label at its midpoint.
+   * The canvas says what it holds (data-boxes, data-segments) for tests and tools. */
+  setOverlay({ boxes, segments }) {
+    const gl = this.gl;
+    if (this.overlay) gl.deleteVertexArray(this.overlay.vao);
+    const verts = [];
+    for (const b of boxes) {
+      const c = [...hexRGB(b.color), 1];
+      for (const [i, j] of BOX_EDGES) verts.push(...b.corners[i], ...c, ...b.corners[j], ...c);
+    }
+    for (const s of segments) verts.push(...s.from, 1, 1, 1, 1, ...s.to, 1, 1, 1, 1);
+    const vao = gl.createVertexArray();
+    gl.bindVertexArray(vao);
+    gl.bindBuffer(gl.ARRAY_BUFFER, gl.createBuffer());
+    gl.bufferData(gl.ARRAY_BUFFER, new Float32Array(verts), gl.STATIC_DRAW);
+    gl.enableVertexAttribArray(0);
+    gl.vertexAttribPointer(0, 3, gl.FLOAT, false, 28, 0);
+    gl.enableVertexAttribArray(1);
+    gl.vertexAttribPointer(1, 4, gl.FLOAT, false, 28, 12);
+    gl.bindVertexArray(null);
+    const labels = segments.map((s) => {
+      const el = document.createElement("span");
+      el.className = "seg-label";
+      el.textContent = s.text;
+      el.dataset.pair = `${s.a}-${s.b}`;
+      el.dataset.value = String(s.value);
+      return { mid: [0, 1, 2].map((i) => (s.from[i] + s.to[i]) / 2), el };
+    });
+    if (this.labels) this.labels.replaceChildren(...labels.map((l) => l.el));
+    this.overlay = { vao, count: verts.length / 7, labels };
+    this.canvas.dataset.boxes = String(boxes.length);
+    this.canvas.dataset.segments = String(segments.length);
+    this.draw();
+  }
+
+  clearOverlay() {
+    if (this.overlay) this.gl.deleteVertexArray(this.overlay.vao);
+    this.overlay = null;
+    if (this.labels) this.labels.replaceChildren();
+    delete this.canvas.dataset.boxes;
+    delete this.canvas.dataset.segments;
+  }
+
+  /** Show or hide the boxes, segments and labels. */
+  setOverlayVisible(on) {
+    this.showOverlay = on;
+    if (this.labels) this.labels.hidden = !on;
+    this.draw();
   }
 
   reset() {
@@ -310,8 +369,35 @@ export class Viewer {
     gl.useProgram(this.lines);
     gl.uniformMatrix4fv(gl.getUniformLocation(this.lines, "uMVP"), false, mvp);
     gl.bindVertexArray(this.vaoLines);
+    gl.uniform2f(gl.getUniformLocation(this.lines, "uShift"), 0, 0);
     gl.drawArrays(gl.LINES, 0, this.lineCount);
+    if (this.overlay && this.showOverlay) this._drawOverlay(mvp, w, h);
     gl.disable(gl.BLEND);
     gl.bindVertexArray(null);
+  }
+
+  /** Boxes and segments over everything (no depth test: a box stays readable behind its own points),
+   * 2 px thick (lines are 1 px in WebGL), and each label moved to its segment's projected midpoint. */
+  _drawOverlay(mvp, w, h) {
+    const gl = this.gl;
+    gl.disable(gl.DEPTH_TEST);
+    gl.bindVertexArray(this.overlay.vao);
+    const shift = gl.getUniformLocation(this.lines, "uShift");
+    for (const [dx, dy] of [[0, 0], [2, 0], [0, 2], [2, 2]]) {
+      gl.uniform2f(shift, dx / w, dy / h);
+      gl.drawArrays(gl.LINES, 0, this.overlay.count);
+    }
+    gl.uniform2f(shift, 0, 0);
+    gl.enable(gl.DEPTH_TEST);
+    const cw = this.canvas.clientWidth, ch = this.canvas.clientHeight;
+    for (const { mid, el } of this.overlay.labels) {
+      const x = mvp[0] * mid[0] + mvp[4] * mid[1] + mvp[8] * mid[2] + mvp[12];
+      const y = mvp[1] * mid[0] + mvp[5] * mid[1] + mvp[9] * mid[2] + mvp[13];
+      const cw4 = mvp[3] * mid[0] + mvp[7] * mid[1] + mvp[11] * mid[2] + mvp[15];
+      el.hidden = cw4 <= 1e-6; // behind the eye
+      if (el.hidden) continue;
+      el.style.left = `${((x / cw4) * 0.5 + 0.5) * cw}px`;
+      el.style.top = `${(0.5 - (y / cw4) * 0.5) * ch}px`;
+    }
   }
 }
