@@ -356,6 +356,10 @@ function onEvent(ev) {
     $("answer-meta").textContent = `${u.completion_tokens ?? "?"} tokens · ${u.prompt_tokens ?? "?"} prompt tokens · finish: ${d.finish_reason}`
       + (d.timings && d.timings.total_s !== undefined ? ` · ${d.timings.total_s.toFixed(2)} s in all` : "")
       + (d.answer_mode ? ` · answer from: ${d.answer_mode}` : "");
+    if (d.answer_mode === "measured") { // the text was written from the measurements: no model ran
+      setStage("encode", "skipped", "no model");
+      setStage("generate", "skipped", "from measurements");
+    }
     $("demo-note").hidden = !d.demo_model;
     state.measurements = d.measurements || null;
     renderMeasurements($("measurements"), state.measurements, state.regions);
