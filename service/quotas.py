@@ -1,8 +1,11 @@
 """Per-key quotas (issue 30 items 1, 6 and 10): what one API key may hold, so that one tenant cannot
 lock the others out of shared room (the blob store's high-water mark, the queue, the stream hub,
 the gateway's memory and temp disk). A key over a quota gets 429 with its own code and Retry-After;
-other keys are unaffected. "Key" = the caller's rate bucket: the API key's id, or the client
-address when keys are off.
+other keys are unaffected. "Key" = the API key's id (`Caller.tenant`). With keys off there are no
+tenants to keep apart, and one client address is no tenant either (behind a load balancer every
+request has the balancer's): the quotas are off then, and the deployment-wide bounds (queue_max,
+sse_max_clients, the blob store's high-water mark) are what holds. Every method takes `None` as
+"no tenant" and then reserves nothing.
 
   Ledger (Redis, shared by every gateway replica):
     files stored through POST /v1/files        SR3D_QUOTA_FILES        files_quota_exceeded
@@ -78,16 +81,21 @@ class Ledger:
         self._script = redis.register_script(_RESERVE)
 
     # ---- files -----------------------------------------------------------------------------------
-    async def reserve_file(self, bucket: str, file_id: str, nbytes: int, expires_at: float) -> None:
+    async def reserve_file(self, bucket: str | None, file_id: str, nbytes: int, expires_at: float) -> None:
+        if bucket is None:
+            return
         await self._prune_jobs(bucket)  # finished jobs' uploads are gone: they no longer count as bytes held
         await self._reserve(bucket, f"file:{file_id}", nbytes, expires_at, "file:", self.settings.quota_files,
                             "files_quota_exceeded", "stored files")
 
     # ---- jobs ------------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def job_slot(self, bucket: str, nbytes: int) -> AsyncIterator[JobSlot]:
+    async def job_slot(self, bucket: str | None, nbytes: int) -> AsyncIterator[JobSlot]:
         """Room for one job of `nbytes` of uploads, reserved before they are stored. Inside, call
         `slot.bind(job_id, created)` once the job is queued; any exception (or no bind) frees it."""
+        if bucket is None:
+            yield JobSlot(self, None, "", nbytes)
+            return
         await self._prune_jobs(bucket)
         slot = JobSlot(self, bucket, f"pending:{uuid.uuid4().hex}", nbytes)
         await self._reserve(bucket, slot.member, nbytes, time.time() + PENDING_S, "job:", self.settings.quota_jobs,
@@ -124,7 +132,9 @@ class Ledger:
             await self.release(bucket, *gone)
 
     # ---- shared ----------------------------------------------------------------------------------
-    async def release(self, bucket: str, *members: str) -> None:
+    async def release(self, bucket: str | None, *members: str) -> None:
+        if bucket is None:
+            return
         if members:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.zrem(tenant_held_key(bucket), *members)
@@ -165,14 +175,14 @@ class Ledger:
 @dataclass
 class JobSlot:
     ledger: Ledger
-    bucket: str
+    bucket: str | None  # None: no tenant, nothing reserved
     member: str
     nbytes: int
     bound: bool = False
 
     async def bind(self, job_id: str, created: bool) -> None:
         """The reservation becomes the job's (created) or is freed (an idempotent replay: no new job)."""
-        if created:
+        if created and self.bucket is not None:
             await self.ledger._bind(self, job_id)
             self.bound = True
 
@@ -201,7 +211,10 @@ class UploadSlots:
         return self._open.get(bucket, 0)
 
     @contextlib.contextmanager
-    def hold(self, bucket: str) -> Iterator[None]:
+    def hold(self, bucket: str | None) -> Iterator[None]:
+        if bucket is None:
+            yield
+            return
         if self._open.get(bucket, 0) >= self.per_key:
             raise ApiError("uploads_quota_exceeded", f"this API key is already sending {self.per_key} request bodies "
                            "to this gateway; wait for one to finish", {"Retry-After": str(self.retry_after_s)})

@@ -178,3 +178,23 @@ def test_scene_respects_the_high_water_mark_and_expires_before_the_job(redis_url
         client.config_set("maxmemory", old)
         client.close()
 
+
+
+def test_quotas_are_off_without_api_keys(redis_url: str) -> None:
+    """Keys off: no tenants to keep apart, and one client address is no tenant (behind a load balancer
+    every request has the balancer's), so one busy client is bound by the deployment-wide limits only."""
+    with run_gateway(redis_url, quota_uploads=1, quota_jobs=1, quota_streams=1, http_body_idle_s=60) as base:
+        host, port = base.removeprefix("http://").split(":")
+        stalled = [_stalled_upload(host, int(port), "none") for _ in range(2)]
+        try:
+            # Two bodies are being received from this address: a third upload still goes through.
+            assert upload(base, "none", png_bytes()).status_code == 200
+            jobs = [submit(base, "none") for _ in range(3)]
+            assert [r.status_code for r in jobs] == [202] * 3, [r.text for r in jobs]
+            with httpx.Client(timeout=30) as client, ExitStack() as stack:
+                for r in jobs[:2]:
+                    stream = stack.enter_context(client.stream("GET", f"{base}/v1/spatial-qa/{r.json()['job_id']}/events"))
+                    assert stream.status_code == 200
+        finally:
+            for s in stalled:
+                s.close()

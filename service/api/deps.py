@@ -92,6 +92,12 @@ class Caller:
     key_id: str | None  # short hash of the API key (never the key itself); None when keys are off
     bucket: str  # rate-limit bucket: the key id, or the client address when keys are off
 
+    @property
+    def tenant(self) -> str | None:
+        """Whose quotas a request counts against (service/quotas.py): the API key; None (no quotas)
+        when keys are off."""
+        return self.key_id
+
 
 def key_id_of(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]

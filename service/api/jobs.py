@@ -37,11 +37,11 @@ async def submit(
     idem = request.headers.get("idempotency-key")
     if idem is not None and not (1 <= len(idem) <= 255):
         raise ApiError("bad_idempotency_key", "Idempotency-Key must be 1..255 characters")
-    with gw.uploads.hold(caller.bucket):  # per-key bodies in flight (SR3D_QUOTA_UPLOADS, service/quotas.py)
+    with gw.uploads.hold(caller.tenant):  # per-key bodies in flight (SR3D_QUOTA_UPLOADS, service/quotas.py)
         sub = await parse_submit(request, settings)
     wants_stream = stream or "text/event-stream" in request.headers.get("accept", "")
     if wants_stream or wait:
-        check_stream_room(gw.hub, caller.bucket)
+        check_stream_room(gw.hub, caller.tenant)
 
     # A repeat of a known key (with the same request) skips storing the uploads again.
     req_hash = request_hash(sub) if idem else None
@@ -49,17 +49,17 @@ async def submit(
     created = False
     if job_id is None:
         # Per-key quotas (service/quotas.py): jobs in flight and bytes held, reserved before storing.
-        async with gw.ledger.job_slot(caller.bucket, files_size(sub.media, sub.scene, *sub.masks.values())) as slot:
+        async with gw.ledger.job_slot(caller.tenant, files_size(sub.media, sub.scene, *sub.masks.values())) as slot:
             job_id, created = await store_and_submit(gw, sub, caller, idem, req_hash)
             await slot.bind(job_id, created)
     headers = {"Location": f"/v1/spatial-qa/{job_id}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
     if wants_stream:
-        return sse_response(gw.queue, subscribe(gw.hub, job_id, owner=caller.bucket), ping_s=settings.sse_ping_s,
+        return sse_response(gw.queue, subscribe(gw.hub, job_id, owner=caller.tenant), ping_s=settings.sse_ping_s,
                             cancel_on_disconnect=sub.options.cancel_on_disconnect, headers=headers)
     if wait:
-        view = await wait_for_terminal(gw, job_id, settings.wait_timeout_s, caller.bucket)
+        view = await wait_for_terminal(gw, job_id, settings.wait_timeout_s, caller.tenant)
         if view is not None:
             return JSONResponse(view.model_dump(mode="json"), status_code=200, headers=headers)
     base = str(request.base_url).rstrip("/")
@@ -96,7 +96,7 @@ async def job_events(
         return Response(status_code=204)
     spec = await gw.queue.get_spec(job_id)
     cancel = bool(spec and spec.options.cancel_on_disconnect)
-    return sse_response(gw.queue, subscribe(gw.hub, job_id, after, caller.bucket), ping_s=gw.settings.sse_ping_s,
+    return sse_response(gw.queue, subscribe(gw.hub, job_id, after, caller.tenant), ping_s=gw.settings.sse_ping_s,
                         cancel_on_disconnect=cancel)
 
 

@@ -150,7 +150,7 @@ async def list_models(_: Caller = Depends(authenticate), gw: GatewayState = Depe
 async def upload_file(request: Request, caller: Caller = Depends(rate_limited), gw: GatewayState = Depends(state)) -> FileObject:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise OpenAIError("unsupported_media_type", "send multipart/form-data with `file` and `purpose`")
-    with gw.uploads.hold(caller.bucket):  # per-key bodies in flight (SR3D_QUOTA_UPLOADS)
+    with gw.uploads.hold(caller.tenant):  # per-key bodies in flight (SR3D_QUOTA_UPLOADS)
         form = await request.form(max_files=1, max_fields=1, max_part_size=1024)
     unknown = set(form.keys()) - {"file", "purpose"}
     if unknown:
@@ -275,7 +275,7 @@ def split_masks(regions: list[Any]) -> tuple[list[Any], dict[str, str]]:
 async def chat_completions(request: Request, caller: Caller = Depends(rate_limited),
                            gw: GatewayState = Depends(state)) -> Response:
     settings = gw.settings
-    with gw.uploads.hold(caller.bucket):  # per-key bodies in flight (SR3D_QUOTA_UPLOADS)
+    with gw.uploads.hold(caller.tenant):  # per-key bodies in flight (SR3D_QUOTA_UPLOADS)
         req = await parse_request(request, settings.chat_body_max_bytes)
     if req.model != settings.served_model_name:
         raise OpenAIError("model_not_found", f"model {req.model!r} does not exist; this server serves "
@@ -298,7 +298,7 @@ async def chat_completions(request: Request, caller: Caller = Depends(rate_limit
     idem = request.headers.get("idempotency-key")
     if idem is not None and not (1 <= len(idem) <= 255):
         raise OpenAIError("bad_idempotency_key", "Idempotency-Key must be 1..255 characters")
-    check_stream_room(gw.hub, caller.bucket)  # the answer is streamed or waited for: refuse before queueing
+    check_stream_room(gw.hub, caller.tenant)  # the answer is streamed or waited for: refuse before queueing
     # The key is bound to the request as parsed (canonical JSON, media URLs included): a repeat with
     # another body is 422 idempotency_key_reused, not a replay of a job that answers something else.
     req_hash = hashlib.sha256(req.model_dump_json().encode()).hexdigest() if idem else None
@@ -316,7 +316,7 @@ async def chat_completions(request: Request, caller: Caller = Depends(rate_limit
             sub = Submission(media=media_file, media_kind=kind, media_filename=filename, question=question,
                              regions=regions, masks=masks, scene=None, options=opts)
             # Per-key quotas (service/quotas.py): jobs in flight and bytes held, reserved before storing.
-            async with gw.ledger.job_slot(caller.bucket, total) as slot:
+            async with gw.ledger.job_slot(caller.tenant, total) as slot:
                 job_id, created_job = await store_and_submit(gw, sub, caller, idem, req_hash)
                 await slot.bind(job_id, created_job)
 
@@ -324,11 +324,11 @@ async def chat_completions(request: Request, caller: Caller = Depends(rate_limit
     cid, created, model = f"chatcmpl-{job_id}", int(time.time()), settings.served_model_name
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        sub = subscribe(gw.hub, job_id, owner=caller.bucket)
+        sub = subscribe(gw.hub, job_id, owner=caller.tenant)
         events = stream_chunks(sub, cid, created, model, stops, include_usage)
         return SubscriptionResponse(sub, events, ping=settings.sse_ping_s, headers={**SSE_HEADERS, **headers})
 
-    view = await wait_for_terminal(gw, job_id, settings.wait_timeout_s, caller.bucket)
+    view = await wait_for_terminal(gw, job_id, settings.wait_timeout_s, caller.tenant)
     if view is None:
         raise OpenAIError("job_timeout", f"no answer within {settings.wait_timeout_s:g}s; the job runs on: GET "
                           f"/v1/spatial-qa/{job_id}, or use stream: true", headers={**headers, **NO_RETRY}, status=504)

@@ -145,14 +145,14 @@ async def store_file(gw: GatewayState, caller: Caller, upload: UploadFile, purpo
     now = int(time.time())
     # The key's quotas (files, bytes held: service/quotas.py) before the bytes reach the shared store:
     # one key's uploads filled the store's high-water mark and refused every other key (issue 30 item 1).
-    await gw.ledger.reserve_file(caller.bucket, file_id, files_size(upload.file), now + ttl)
+    await gw.ledger.reserve_file(caller.tenant, file_id, files_size(upload.file), now + ttl)
     try:
         size = await gw.blobs.put(keys.file_blob(file_id), upload.file, ttl)
     except BlobTooLarge as e:
-        await gw.ledger.release(caller.bucket, f"file:{file_id}")
+        await gw.ledger.release(caller.tenant, f"file:{file_id}")
         raise ApiError("upload_too_large", str(e)) from None
     except BaseException:
-        await gw.ledger.release(caller.bucket, f"file:{file_id}")
+        await gw.ledger.release(caller.tenant, f"file:{file_id}")
         raise
     meta: dict[str, str | int] = {"id": file_id, "owner": caller.key_id or "", "family": family, "bytes": size,
                                   "created_at": now, "expires_at": now + ttl, "purpose": purpose,
@@ -164,7 +164,7 @@ async def store_file(gw: GatewayState, caller: Caller, upload: UploadFile, purpo
             await pipe.execute()
     except BaseException:
         await gw.blobs.delete(keys.file_blob(file_id))
-        await gw.ledger.release(caller.bucket, f"file:{file_id}")
+        await gw.ledger.release(caller.tenant, f"file:{file_id}")
         raise
     return meta
 
@@ -181,4 +181,4 @@ async def delete_file(gw: GatewayState, caller: Caller, file_id: str) -> None:
     await file_meta(gw, caller, file_id)
     await gw.redis.delete(keys.file_key(file_id))
     await gw.blobs.delete(keys.file_blob(file_id))
-    await gw.ledger.release(caller.bucket, f"file:{file_id}")
+    await gw.ledger.release(caller.tenant, f"file:{file_id}")
