@@ -16,7 +16,8 @@ from model.errors import ModelInputError
 from model.geometry.types import PointMaps
 from model.inputs import RegionMask
 from model.measure import ScaleHint, answer_from_measurements, grounding_text, measure_scene
-from model.measure.synthetic import _render, build_set, render_scene
+from model.measure.synthetic import _render, build_set
+from model.measure.synthetic import render_scene as _render_scene
 from service.eval import metrics
 
 SRGPT_CATEGORIES = {
@@ -24,6 +25,16 @@ SRGPT_CATEGORIES = {
                            "behind", "front") for k in ("predicate", "choice")),
     "distance_data", "horizontal_distance_data", "vertical_distance_data", "width_data", "height_data", "direction",
 }
+
+
+_SCENES: dict[int, object] = {}
+
+
+def render_scene(seed: int):
+    """Each scene rendered once per module (tests copy before they change anything)."""
+    if seed not in _SCENES:
+        _SCENES[seed] = _render_scene(seed)
+    return _SCENES[seed]
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +272,53 @@ def test_grounding_text_lists_the_measured_facts() -> None:
     assert lines[0] == "Measured from the 3D point maps (scale: metric; source: synthetic (metric); up: horizontal plane):"
     assert lines[1].startswith("Region [0]: width ") and lines[2].startswith("Region [1]: width ")
     assert lines[3].startswith("Region [0] to Region [1]: centre distance ") and "o'clock from Region [0]" in lines[3]
+
+
+def test_synthetic_scene_is_an_rgbd_upload_in_the_model_convention() -> None:
+    """The scene's depth, intrinsics and poses, through the service's RGB-D route, give the same point maps
+    (normalised there, metres here) and the same measurements."""
+    from model.geometry import pointmaps_from_rgbd
+
+    sc = render_scene(2)
+    arrays = sc.rgbd_arrays()
+    pm = pointmaps_from_rgbd(arrays["depth"], arrays["intrinsics"], arrays["poses"], reference_frame=0)
+    assert pm.metric and pm.source == "rgbd"
+    np.testing.assert_allclose(pm.metric_points()[pm.valid], sc.pointmaps.points[sc.pointmaps.valid], atol=2e-4)
+    regions = [sc.masks(0), sc.masks(1)]
+    a, b = measure_scene(pm, regions), measure_scene(sc.pointmaps, regions)
+    assert a.source == "rgbd depth" and a.unit == "m"
+    assert a.regions[0].height == pytest.approx(b.regions[0].height, rel=1e-3)
+    assert a.pairs[0].center_distance == pytest.approx(b.pairs[0].center_distance, rel=1e-3)
+
+
+def test_cleaning_drops_flying_pixels_mask_spill_and_low_confidence() -> None:
+    sc = render_scene(1)
+    k = 0
+    box = sc.boxes[k]
+    truth = (box.size[0], box.size[2], box.size[1])
+    pm = replace(sc.pointmaps, points=sc.pointmaps.points.copy())
+    mask = sc.instance[0] == k
+    ys, xs = np.nonzero(mask)
+    # Flying pixels: on the object's left silhouette, put each edge pixel halfway to the background.
+    edge = [(y, x) for y, x in zip(ys, xs) if x > 0 and not mask[y, x - 1] and pm.valid[0, y, x - 1]]
+    for y, x in edge:
+        pm.points[0, y, x] = 0.5 * (pm.points[0, y, x] + pm.points[0, y, x - 1])
+    # Mask spill: the drawn region also covers floor more than a metre behind the object (next to it in the image).
+    rng_ = np.linalg.norm(sc.pointmaps.points[0], axis=-1)
+    far_floor = (sc.instance[0] == -1) & (rng_ > rng_[mask].max() + 1.0)
+    window = np.zeros_like(mask)
+    window[max(0, ys.min() - 40):ys.max(), max(0, xs.min() - 40):xs.max() + 40] = True
+    sy, sx = np.nonzero(far_floor & window)
+    take = np.argsort(np.hypot(sy - ys.mean(), sx - xs.mean()))[: int(0.1 * mask.sum())]  # a 10 % spill
+    spill = mask.copy()
+    spill[sy[take], sx[take]] = True
+    assert int((spill & ~mask).sum()) > 50
+    m = measure_scene(pm, [[RegionMask(0, spill)]])
+    r = m.regions[0]
+    assert len(edge) > 10 and r.points_used < r.points_total
+    assert (r.width, r.height, r.depth) == pytest.approx(truth, rel=0.03)
+    # Confidence: pixels below half the region's median confidence are dropped.
+    conf = np.ones(pm.valid.shape, np.float32)
+    conf[0][mask & (np.arange(mask.shape[1])[None, :] < np.median(xs))] = 0.1  # left half "unsure"
+    r2 = measure_scene(sc.pointmaps, [[RegionMask(0, mask)]], confidence=conf).regions[0]
+    assert r2.points_used < 0.7 * int(mask.sum()) and "confidence" in r2.cleaning

@@ -9,8 +9,9 @@ Definitions (B relative to A; positions are box centres, see `boxes.py`):
   `CLOSEST_POINTS` near each other, see `closest_distance`; scipy's cKDTree when
   installed, else chunked numpy). VSI-Bench's absolute distance
   ("Measuring from the closest point of each object ..."; its ground truth is the minimum distance
-  between points sampled inside the two oriented boxes, per the VSI-Bench paper's question-generation
-  appendix).
+  between points sampled inside the two objects' oriented boxes, and its object size is the longest
+  side of the object's oriented box: the question-generation definitions of VSI-Bench, Yang et al.,
+  "Thinking in Space", 2024, as restated in Spatial-MLLM's appendix B).
 - vertical_distance: |offset along up| of the centres (SpatialRGPT's `vertical_distance_data`, centre
   variant: |dy| of the box centres in their gravity-aligned frame).
 - horizontal_distance: the centres' distance in the horizontal plane, sqrt(dright^2 + dforward^2)
@@ -23,6 +24,16 @@ Definitions (B relative to A; positions are box centres, see `boxes.py`):
   theirs floors the angle to the hour, we round to the nearest hour).
 - bigger / taller / wider: A's box volume / height / width greater than B's (SpatialRGPT's
   small_predicate compares box volumes, short_predicate heights, thin_predicate widths).
+
+SpatialRGPT-Bench's qualitative categories, as their data pipeline defines them
+(dataset_pipeline/osdsynth/processor/instruction.py; their frame: gravity-aligned camera, x left,
+y up, z forward), and what answers them here:
+- left/right_{predicate,choice}: centre x of A vs B -> `offset_right` (B's centre right of A's => A is left);
+- below/above: centre y -> `offset_up`;
+- behind/front: theirs compares the nearest depth (min z) of the two clouds; we compare the box
+  centres along forward (`offset_forward`), consistent with the clock direction;
+- tall/short: height (AABB extent along y) -> `taller`; wide/thin: width (extent along x) -> `wider`;
+  big/small: AABB volume -> `bigger` (oriented-box volume here).
 """
 from __future__ import annotations
 

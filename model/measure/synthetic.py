@@ -67,6 +67,14 @@ class SynthScene:
     boxes: list[SynthBox]
     scene_to_world: np.ndarray  # [4, 4]: scene frame -> world (frame 0 camera)
     frames: np.ndarray = field(default_factory=lambda: np.zeros(0))  # uint8 [F, H, W, 3] flat-shaded images
+    depth: np.ndarray = field(default_factory=lambda: np.zeros(0))  # float32 [F, H, W] z-depth, metres, 0 = none
+    camera_poses: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [F, 4, 4] camera-to-scene (OpenCV)
+
+    def rgbd_arrays(self) -> dict[str, np.ndarray]:
+        """The scene as the RGB-D upload the service reads (`model.geometry.rgbd.load_scene_npz` keys):
+        np.savez(buf, **scene.rgbd_arrays()) next to `frames` as the media."""
+        return {"depth": self.depth.astype(np.float32), "intrinsics": self.pointmaps.intrinsics.astype(np.float64),
+                "poses": self.camera_poses.astype(np.float64)}
 
     def masks(self, k: int, frames: list[int] | None = None) -> list[RegionMask]:
         """Object k's exact instance masks on every frame where it shows at least MIN_VISIBLE_PX pixels."""
@@ -184,7 +192,7 @@ def render_scene(seed: int, *, n_objects: int | None = None, n_frames: int = 5, 
     pm = PointMaps(points=pts.astype(np.float32), valid=valid, intrinsics=np.repeat(K[None], n_frames, 0).astype(np.float32),
                    poses=rel.astype(np.float32), scale=1.0, metric=True, source="synthetic")
     return SynthScene(seed=seed, pointmaps=pm, instance=inst, boxes=boxes, scene_to_world=world_from_scene,
-                      frames=images)
+                      frames=images, depth=depth.astype(np.float32), camera_poses=np.stack(poses))
 
 
 # --- ground truth -------------------------------------------------------------------------------
