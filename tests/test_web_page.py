@@ -736,6 +736,8 @@ def test_measured_answer_shows_measurements_and_draws_boxes_and_the_distance(bro
     assert float(size.get_attribute("data-width")) == width and abs(width - WALL_A_WIDTH_M) <= 0.05 * WALL_A_WIDTH_M
     assert size.inner_text().endswith(" m (w × h × d)"), size.inner_text()
     assert page.locator("#demo-note").is_hidden()  # no language model wrote this text
+    for stage in ("encode", "generate"):  # and the stages say so
+        assert "skipped" in page.get_attribute(f"#stages li[data-stage='{stage}']", "class"), stage
 
     # The 3D view: two boxes and one segment, labelled with the API's distance.
     page.wait_for_selector("#view3d[data-boxes='2'][data-segments='1']", timeout=60_000)
@@ -775,5 +777,6 @@ def test_measured_answer_shows_measurements_and_draws_boxes_and_the_distance(bro
     assert " m " not in text and not text.rstrip().endswith(" m"), text
     if any(r["available"] for r in rel["regions"]):
         assert "rel. units" in text, text
+    shot(page, "6-relative.png", full_page=True)
     assert log.unexpected() == []
     context.close()
