@@ -51,6 +51,8 @@ def measure_scene(pm: PointMaps, regions: list[list[RegionMask]], *, confidence:
                 raise ModelInputError("mask_size_mismatch",
                                       f"region {k}: mask {np.shape(m.mask)} vs point maps {pm.valid.shape[1:]}")
 
+    if confidence is not None and np.shape(confidence) != pm.valid.shape:
+        raise ModelInputError("bad_pointmap", f"confidence {np.shape(confidence)} vs point maps {pm.valid.shape}")
     up = estimate_up(pm)
     frame = gravity_frame(pm, np.asarray(up.vector))
     factor = float(pm.scale) if pm.metric else 1.0
