@@ -228,7 +228,13 @@ CRD_SCHEMAS: dict[tuple[str, str], Obj] = {
             "endpoints": {"type": "array", "minItems": 1, "items": {
                 "type": "object", "required": ["port", "path"], "additionalProperties": False, "properties": {
                     "port": {"type": "string"}, "path": {"type": "string", "pattern": "^/"},
-                    "interval": _DURATION}}}}}),
+                    "interval": _DURATION,
+                    # the operator's SafeAuthorization: a scheme and a key of a Secret in the same namespace
+                    "authorization": {"type": "object", "required": ["credentials"], "additionalProperties": False,
+                                      "properties": {"type": {"type": "string"}, "credentials": {
+                                          "type": "object", "required": ["name", "key"], "additionalProperties": False,
+                                          "properties": {"name": {"type": "string"}, "key": {"type": "string"},
+                                                         "optional": {"type": "boolean"}}}}}}}}}}),
     ("monitoring.coreos.com/v1", "PrometheusRule"): _crd("monitoring.coreos.com/v1", "PrometheusRule", {
         "type": "object", "required": ["groups"], "additionalProperties": False, "properties": {
             "groups": {"type": "array", "minItems": 1, "items": {

@@ -348,3 +348,17 @@ def test_settings_load_from_the_rendered_environment(rendered, monkeypatch):
                 m.setenv(k, v)
             settings = Settings()
         assert settings.redis_url == cm["REDIS_URL"]
+
+
+def test_prometheus_scrapes_the_gateway_with_a_key_it_accepts(rendered):
+    """With API keys on, the gateway's /metrics needs a key (SR3D_METRICS_PUBLIC off): the gateway's
+    ServiceMonitor sends a bearer token from the same Secret, and where a Secret is rendered (the demo)
+    that token is one of the gateway's keys."""
+    _, objs = rendered
+    (sm,) = [s for s in by_kind(objs, "ServiceMonitor") if s["metadata"]["name"] == "sr3d-gateway"]
+    (endpoint,) = sm["spec"]["endpoints"]
+    cred = endpoint["authorization"]["credentials"]
+    assert endpoint["authorization"]["type"] == "Bearer" and cred["name"] == "sr3d-api-keys"
+    for secret in (s for s in by_kind(objs, "Secret") if s["metadata"]["name"] == "sr3d-api-keys"):
+        data = secret["stringData"]
+        assert data[cred["key"]] in data["SR3D_API_KEYS"].split(",")
