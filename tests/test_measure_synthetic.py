@@ -16,7 +16,7 @@ from model.errors import ModelInputError
 from model.geometry.types import PointMaps
 from model.inputs import RegionMask
 from model.measure import ScaleHint, answer_from_measurements, grounding_text, measure_scene
-from model.measure.synthetic import _render, build_set
+from model.measure.synthetic import _render, build_set, export_set
 from model.measure.synthetic import render_scene as _render_scene
 from service.eval import metrics
 
@@ -322,3 +322,19 @@ def test_cleaning_drops_flying_pixels_mask_spill_and_low_confidence() -> None:
     conf[0][mask & (np.arange(mask.shape[1])[None, :] < np.median(xs))] = 0.1  # left half "unsure"
     r2 = measure_scene(sc.pointmaps, [[RegionMask(0, mask)]], confidence=conf).regions[0]
     assert r2.points_used < 0.7 * int(mask.sum()) and "confidence" in r2.cleaning
+
+
+def test_export_set_writes_media_masks_and_records(tmp_path) -> None:
+    from PIL import Image
+
+    items_file = export_set(tmp_path, n_scenes=1, per_category=1, seed=7)
+    records = [json.loads(line) for line in items_file.read_text().splitlines()]
+    assert len(records) >= 25 and all(r["regions"] and r["conversations"][1]["value"] for r in records)
+    sc = _render_scene(7)
+    rec = next(r for r in records if r["qa_info"]["category"] == "distance_data")
+    entry = rec["regions"][0][0]
+    mask = np.asarray(Image.open(tmp_path / entry["mask"])) > 0
+    assert (mask == (sc.instance[entry["frame"]] == rec["objects"][0])).all()
+    with np.load(tmp_path / "scene_7" / "rgbd.npz") as z:
+        assert z["depth"].shape == sc.depth.shape and np.allclose(z["depth"], sc.depth)
+    assert (tmp_path / "scene_7" / "frames" / "0000.png").exists()

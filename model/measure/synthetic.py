@@ -15,9 +15,11 @@ benchmark would. Everything is deterministic given the seed.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from itertools import permutations
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -435,3 +437,37 @@ def benchmark_job(seed: int = 3, *, frames: int = 32, width: int = 640, height: 
     biggest = sorted(range(len(sc.boxes)), key=lambda k: -int((sc.instance == k).sum()))[:regions]
     masks = [[RegionMask(frame=f, mask=inst[f] == k) for f in range(frames) if (inst[f] == k).any()] for k in biggest]
     return pm, masks
+
+
+def export_set(out_dir: Path, n_scenes: int = 6, per_category: int = 2, *, seed: int = 0) -> Path:
+    """Write the set to disk for `sr3d eval`: per scene `scene_<seed>/frames/NNNN.png` (flat-shaded
+    colour), `scene_<seed>/rgbd.npz` (the RGB-D upload, `SynthScene.rgbd_arrays`) and
+    `scene_<seed>/masks/obj<k>_f<f>.png` (exact instance masks); `items.jsonl` holds one record per
+    question (`SyntheticItem.to_record`) plus `regions`: per region, its `{"frame", "mask"}` list
+    (mask paths relative to `out_dir`). Returns the items file."""
+    from PIL import Image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scenes, items = build_set(n_scenes, per_category, seed=seed)
+    region_files: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for sc in scenes:
+        base = out_dir / f"scene_{sc.seed}"
+        (base / "frames").mkdir(parents=True, exist_ok=True)
+        (base / "masks").mkdir(exist_ok=True)
+        for f, img in enumerate(sc.frames):
+            Image.fromarray(img).save(base / "frames" / f"{f:04d}.png")
+        np.savez_compressed(base / "rgbd.npz", **sc.rgbd_arrays())
+        for k in range(len(sc.boxes)):
+            entries = []
+            for rm in sc.masks(k):
+                rel = f"scene_{sc.seed}/masks/obj{k}_f{rm.frame}.png"
+                Image.fromarray(rm.mask.astype(np.uint8) * 255).save(out_dir / rel)
+                entries.append({"frame": rm.frame, "mask": rel})
+            region_files[(sc.seed, k)] = entries
+    path = out_dir / "items.jsonl"
+    with path.open("w", encoding="utf-8") as fh:
+        for it in items:
+            rec = it.to_record()
+            rec["regions"] = [region_files[(it.scene_seed, k)] for k in it.objects]
+            fh.write(json.dumps(rec, default=float) + "\n")
+    return path
