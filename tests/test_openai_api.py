@@ -280,11 +280,13 @@ def test_rate_limit_idempotency_and_metrics_are_the_job_api_s(redis_url: str) ->
         ids = [refused(lambda: c.chat.completions.create(**kwargs, extra_headers={"Idempotency-Key": "oa-1"}))
                .response.headers["X-SR3D-Job-Id"] for _ in range(2)]
         assert ids[0] == ids[1] and jobs_in_queue(redis_url) == 1
-        # the multipart route sees the same job under the same key
+        # the multipart route shares the keys: the same key with another request (this body) is refused,
+        # bound to the request it was first sent with (issue 30 item 9), and nothing more is queued
         r = httpx.post(f"{base}/v1/spatial-qa", headers={"Authorization": f"Bearer {KEY}", "Idempotency-Key": "oa-1"},
                        files={"image": ("a.png", png_bytes(), "image/png")}, data={"question": "What is <region0>?",
                                                                                    "regions": '[{"frame":0,"box":[1,1,20,20]}]'})
-        assert r.status_code in (200, 202) and r.json()["job_id"] == ids[0]
+        assert r.status_code == 422 and r.json()["error"]["code"] == "idempotency_key_reused"
+        assert jobs_in_queue(redis_url) == 1
         assert timed_out_count(base) == before + 2
     with run_gateway(redis_url, api_keys=[KEY], rate_limit_per_min=1, rate_limit_burst=1) as base:
         c = client_for(base)
