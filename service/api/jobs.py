@@ -1,6 +1,8 @@
 """The spatial-QA routes: submit (202, SSE stream or wait), status, events (resumable SSE), cancel."""
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -44,7 +46,8 @@ async def submit(
         check_stream_room(gw.hub, caller.tenant)
 
     # A repeat of a known key (with the same request) skips storing the uploads again.
-    req_hash = request_hash(sub) if idem else None
+    # Hashing re-reads the uploads (up to SR3D_MAX_UPLOAD_MB): off the event loop.
+    req_hash = await asyncio.to_thread(request_hash, sub) if idem else None
     job_id = await replayed_job(gw, idem, caller, req_hash)
     created = False
     if job_id is None:

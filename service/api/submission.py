@@ -11,6 +11,7 @@ Routers add their own parsing in front and their own response shape behind; the 
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -180,7 +181,7 @@ async def store_and_submit(gw: GatewayState, sub: Submission, caller: Caller,
     Raises ApiError queue_full (429), upload_too_large (413) or idempotency_key_reused (422);
     stored blobs never outlive a failure."""
     if idempotency_key is not None and req_hash is None:
-        req_hash = request_hash(sub)
+        req_hash = await asyncio.to_thread(request_hash, sub)  # re-reads the uploads: off the event loop
     job_id = uuid.uuid4().hex
     ttl = gw.settings.job_max_age_s
     stored: list[str] = []
