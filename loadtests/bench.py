@@ -11,6 +11,7 @@ from loadtests import (
     bench_measure,
     bench_media,
     bench_model,
+    bench_peer,
     bench_pipeline,
     bench_queue,
     bench_service,
@@ -27,6 +28,7 @@ TARGETS: dict[str, ModuleType] = {
     "pipeline": bench_pipeline,
     "blobs": bench_blobs,
     "measure": bench_measure,
+    "peer": bench_peer,
 }
 
 

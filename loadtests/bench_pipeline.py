@@ -40,6 +40,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -355,9 +356,11 @@ def _run(args: argparse.Namespace, configs: list[tuple[str, dict[str, str]]], le
 
 
 def _run_config(args: argparse.Namespace, name: str, env: dict[str, str], levels: list[int], load: Load,
-                workdir: Path) -> dict[str, Any]:
+                workdir: Path, on_level: Callable[[dict[str, Any], list[JobResult], float], None] | None = None,
+                ) -> dict[str, Any]:
     """One configuration on its own fresh stack: start, warm up, every closed-loop level, then the open-loop
-    level at --open-fraction of the best requests/s; the stack (and its MPS daemon) is gone on return."""
+    level at --open-fraction of the best requests/s; the stack (and its MPS daemon) is gone on return.
+    `on_level(level, results, wall)` sees each level's raw results (`sr3d bench peer` adds its own numbers)."""
     bench = {k: env.pop(k) for k in BENCH_KEYS if k in env}
     shown = {k: v for k, v in env.items() if k.startswith("SR3D_") and not k.endswith(("_MODEL", "_DIR"))}
     out: dict[str, Any] = {"name": name, "env": {**shown, **bench}, "levels": [], "problems": []}
@@ -390,6 +393,8 @@ def _run_config(args: argparse.Namespace, name: str, env: dict[str, str], levels
                 results, wall = asyncio.run(closed_loop(url, users, args.duration, load.request, args.seed + users))
                 lv = level_summary(results, wall, f"{name}, {users} users")
                 lv["users"] = users
+                if on_level is not None:
+                    on_level(lv, results, wall)
                 out["levels"].append(lv)
                 out["problems"] += lv["problems"]
             best = max((lv["req_per_s"] or 0.0 for lv in out["levels"]), default=0.0)
@@ -398,6 +403,8 @@ def _run_config(args: argparse.Namespace, name: str, env: dict[str, str], levels
                 results, wall = asyncio.run(open_loop(url, rate, args.duration, load.request, args.seed + 991))
                 lv = level_summary(results, wall, f"{name}, open loop {rate} req/s")
                 lv.update(users=None, offered_req_per_s=rate, fraction_of_best=args.open_fraction)
+                if on_level is not None:
+                    on_level(lv, results, wall)
                 out["open_loop"] = lv
                 out["problems"] += lv["problems"]
             if not worker.alive():
