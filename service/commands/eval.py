@@ -117,7 +117,11 @@ def main(args: argparse.Namespace) -> int:
         # The data dir (tiny checkpoint, embedded Redis) as `sr3d serve` would use it from here.
         data_dir = Path(os.environ.get("SR3D_DATA_DIR", "./var")).resolve()
         with tempfile.TemporaryDirectory(prefix="sr3d-eval-serve-") as logs:
-            with serve_stack(Path(logs), {"SR3D_DATA_DIR": str(data_dir)}) as (_, url):
+            # An eval needs no 3D-viewer scenes, and each job's (~1 MB) stays scene_ttl_s in the embedded
+            # Redis: at the 900 s default a few hundred fast jobs push the store to its high-water mark
+            # and uploads get 503 upload_store_full. The shortest TTL allowed, unless the caller set one.
+            env = {"SR3D_DATA_DIR": str(data_dir), "SR3D_SCENE_TTL_S": os.environ.get("SR3D_SCENE_TTL_S", "60")}
+            with serve_stack(Path(logs), env) as (_, url):
                 rows = asyncio.run(go(url))
     else:
         rows = asyncio.run(go(args.url or os.environ.get("SR3D_URL", "http://127.0.0.1:8000")))

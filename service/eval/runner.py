@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import uuid
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from typing import Any
 from loadtests.client import JobRequest, Media, SR3DClient
 from service.eval.datasets import EvalItem
 
+log = logging.getLogger(__name__)
 RESULTS = "results.jsonl"
 TRANSIENT_RETRIES = 4  # per item and run; what still fails is left for the next run
 
@@ -132,8 +134,13 @@ async def _ask(client: SR3DClient, item: EvalItem, num_frames: int | None, run: 
         body = res.error_body.get("error", {}) if isinstance(res.error_body, dict) else {"message": str(res.error_body)}
         return _row(item, "", error=body)
     end = res.terminal
-    if end is None:
-        return None  # transient (gave up resuming, 429, 5xx): retried by the next run
+    if end is None:  # transient (gave up resuming, 429, 5xx): retried by the next run; say why
+        if res.http_status in (200, 201, 202):
+            why = "accepted, but the event stream ended without a terminal event"
+        else:
+            why = f"submit answered HTTP {res.http_status} {res.error_body}" if res.http_status else "no connection"
+        log.warning("item %s left for the next run after %d tries: %s", item.id, TRANSIENT_RETRIES + 1, why)
+        return None
     if end.type == "error":
         return _row(item, "", error=end.data if isinstance(end.data, dict) else {"message": str(end.data)})
     data = end.data if isinstance(end.data, dict) else {}
