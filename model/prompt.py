@@ -84,7 +84,7 @@ def check_question(question: str, num_regions: int, tokenizer: Any, config: SR3D
 
 # `grounded` answer mode: the measured facts (model/measure `grounding_text`) go before the user's
 # question in this one fixed template, after the media, so the model's answer can cite them.
-GROUNDING_TEMPLATE = "Measured from the scene's 3D points:\n{facts}\nAnswer using these measurements.\n{question}"
+GROUNDING_TEMPLATE = "{facts}\nUse these measurements in the answer.\n{question}"
 
 
 def grounded_question(question: str, facts: str) -> str:

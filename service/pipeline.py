@@ -370,7 +370,9 @@ class Pipeline:
         hit = self.cache.get(key)
         if hit is not None:
             metrics.POINTMAP_CACHE.labels("hit").inc()
-            return dataclasses.replace(hit, source=f"{hit.source} (cached)"), {"source": f"{hit.source} (cached)", **info}
+            # The event says it was cached; the point maps stay as computed (what is measured from them,
+            # and a grounded prompt, must not depend on whether this job was the first on the video).
+            return hit, {"source": f"{hit.source} (cached)", **info}
         metrics.POINTMAP_CACHE.labels("miss").inc()
         pm = await self._batcher(backend).compute(decoded.frames)
         self.cache.put(key, pm)

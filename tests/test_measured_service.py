@@ -49,8 +49,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-def wall_files(scene: bool = True) -> list[tuple[str, tuple[str, bytes, str]]]:
-    rng = np.random.default_rng(0)
+def wall_files(scene: bool = True, seed: int = 0) -> list[tuple[str, tuple[str, bytes, str]]]:
+    rng = np.random.default_rng(seed)  # the texture; another seed is another upload (another cache key)
     png = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(png, format="PNG")
     files = [("image", ("wall.png", png.getvalue(), "image/png"))]
@@ -67,10 +67,10 @@ def form(question: str = QUESTION, **options: Any) -> dict[str, str]:
     return {"question": question, "regions": json.dumps(regions), "options": json.dumps(options)}
 
 
-async def ask(url: str, data: dict[str, str], scene: bool = True) -> list[Any]:
+async def ask(url: str, data: dict[str, str], scene: bool = True, seed: int = 0) -> list[Any]:
     """Submit with `Accept: text/event-stream` and read the stream to its terminal event."""
     async with httpx.AsyncClient(base_url=url, timeout=180) as http:
-        async with http.stream("POST", "/v1/spatial-qa", data=data, files=wall_files(scene),
+        async with http.stream("POST", "/v1/spatial-qa", data=data, files=wall_files(scene, seed),
                                headers={"Accept": "text/event-stream"}) as r:
             assert r.status_code == 200, (await r.aread()).decode()
             events = []
@@ -209,3 +209,17 @@ def test_schema_names_the_measurements(service: str) -> None:
     assert {"Measurements", "Length", "RegionMeasurementOut", "PairMeasurementOut"} <= set(schema)
     assert schema["Length"]["required"] == ["value", "unit", "scale"]
 
+
+
+def test_grounded_answers_do_not_depend_on_the_point_map_cache(service: str) -> None:
+    """The second identical request takes the point maps from the cache: same facts, same prompt,
+    same greedy answer (the cache shows in the pointmaps event only)."""
+    question = "What is between <region0> and <region1>?"
+    first, second = (run(ask(service, form(question, answer_mode="grounded", max_tokens=6), scene=False, seed=7))
+                     for _ in range(2))
+    pm = [next(e.data for e in events if e.type == "progress" and e.data["stage"] == "pointmaps")
+          for events in (first, second)]
+    assert "(cached)" in pm[1]["source"] and "(cached)" not in pm[0]["source"]
+    a, b = first[-1].data, second[-1].data
+    assert a["measurements"] == b["measurements"]
+    assert a["usage"] == b["usage"] and a["answer"] == b["answer"]
