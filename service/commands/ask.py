@@ -36,6 +36,13 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=os.environ.get("SR3D_API_KEY"),
                    help="API key when the service sets SR3D_API_KEYS (default: $SR3D_API_KEY)")
     p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--scene", type=Path, default=None, metavar="SCENE.npz",
+                   help="RGB-D depth (+ intrinsics, poses) for exact metric measurements; `sr3d rgbd-npz` makes one")
+    p.add_argument("--answer-mode", choices=("model", "grounded", "measured"), default=None,
+                   help="model: the language model alone; grounded: measured facts in its prompt; measured: the text "
+                        "written from the measurements (default: the server's SR3D_ANSWER_MODE)")
+    p.add_argument("--scale-hint", default=None, metavar="REGION:DIMENSION:METRES",
+                   help="one known length that puts a relative scene into metres, e.g. 0:height:0.30")
     p.add_argument("--retries", type=int, default=5, help="submit attempts after a refused (429/503) or failed POST")
     p.add_argument("--resume-timeout", type=float, default=60.0,
                    help="seconds to keep resuming a dropped stream without receiving an event")
@@ -61,14 +68,36 @@ def parse_mask(spec: str, index: int) -> tuple[dict[str, Any], str, Path]:
     return {"frame": int(frame), "mask": part}, part, Path(path)
 
 
+def parse_scale_hint(spec: str) -> dict[str, Any]:
+    try:
+        region, dimension, metres = spec.split(":")
+        return {"region": int(region), "dimension": dimension, "metres": float(metres)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--scale-hint {spec!r}: expected REGION:DIMENSION:METRES, "
+                                         "e.g. 0:height:0.30") from None
+
+
+def options_of(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if args.max_tokens:
+        options["max_tokens"] = args.max_tokens
+    if args.answer_mode:
+        options["answer_mode"] = args.answer_mode
+    if args.scale_hint:
+        options["scale_hint"] = parse_scale_hint(args.scale_hint)
+    return options
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         regions: list[dict[str, Any]] = [parse_box(r) for r in args.region]
         masks = [parse_mask(m, i) for i, m in enumerate(args.mask)]
+        options = options_of(args)
     except argparse.ArgumentTypeError as e:
         print(f"sr3d ask: {e}", file=sys.stderr)
         return 2
-    for path in [args.file, *(m[2] for m in masks)]:
+    args.options = options
+    for path in [args.file, *(m[2] for m in masks), *([args.scene] if args.scene else [])]:
         if not path.is_file():
             print(f"sr3d ask: {path}: no such file", file=sys.stderr)
             return 2
@@ -90,7 +119,8 @@ async def ask(args: argparse.Namespace, regions: list[dict[str, Any]], masks: li
         question=args.question,
         regions=[[r] for r in regions + [m[0] for m in masks]],
         masks={part: path.read_bytes() for _, part, path in masks},
-        options={"max_tokens": args.max_tokens} if args.max_tokens else {},
+        options=args.options,
+        scene=Media.from_path(args.scene, kind="scene") if args.scene else None,
         # Same key on every retry: a POST that got through is not queued twice.
         idempotency_key=uuid.uuid4().hex,
     )
@@ -107,6 +137,8 @@ async def ask(args: argparse.Namespace, regions: list[dict[str, Any]], masks: li
                         print(ev.data.get("text", ""), end="", flush=True)
                     elif ev.type == "done":
                         print(flush=True)
+                        if ev.data.get("measurements"):
+                            print(measurement_lines(ev.data["measurements"]), flush=True)
                         if ev.data.get("demo_model"):
                             print("sr3d ask: answered by the tiny random-weight demo model (SR3D_MODEL unset): "
                                   "not a meaningful answer", file=sys.stderr)
@@ -148,3 +180,30 @@ def _reason(e: Exception) -> str:
     while e.__cause__ is not None or e.__context__ is not None:
         e = e.__cause__ or e.__context__  # type: ignore[assignment]
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def _length(v: dict[str, Any] | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v['value']:.3f} {v['unit']}" if v.get("unit") else f"{v['value']:.3f} (relative)"
+
+
+def measurement_lines(m: dict[str, Any]) -> str:
+    """The `done` event's measurements as a few lines under the answer (units and source stated)."""
+    unit = "metres" if m.get("unit") == "m" else "relative units: no metric scale, compare ratios only"
+    lines = [f"measured ({m['scale']}, {unit}; from {m['source']}):"]
+    for r in m.get("regions", []):
+        if not r["available"]:
+            lines.append(f"  region {r['region']}: not measurable: {r['reason']}")
+            continue
+        lines.append(f"  region {r['region']}: width {_length(r['width'])}, height {_length(r['height'])}, "
+                     f"depth {_length(r['depth'])} ({r['points_used']} points, frames {r['frames']})")
+    for p in m.get("pairs", []):
+        if not p["available"]:
+            lines.append(f"  region {p['a']} to region {p['b']}: not measurable: {p['reason']}")
+            continue
+        d = p.get("direction") or {}
+        lines.append(f"  region {p['a']} to region {p['b']}: centre {_length(p['center_distance'])}, closest "
+                     f"{_length(p['closest_distance'])}; region {p['b']} is {d.get('left_right')}, "
+                     f"{d.get('above_below')}, {d.get('front_behind')}, at {d.get('clock')} o'clock")
+    return "\n".join(lines)
