@@ -135,7 +135,7 @@ def test_sizes_match_the_known_boxes_multiview() -> None:
         w, d, h = box.size
         assert r.available and len(r.frames) >= 2 and r.points_used > 100
         assert (r.width, r.height, r.depth) == pytest.approx((w, h, d), rel=0.03)
-        assert r.box.yaw_deg == pytest.approx(math.degrees(box.yaw), abs=1.0)
+        assert r.box.yaw == pytest.approx(math.degrees(box.yaw), abs=1.0)
 
 
 def test_region_without_valid_depth_is_unavailable_with_a_reason() -> None:

@@ -67,6 +67,6 @@ def fit_box(points: np.ndarray, frame: GravityFrame) -> OrientedBox:
     return OrientedBox(
         center=frame.to_world(centre_local).tolist(),
         size=[u1 - u0, h1 - h0, v1 - v0],
-        yaw_deg=float(np.degrees(yaw)),
+        yaw=float(np.degrees(yaw)),
         axes=[width_axis.tolist(), frame.up.tolist(), depth_axis.tolist()],
     )

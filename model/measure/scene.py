@@ -29,7 +29,7 @@ def _source_name(pm: PointMaps) -> str:
 
 
 def _scaled(box: OrientedBox, k: float) -> OrientedBox:
-    return OrientedBox(center=[c * k for c in box.center], size=[s * k for s in box.size], yaw_deg=box.yaw_deg,
+    return OrientedBox(center=[c * k for c in box.center], size=[s * k for s in box.size], yaw=box.yaw,
                        axes=box.axes)
 
 

@@ -57,12 +57,12 @@ class UpEstimate:
 @dataclass
 class OrientedBox:
     """A gravity-aligned box: `axes` rows are the world-frame unit vectors of its width, height (= up)
-    and depth directions; `size` = (width, height, depth) along them; `yaw_deg` = angle of the width
+    and depth directions; `size` = (width, height, depth) along them; `yaw` = angle (degrees) of the width
     axis from the reference view's horizontal right axis, turning towards forward, in (-45, 45]."""
 
     center: list[float]
     size: list[float]
-    yaw_deg: float
+    yaw: float  # degrees
     axes: list[list[float]]
 
 
@@ -160,7 +160,7 @@ class Measurements:
             d.update({k: length(getattr(r, k)) for k in _LENGTHS_REGION})
             d["volume"] = volume(r.volume)
             d["box"] = None if r.box is None else {
-                "center": _vec(r.box.center), "size": _vec(r.box.size), "yaw_deg": _r(r.box.yaw_deg, 2),
+                "center": _vec(r.box.center), "size": _vec(r.box.size), "yaw_deg": _r(r.box.yaw, 2),
                 "axes": [_vec(a) for a in r.box.axes], "unit": self.unit, "scale": self.scale}
             regions.append(d)
         pairs = []
