@@ -118,9 +118,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-s", type=float, default=560.0,
                    help="wall-clock budget of the whole run: a part that would not fit is skipped (reported)")
     p.add_argument("--start-estimate-s", type=float, default=None,
-                   help="expected seconds per vLLM start for the budget check (default 75 with --eager, 220 without)")
+                   help="expected seconds per vLLM start for the budget check (default 60 with --eager, 200 without)")
     p.add_argument("--ready-timeout", type=float, default=420.0)
     p.add_argument("--work-dir", type=Path, default=None, help="kept between runs (built models are reused)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --work-dir: keep the parts an earlier call of this run measured (its state file) and run "
+                        "only the others (e.g. those the budget skipped), so one report holds every part")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out")
 
@@ -464,18 +467,28 @@ def peer_env(pythonpath: str | None) -> dict[str, str]:
     return env
 
 
-def peer_preflight(pythonpath: str | None) -> dict[str, Any]:
-    """In the peer's environment: vLLM's and transformers' versions, and whether vLLM's LLaVA code can import
-    (`PixtralRotaryEmbedding`); without it vLLM would serve the Transformers fallback."""
+def peer_preflight(pythonpath: str | None) -> subprocess.Popen[str]:
+    """Started in the peer's environment (read with `preflight_result`): vLLM's and transformers' versions, and
+    whether vLLM's LLaVA code can import (`PixtralRotaryEmbedding`); without it vLLM would serve the fallback."""
     code = ("import json, transformers, vllm\nok, err = True, None\n"
             "try:\n    from transformers.models.pixtral.modeling_pixtral import PixtralRotaryEmbedding\n"
             "except ImportError as e:\n    ok, err = False, str(e)[:300]\n"
             "print(json.dumps({'vllm': vllm.__version__, 'transformers': transformers.__version__, "
             "'transformers_path': transformers.__file__, 'pixtral_rotary_import': ok, 'error': err}))")
-    r = subprocess.run([sys.executable, "-c", code], env=peer_env(pythonpath), capture_output=True, text=True, timeout=300)
-    if r.returncode != 0:
-        return {"pixtral_rotary_import": False, "error": r.stderr.strip()[-800:]}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return subprocess.Popen([sys.executable, "-c", code], env=peer_env(pythonpath), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def preflight_result(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return {"pixtral_rotary_import": False, "error": "the import check took over 300 s"}
+    if proc.returncode != 0 or not out.strip():
+        return {"pixtral_rotary_import": False, "error": err.strip()[-800:]}
+    return dict(json.loads(out.strip().splitlines()[-1]))
 
 
 def _free_port() -> int:
@@ -601,11 +614,12 @@ def _progress(name: str, lv: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- ours
-def pipeline_args(args: argparse.Namespace, work: Path) -> argparse.Namespace:
-    """bench_pipeline's own arguments for this run (its parser: defaults stay in one place)."""
+def pipeline_args(args: argparse.Namespace, work: Path, cpu: bool = False) -> argparse.Namespace:
+    """bench_pipeline's own arguments for this run (its parser: defaults stay in one place). `cpu`: the tiny
+    demo models on the CPU (the tests' way to run `run_ours` for real without a GPU)."""
     p = argparse.ArgumentParser()
     bench_pipeline.add_arguments(p)
-    argv = ["--dummy-8b", "--media", "tum", "--concurrency", args.concurrency, "--duration", str(args.duration),
+    argv = ["--cpu" if cpu else "--dummy-8b", "--media", "tum", "--concurrency", args.concurrency, "--duration", str(args.duration),
             "--num-frames", str(args.num_frames), "--max-tokens", str(args.max_tokens), "--warmup", str(args.warmup),
             "--open-fraction", str(args.open_fraction), "--ready-timeout", str(args.ready_timeout),
             "--seed", str(args.seed), "--work-dir", str(work)]
@@ -728,9 +742,9 @@ def run(args: argparse.Namespace) -> int:
 def part_estimate_s(args: argparse.Namespace, levels: list[int]) -> float:
     """Seconds one part needs: a vLLM start, the warm-up, every level and its drain (a request in flight at the
     end of a closed loop finishes first: at 64 users that is one e2e, ~20 s on the exact path)."""
-    start = args.start_estimate_s if args.start_estimate_s is not None else (75.0 if args.eager else 220.0)
+    start = args.start_estimate_s if args.start_estimate_s is not None else (60.0 if args.eager else 200.0)
     loops = len(levels) + (1 if args.open_fraction > 0 else 0)
-    return start + 15.0 + loops * (args.duration + 10.0)
+    return start + 10.0 + loops * (args.duration + 5.0) + 15.0
 
 
 def _run(args: argparse.Namespace, parts: list[str], levels: list[int], work: Path) -> int:
@@ -758,9 +772,24 @@ def _run(args: argparse.Namespace, parts: list[str], levels: list[int], work: Pa
     }
     problems: list[str] = []
     server: PeerServer | None = None
+    peer_dir = work / f"peer-llava-onevision-{args.shapes}"
+    state = work / "peer-state.json"  # the report so far, for --resume in a later call on the same machine
+    report["calls"] = [time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())]
+    if args.resume and state.is_file():
+        earlier = json.loads(state.read_text())
+        report["calls"] = [*earlier.get("calls", []), *report["calls"]]
+        for key in ("peer_environment", "device"):
+            report.setdefault(key, earlier.get(key))
+        for name, part in earlier.get("parts", {}).items():
+            if name in parts and part.get("levels"):
+                report["parts"][name] = {**part, "from_call": len(report["calls"]) - 1}
+                problems += [f"{name}: {p}" for p in part.get("problems", [])]
+                parts = [p for p in parts if p != name]
     try:
         if "peer" in parts:
-            pf = peer_preflight(args.peer_pythonpath)
+            check = peer_preflight(args.peer_pythonpath)  # vLLM's import takes a while: build the folder meanwhile
+            write_peer_model(peer_dir, args.shapes)
+            pf = preflight_result(check)
             report["peer_environment"] = pf
             if not pf.get("pixtral_rotary_import") and not args.allow_fallback:
                 msg = (f"peer skipped: vLLM's LLaVA code cannot import in the peer's environment "
@@ -770,8 +799,7 @@ def _run(args: argparse.Namespace, parts: list[str], levels: list[int], work: Pa
                 problems.append(msg)
                 parts = [p for p in parts if p != "peer"]
         if parts and parts[0] == "peer":  # start it now: our models build on the CPU while it loads
-            model_dir = write_peer_model(work / f"peer-llava-onevision-{args.shapes}", args.shapes)
-            server = PeerServer(model_dir, args, work, clip.parent)
+            server = PeerServer(peer_dir, args, work, clip.parent)
             server.start()
         common = bench_pipeline.common_env(pargs, work, levels[-1]) if set(parts) - {"peer"} else {}
         for name in parts:
@@ -786,8 +814,7 @@ def _run(args: argparse.Namespace, parts: list[str], levels: list[int], work: Pa
                 continue
             if name == "peer":
                 if server is None:
-                    model_dir = write_peer_model(work / f"peer-llava-onevision-{args.shapes}", args.shapes)
-                    server = PeerServer(model_dir, args, work, clip.parent)
+                    server = PeerServer(peer_dir, args, work, clip.parent)
                     server.start()
                 part = run_peer(args, levels, server, clip)
             elif name == "engine":
@@ -799,6 +826,7 @@ def _run(args: argparse.Namespace, parts: list[str], levels: list[int], work: Pa
             problems += [f"{name}: {p}" for p in part["problems"]]
             _finish(report, levels, args)
             _save(report, args.out, server)
+            state.write_text(json.dumps(report, indent=2) + "\n")
             print(json.dumps({"part": name, "start_s": part.get("start_s"),
                               "levels": [(lv["users"], lv["req_per_s"]) for lv in part["levels"]],
                               "elapsed_s": round(time.perf_counter() - t_run, 1)}), file=sys.stderr, flush=True)
@@ -808,6 +836,7 @@ def _run(args: argparse.Namespace, parts: list[str], levels: list[int], work: Pa
     report["problems"], report["ok"] = problems[:60], not problems
     report["elapsed_s"] = round(time.perf_counter() - t_run, 1)
     _finish(report, levels, args)
+    state.write_text(json.dumps(report, indent=2) + "\n")
     _save(report, args.out, server, final=True)
     return 0 if not problems else 1
 

@@ -188,3 +188,31 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
                  ["--exact-config", "nosuch"]):
         assert bench_peer.run(p.parse_args(argv)) == 2
         assert capsys.readouterr().err.startswith("bench peer: ")
+
+
+@pytest.mark.timeout(400)
+def test_our_part_through_bench_pipelines_machinery_on_cpu(tmp_path: Path) -> None:
+    """`run_ours` for real (redis-server, gateway, worker with the tiny demo models on the CPU): the levels carry
+    this bench's numbers (p95, prompt tokens from each job's usage) next to bench_pipeline's stage breakdown."""
+    p = argparse.ArgumentParser()
+    bench_peer.add_arguments(p)
+    args = p.parse_args(["--concurrency", "2", "--duration", "2", "--num-frames", "2", "--max-tokens", "3",
+                         "--warmup", "1", "--work-dir", str(tmp_path)])
+    pargs = bench_peer.pipeline_args(args, tmp_path, cpu=True)
+    pargs.worker_concurrency = 2
+    common = bench_peer.bench_pipeline.common_env(pargs, tmp_path, 2)
+    load = bench_peer.bench_pipeline.make_load(pargs, tmp_path)
+    part = bench_peer.run_ours(args, pargs, "exact", "multiview", common, [2], load, tmp_path)
+    assert part["problems"] == [], part["problems"]
+    assert part["name"] == "exact" and part["env"]["SR3D_POINTMAP_BACKEND"] == "auto"
+    (lv,) = part["levels"]
+    assert lv["users"] == 2 and lv["done"] >= 1 and lv["done"] == lv["requests"] and lv["req_per_s"] > 0
+    assert lv["ttft_s"]["n"] == lv["done"] and lv["ttft_s"]["p95"] >= lv["ttft_s"]["p50"] > 0
+    assert lv["e2e_s"]["p95"] >= lv["e2e_s"]["p50"] >= lv["ttft_s"]["p50"]
+    assert lv["prompt_tokens"]["n"] == lv["done"] and lv["prompt_tokens"]["mean"] > 10
+    assert lv["prompt_tokens_per_s"] == pytest.approx(lv["prompt_tokens"]["mean"] * lv["done"] / lv["duration_s"], rel=0.01)
+    assert lv["stages"]["decode_s"]["n"] == lv["done"]  # bench_pipeline's breakdown kept
+    ol = part["open_loop"]
+    assert ol["offered_req_per_s"] == round(lv["req_per_s"] * 0.5, 3) and ol["done"] >= 1
+    # the same request shape (the question varies by a few tokens)
+    assert ol["prompt_tokens"]["mean"] == pytest.approx(lv["prompt_tokens"]["mean"], rel=0.05)
