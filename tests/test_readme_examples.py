@@ -160,3 +160,21 @@ def test_python_examples(service: str, which: str) -> None:
         assert re.search(r"done (length|stop)$", p.stdout.rstrip()), p.stdout[-500:]
     else:
         assert re.search(r"completion_tokens=\d+", p.stdout), p.stdout[-500:]  # the usage chunk, after the text
+
+
+def test_measured_answer_example_on_the_tum_data(service: str, tmp_path: Path) -> None:
+    """The README's real-sensor example: the shipped TUM RGB-D frames packed into a scene and a clip,
+    then a measured answer in metres whose text states the distance the measurements hold."""
+    example = next(b for b in blocks("bash") if "--answer-mode measured" in b)
+    example = example.replace("var/", f"{tmp_path}/")  # the example's output files, out of the checkout
+    if not (ROOT / ".venv" / "bin" / "sr3d").exists():
+        example = example.replace(".venv/bin/sr3d", str(Path(sys.executable).parent / "sr3d"))
+    p = subprocess.run(["bash", "-c", "set -eo pipefail\n" + example], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "SR3D_URL": service})
+    assert p.returncode == 0, p.stderr
+    assert "measured (metric, metres; from rgbd depth):" in p.stdout, p.stdout
+    assert "demo model" not in p.stderr  # a measured answer is no demo-model text
+    centre = float(re.search(r"region 0 to region 1: centre ([\d.]+) m", p.stdout).group(1))
+    said = re.search(r"are ([\d.]+) (cm|m) apart", p.stdout)
+    assert said, p.stdout
+    assert abs(float(said.group(1)) * (0.01 if said.group(2) == "cm" else 1.0) - centre) <= 0.006, p.stdout
