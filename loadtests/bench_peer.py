@@ -67,6 +67,7 @@ from loadtests import report as rpt
 
 PARTS = ("peer", "exact", "engine", "fast")
 PEER_MODEL_NAME = "peer"
+PEER_MAX_NUM_SEQS = 64  # SR3D_VLLM_MAX_NUM_SEQS' default: the same cap on sequences in flight as our engine
 # LLaVA-OneVision-7B (llava-hf layout): Qwen2-7B + SigLIP-400M (26 layers used) at 384 px, 2x2 pooling of the
 # 27x27 patch grid per video frame, one newline embedding after the frames.
 PEER_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
@@ -383,7 +384,7 @@ class PeerServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = work / "peer-vllm.log"
         self.argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *peer_serve_args(
-            model_dir, self.port, args.num_frames, max(_levels(args.concurrency)), args.eager,
+            model_dir, self.port, args.num_frames, PEER_MAX_NUM_SEQS, args.eager,
             media_dir if args.peer_media == "file" else None), *args.peer_arg]
         self.env = peer_env(args.peer_pythonpath)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -766,7 +767,11 @@ def _run(args: argparse.Namespace, parts: list[str], levels: list[int], work: Pa
             "weights": "random (vLLM load_format=dummy) on both sides; bf16 peer, our exact path as configured",
             "tokenizers": "byte-level full-vocabulary tokenizers on both sides (text encodes byte by byte)",
             "peer_video_decode": "in vLLM's API server process (OpenCV), part of what a user of the peer gets",
-            "limits": "max_model_len 8192 and max_num_seqs = the top concurrency on both sides",
+            "limits": "max_model_len 8192 and max_num_seqs 64 on both sides; GPU memory: vLLM's default 0.9 for "
+                      "the peer (alone on the GPU, as a user runs it), 0.7 for ours (SR3D_VLLM_GPU_MEMORY_UTILIZATION: "
+                      "depth shares the GPU); both hold every sequence of 64 users in KV cache",
+            "scheduling": "vLLM's defaults on both sides (the peer's OpenAI server picks its own "
+                          "max_num_batched_tokens; ours the engine default, RESULTS.md 'Where the time to first token goes')",
         },
         "parts": {}, "skipped": [], "ratios": [], "targets": [],
     }
