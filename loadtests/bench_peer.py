@@ -35,6 +35,10 @@ user of the peer gets: the bench checks the import in the peer's environment fir
 e.g. transformers 5.16.0 in front for the peer only), runs the peer with `--model-impl vllm` (no silent
 fallback) and scans its log for "falling back to Transformers"; either finding is reported, not benchmarked.
 
+Time: a part is ~60 s of vLLM start (eager) + warm-up + each level and its drain; --budget-s skips a part that
+would not fit (named in "skipped"). The same command with --resume (same --work-dir, same warm machine) then runs
+only the missing parts and writes one report with all of them (each kept part says `from_call`).
+
 Needs a CUDA GPU (vLLM's CUDA build; on a machine without one it exits 2 saying so).
 Prints JSON; --out DIR writes DIR/peer.json (after every part), DIR/peer.png and DIR/peer-vllm.log (its tail).
 """
@@ -769,7 +773,8 @@ def _run(args: argparse.Namespace, parts: list[str], levels: list[int], work: Pa
             "peer_video_decode": "in vLLM's API server process (OpenCV), part of what a user of the peer gets",
             "limits": "max_model_len 8192 and max_num_seqs 64 on both sides; GPU memory: vLLM's default 0.9 for "
                       "the peer (alone on the GPU, as a user runs it), 0.7 for ours (SR3D_VLLM_GPU_MEMORY_UTILIZATION: "
-                      "depth shares the GPU); both hold every sequence of 64 users in KV cache",
+                      "depth shares the GPU); on an 80 GB card either leaves room for 64 users' KV cache (estimate: vLLM "
+                      "logs its KV capacity at start, see peer-vllm.log and the worker's log)",
             "scheduling": "vLLM's defaults on both sides (the peer's OpenAI server picks its own "
                           "max_num_batched_tokens; ours the engine default, RESULTS.md 'Where the time to first token goes')",
         },
