@@ -164,6 +164,7 @@ _UNITS_M = {
 _NUM = r"(\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)"
 _UNIT_ALT = "|".join(sorted((re.escape(u) for u in _UNITS_M), key=len, reverse=True))
 _QUANTITY = re.compile(_NUM + r"\s*(" + _UNIT_ALT + r")(?:e?s)?(?![a-z])", re.IGNORECASE)
+_REGION_NAME = re.compile(r"region\s*\[\s*\d+\s*\]|<region\d+>", re.IGNORECASE)
 _FEET_INCHES = re.compile(_NUM + r"\s*(?:ft|foot|feet|')\s*(?:and\s*)?" + _NUM + r"\s*(?:in|inch|inches|\")(?![a-z])",
                           re.IGNORECASE)
 
@@ -174,8 +175,12 @@ def parse_length_m(text: str) -> float | None:
     Understands "1.2 meters", "30 cm", "3 feet", "10.5 inches", "5 ft 3 in", "2'", "1,200 mm".
     A bare number without a unit is read as metres (SpatialRGPT-Bench asks for metric answers and
     models usually say "2.1 meters"; a bare number is ambiguous and metres is the benchmark's unit).
+    Region names ("Region [0]", "<region1>") are not numbers: they are removed first, so "Region [0]
+    is 0.19 relative units wide" reads 0.19, not the region's index (a judge reading the sentence
+    would not take the index for a length either).
     Returns None when there is no number at all: that item is a match failure.
     """
+    text = _REGION_NAME.sub(" ", text)
     m = _FEET_INCHES.search(text)
     if m:
         return float(m.group(1).replace(",", "")) * 0.3048 + float(m.group(2).replace(",", "")) * 0.0254
