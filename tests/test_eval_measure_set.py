@@ -56,6 +56,15 @@ def test_rle_encoding_round_trips_through_the_benchmark_decoder() -> None:
     assert np.array_equal(datasets.decode_coco_rle(encode_rle(full)), full)
 
 
+def test_length_judge_does_not_read_a_region_index_as_a_length() -> None:
+    from service.eval.metrics import parse_length_m
+
+    # A relative-scale measured answer names the region before its unit-less number.
+    assert parse_length_m("Region [0] is 0.186 relative units (no metric scale) wide.") == pytest.approx(0.186)
+    assert parse_length_m("<region1> and Region [2] are 45.3 cm apart") == pytest.approx(0.453)
+    assert parse_length_m("Region [3] cannot be measured") is None
+
+
 def test_set_layout_and_loader(measure_set: Path) -> None:
     from model.geometry.rgbd import load_scene_npz
 
