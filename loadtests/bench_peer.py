@@ -37,7 +37,7 @@ fallback) and scans its log for "falling back to Transformers"; either finding i
 
 Time: a part is ~60 s of vLLM start (eager) + warm-up + each level and its drain; --budget-s skips a part that
 would not fit (named in "skipped"). The same command with --resume (same --work-dir, same warm machine) then runs
-only the missing parts and writes one report with all of them (each kept part says `from_call`).
+only the missing parts and writes one report with all of them (each part's `call` indexes `calls`).
 
 Needs a CUDA GPU (vLLM's CUDA build; on a machine without one it exits 2 saying so).
 Prints JSON; --out DIR writes DIR/peer.json (after every part), DIR/peer.png and DIR/peer-vllm.log (its tail).
@@ -130,6 +130,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --work-dir: keep the parts an earlier call of this run measured (its state file) and run "
                         "only the others (e.g. those the budget skipped), so one report holds every part")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu", action="store_true",
+                   help="our parts only (exact, fast), tiny models on the CPU: the run's orchestration (budget, "
+                        "--resume, report) without a GPU, for tests; numbers mean nothing")
     p.add_argument("--out")
 
 
@@ -630,6 +633,8 @@ def pipeline_args(args: argparse.Namespace, work: Path, cpu: bool = False) -> ar
             "--seed", str(args.seed), "--work-dir", str(work)]
     if args.threads:
         argv += ["--threads", str(args.threads)]
+    if cpu:  # the torch engine batches up to the worker's concurrency: as many as the top level's users
+        argv += ["--worker-concurrency", str(max(_levels(args.concurrency)))]
     return p.parse_args(argv)
 
 
@@ -733,7 +738,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"bench peer: {e}", file=sys.stderr)
         return 2
-    why = cuda_problem()
+    if args.cpu and set(parts) - {"exact", "fast"}:
+        print("bench peer: --cpu runs our parts only (--parts exact,fast): the peer and the engine need CUDA",
+              file=sys.stderr)
+        return 2
+    why = None if args.cpu else cuda_problem()
     if why is not None:
         print(f"bench peer: needs a CUDA GPU: {why}", file=sys.stderr)
         return 2
@@ -754,12 +763,12 @@ def part_estimate_s(args: argparse.Namespace, levels: list[int]) -> float:
 
 def _run(args: argparse.Namespace, parts: list[str], levels: list[int], work: Path) -> int:
     t_run = time.perf_counter()
-    pargs = pipeline_args(args, work)
+    pargs = pipeline_args(args, work, cpu=args.cpu)
     load = bench_pipeline.make_load(pargs, work)  # the TUM clip (640x480 mpeg4), shared by every part
     clip = work / "tum-640x480.mp4"
     report: dict[str, Any] = {
         "title": "sr3d bench peer: stock vLLM (LLaVA-OneVision-7B shapes) vs our pipeline vs our engine alone",
-        "device": _device_name(),
+        "device": "cpu (tiny models, --cpu)" if args.cpu else _device_name(),
         "workload": {"media": "TUM RGB-D fixture clip, 640x480 mpeg4, 120 frames", "num_frames": args.num_frames,
                      "max_tokens": args.max_tokens, "ignore_eos": True, "concurrency": levels,
                      "duration_s": args.duration, "open_fraction": args.open_fraction, "warmup": args.warmup},
@@ -792,7 +801,7 @@ def _run(args: argparse.Namespace, parts: list[str], levels: list[int], work: Pa
             report.setdefault(key, earlier.get(key))
         for name, part in earlier.get("parts", {}).items():
             if name in parts and part.get("levels"):
-                report["parts"][name] = {**part, "from_call": len(report["calls"]) - 1}
+                report["parts"][name] = part  # keeps its "call": the index in "calls" of the call that measured it
                 problems += [f"{name}: {p}" for p in part.get("problems", [])]
                 parts = [p for p in parts if p != name]
     try:
@@ -832,6 +841,7 @@ def _run(args: argparse.Namespace, parts: list[str], levels: list[int], work: Pa
             else:
                 spec = args.exact_config if name == "exact" else args.fast_config
                 part = run_ours(args, pargs, name, spec, common, levels, load, work)
+            part["call"] = len(report["calls"]) - 1
             report["parts"][name] = part
             problems += [f"{name}: {p}" for p in part["problems"]]
             _finish(report, levels, args)

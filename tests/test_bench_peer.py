@@ -216,3 +216,32 @@ def test_our_part_through_bench_pipelines_machinery_on_cpu(tmp_path: Path) -> No
     assert ol["offered_req_per_s"] == round(lv["req_per_s"] * 0.5, 3) and ol["done"] >= 1
     # the same request shape (the question varies by a few tokens)
     assert ol["prompt_tokens"]["mean"] == pytest.approx(lv["prompt_tokens"]["mean"], rel=0.05)
+
+
+@pytest.mark.timeout(500)
+def test_budget_skips_a_part_and_resume_completes_the_report(tmp_path: Path) -> None:
+    """The run's orchestration for real with our parts on the CPU (`--cpu`): a part that would not fit --budget-s
+    is skipped and named (exit 1), and the same command with --resume runs only that part, keeping the first."""
+    p = argparse.ArgumentParser()
+    bench_peer.add_arguments(p)
+    work, out = tmp_path / "work", tmp_path / "out"
+    # each part needs ~39 s by the estimate (no start time, 2 s levels); the first one takes > 6 s of the 45
+    base = ["--cpu", "--parts", "exact,fast", "--exact-config", "multiview",
+            "--fast-config", "small:SR3D_POINTMAP_BACKEND=auto,SR3D_MULTIVIEW_PROCESS_RES=56", "--concurrency", "2",
+            "--duration", "2", "--num-frames", "2", "--max-tokens", "3", "--warmup", "1", "--start-estimate-s", "0",
+            "--work-dir", str(work), "--out", str(out)]
+    assert bench_peer.run(p.parse_args([*base, "--budget-s", "45"])) == 1
+    first = json.loads((out / "peer.json").read_text())
+    assert list(first["parts"]) == ["exact"] and [s["part"] for s in first["skipped"]] == ["fast"]
+    assert "fast skipped: needs ~39 s" in first["problems"][0] and first["ok"] is False
+    assert first["parts"]["exact"]["levels"][0]["done"] >= 1
+    assert bench_peer.run(p.parse_args([*base, "--budget-s", "400", "--resume"])) == 0
+    final = json.loads((out / "peer.json").read_text())
+    assert final["ok"], final["problems"]
+    assert list(final["parts"]) == ["exact", "fast"] and final["skipped"] == [] and len(final["calls"]) == 2
+    assert final["parts"]["exact"]["call"] == 0 and final["parts"]["fast"]["call"] == 1
+    assert final["parts"]["exact"]["levels"] == first["parts"]["exact"]["levels"]  # kept, not re-measured
+    assert final["parts"]["fast"]["env"]["SR3D_MULTIVIEW_PROCESS_RES"] == "56"
+    assert final["prompt_tokens"]["per_request"]["fast"] > 10 and (out / "peer.png").stat().st_size > 10_000
+    # the peer and the engine need CUDA: --cpu refuses them
+    assert bench_peer.run(p.parse_args([*base, "--parts", "peer,exact"])) == 2
