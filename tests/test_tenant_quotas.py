@@ -198,3 +198,30 @@ def test_quotas_are_off_without_api_keys(redis_url: str) -> None:
         finally:
             for s in stalled:
                 s.close()
+
+
+def test_scenes_leave_the_uploads_room(redis_url: str) -> None:
+    """Between half the high-water mark and the mark: a scene is refused, an upload still fits."""
+    from service.blobs import check_redis_room
+
+    client = redis_sync.Redis.from_url(redis_url)
+    old = client.config_get("maxmemory")["maxmemory"]
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory", str(int(used / 0.5)))  # the store is half full
+
+    async def run() -> None:
+        redis = redis_client(redis_url)
+        queue = JobQueue(redis, Settings(redis_url=redis_url, blob_redis_high_water=0.7))
+        try:
+            with pytest.raises(BlobStoreFull):
+                await queue.put_scene("c" * 32, b"\0" * 4096)
+            assert not await redis.exists(scene_key("c" * 32))
+            await check_redis_room(redis, 4096, 0.7)  # an upload of the same size still fits
+        finally:
+            await redis.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        client.config_set("maxmemory", old)
+        client.close()
