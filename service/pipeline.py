@@ -110,6 +110,11 @@ def make_pointmap_backend(settings: Settings) -> PointMapBackends:
         )
         backends["multiview"] = MultiViewBackend(mv_dir, device=settings.device, process_res=settings.multiview_process_res,
                                                  compile=settings.depth_compile)
+    if settings.metric_model and backends:  # SR3D_METRIC_MODEL: plain videos and images in metres (model/geometry/metric.py)
+        from model.geometry.metric import MetricDepthModel, with_metric_scale
+
+        backends = with_metric_scale(backends, MetricDepthModel(settings.metric_model, device=settings.device,
+                                                                process_res=settings.multiview_process_res))
     return PointMapBackends(backends)
 
 
@@ -372,11 +377,11 @@ class Pipeline:
             metrics.POINTMAP_CACHE.labels("hit").inc()
             # The event says it was cached; the point maps stay as computed (what is measured from them,
             # and a grounded prompt, must not depend on whether this job was the first on the video).
-            return hit, {"source": f"{hit.source} (cached)", **info}
+            return hit, {"source": f"{hit.source} (cached)", **info, **_scale_info(hit)}
         metrics.POINTMAP_CACHE.labels("miss").inc()
         pm = await self._batcher(backend).compute(decoded.frames)
         self.cache.put(key, pm)
-        return pm, {"source": pm.source, **info}
+        return pm, {"source": pm.source, **info, **_scale_info(pm)}
 
     async def _scene_pointmaps(self, scene: Any, decoded: Decoded, route: str) -> tuple[PointMaps, dict[str, Any]]:
         """RGB-D upload: arrays hold one entry per sampled frame, or one per source frame (a video's
@@ -433,6 +438,11 @@ class Pipeline:
             log.warning("scene export failed for job %s", job.job_id, exc_info=True)
             return False
         return True
+
+
+def _scale_info(pm: PointMaps) -> dict[str, Any]:
+    """The pointmaps event's `metric_scale` (how a model-derived metric scale was found, and its spread)."""
+    return {"metric_scale": pm.scale_info} if pm.scale_info else {}
 
 
 def _resize_nearest(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:

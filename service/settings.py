@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     # pose_recovery for a scene with depth only, multiview for videos, single for images.
     pointmap_backend: Literal["auto", "multiview", "single", "rgbd", "pose_recovery"] = "auto"
     multiview_model: str | None = Field(None, description="Depth Anything 3 dir (config.json + model.safetensors); unset = tiny random demo DA3")
+    # Metric route for plain videos and images (model/geometry/metric.py): the multiview / single point maps
+    # scaled to metres by DA3's metric model. Unset = no metric route: those inputs stay relative (no demo
+    # model stands in: a random model's metres are not metres).
+    metric_model: str | None = Field(None, description="DA3 metric dir (DA3METRIC-LARGE layout); unset = relative scale for videos/images")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # The VLM's compute dtype, both engines (model/dtype.py): auto = float16 on a GPU, what NVIDIA's NVILA
     # inference uses (VILA's builder and remote code), float32 on a CPU; bfloat16 = the weights' stored type.

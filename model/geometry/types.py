@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -22,6 +22,9 @@ class PointMaps:
     scale: float  # metres per unit when `metric`, otherwise the (arbitrary) normalisation factor
     metric: bool
     source: str  # backend name, e.g. "rgbd", "depth-anything"
+    # How a metric scale was obtained when it was not measured (model/geometry/metric.py: the metric model,
+    # metres per unit, its spread across frames and pixels); None for exact RGB-D and relative maps.
+    scale_info: dict[str, Any] | None = None
 
     @property
     def nbytes(self) -> int:
