@@ -7,6 +7,10 @@ Per-input default (setting "auto"):
   image                     -> "single"         Depth Anything V2: one frame, its own camera
 Any other setting forces that backend; "rgbd" / "pose_recovery" then need a scene that can feed
 them (coded 422 otherwise), and "multiview" / "single" ignore an uploaded scene.
+
+Scale: "rgbd" and "pose_recovery" are metric (the client's depth). "multiview" and "single" are relative,
+unless a DA3 metric model is configured (SR3D_METRIC_MODEL): then their backends are wrapped by
+model/geometry/metric.py (`with_metric_scale`), same routes and geometry, scale in metres from that model.
 """
 from __future__ import annotations
 

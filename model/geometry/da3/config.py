@@ -123,7 +123,8 @@ def load_config(directory: str | Path) -> DA3Config:
     if name not in PRESETS:
         raise ValueError(
             f"config.json model_name {raw.get('model_name')!r} is not a multi-view DA3 preset "
-            f"({', '.join(PRESETS)}); monocular/metric/nested DA3 checkpoints are not supported"
+            f"({', '.join(PRESETS)}); a metric checkpoint (da3metric-large) goes to SR3D_METRIC_MODEL "
+            "(model/geometry/da3/metric_net.py); monocular/nested DA3 checkpoints are not supported"
         )
     return from_sections(name, PRESETS[name], {k: v for k, v in raw.items() if k != "model_name"})
 
