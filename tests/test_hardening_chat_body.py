@@ -144,4 +144,5 @@ def test_healthz_stays_responsive_while_a_big_body_is_refused(redis_url: str) ->
         t.join()
         r = result["r"]
         assert 400 <= r.status_code < 500 and error_of(r)["code"] == "json_too_complex", r.text[:300]
-        assert worst < 0.5, f"/healthz took {worst:.2f} s while the body was refused"
+        # Before the fix it blocked 11.6 s; 2 s leaves a loaded 2-core machine its scheduling noise.
+        assert worst < 2.0, f"/healthz took {worst:.2f} s while the body was refused"
