@@ -72,21 +72,30 @@ class Permute(nn.Module):
         return x.permute(*self.dims)
 
 
+def dpt_pyramid(cfg: HeadConfig) -> tuple[nn.ModuleList, nn.ModuleList, nn.Module]:
+    """What every DPT head here builds first, under the official parameter names: the 1x1 projections
+    of the four backbone layers, their resizes (strides x4, x2, x1, /2 relative to the patch grid), and
+    the `scratch` module holding the `layer{i}_rn` convolutions (the caller adds its fusion blocks and
+    output convolutions to it)."""
+    f, oc = cfg.features, cfg.out_channels
+    projects = nn.ModuleList(nn.Conv2d(cfg.dim_in, o, 1) for o in oc)
+    resize_layers = nn.ModuleList([
+        nn.ConvTranspose2d(oc[0], oc[0], 4, stride=4), nn.ConvTranspose2d(oc[1], oc[1], 2, stride=2),
+        nn.Identity(), nn.Conv2d(oc[3], oc[3], 3, stride=2, padding=1),
+    ])
+    scratch = nn.Module()
+    for i, o in enumerate(oc, start=1):
+        setattr(scratch, f"layer{i}_rn", nn.Conv2d(o, f, 3, 1, 1, bias=False))
+    return projects, resize_layers, scratch
+
+
 class DualDPT(nn.Module):
     def __init__(self, cfg: HeadConfig, patch_size: int = 14) -> None:
         super().__init__()
         self.patch_size = patch_size
-        f, oc = cfg.features, cfg.out_channels
+        f = cfg.features
         self.norm = nn.LayerNorm(cfg.dim_in)
-        self.projects = nn.ModuleList(nn.Conv2d(cfg.dim_in, o, 1) for o in oc)
-        # Stage strides x4, x2, x1, /2 relative to the patch grid.
-        self.resize_layers = nn.ModuleList([
-            nn.ConvTranspose2d(oc[0], oc[0], 4, stride=4), nn.ConvTranspose2d(oc[1], oc[1], 2, stride=2),
-            nn.Identity(), nn.Conv2d(oc[3], oc[3], 3, stride=2, padding=1),
-        ])
-        s = nn.Module()
-        for i, o in enumerate(oc, start=1):
-            setattr(s, f"layer{i}_rn", nn.Conv2d(o, f, 3, 1, 1, bias=False))
+        self.projects, self.resize_layers, s = dpt_pyramid(cfg)
         for suffix in ("", "_aux"):
             for i in range(1, 5):
                 setattr(s, f"refinenet{i}{suffix}", FusionBlock(f, lateral=i != 4))

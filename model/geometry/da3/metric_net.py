@@ -30,7 +30,7 @@ from torch import nn
 
 from model.geometry.da3.backbone import VisionTransformer
 from model.geometry.da3.config import _VIT, BackboneConfig, HeadConfig
-from model.geometry.da3.head import _HIDDEN, FusionBlock, _up
+from model.geometry.da3.head import _HIDDEN, FusionBlock, _up, dpt_pyramid
 
 log = logging.getLogger(__name__)
 
@@ -107,15 +107,8 @@ class MetricDPT(nn.Module):
     def __init__(self, cfg: HeadConfig, patch_size: int = 14) -> None:
         super().__init__()
         self.patch_size = patch_size
-        f, oc = cfg.features, cfg.out_channels
-        self.projects = nn.ModuleList(nn.Conv2d(cfg.dim_in, o, 1) for o in oc)
-        self.resize_layers = nn.ModuleList([
-            nn.ConvTranspose2d(oc[0], oc[0], 4, stride=4), nn.ConvTranspose2d(oc[1], oc[1], 2, stride=2),
-            nn.Identity(), nn.Conv2d(oc[3], oc[3], 3, stride=2, padding=1),
-        ])
-        s = nn.Module()
-        for i, o in enumerate(oc, start=1):
-            setattr(s, f"layer{i}_rn", nn.Conv2d(o, f, 3, 1, 1, bias=False))
+        f = cfg.features
+        self.projects, self.resize_layers, s = dpt_pyramid(cfg)
         for i in range(1, 5):
             setattr(s, f"refinenet{i}", FusionBlock(f, lateral=i != 4))
         s.output_conv1 = nn.Conv2d(f, f // 2, 3, 1, 1)
