@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from model.inputs import RegionMask, SpatialQuery
+from model.measure import ScaleHint, measure_scene
 from service import metrics
 from service.blobs import BlobStore
 from service.build_once import build_once
@@ -273,8 +274,6 @@ class Pipeline:
 
     async def measure(self, job: JobSpec, pm: PointMaps, decoded: Decoded, on_stage: StageCallback) -> Any:
         """The regions' measurements (model/measure) and the `measure` progress event."""
-        from model.measure import ScaleHint, measure_scene
-
         hint = job.options.scale_hint
         t0 = time.perf_counter()
         m = await asyncio.to_thread(

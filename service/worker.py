@@ -35,6 +35,7 @@ from typing import Any
 
 from model.errors import ModelInputError
 from model.inputs import GenerationParams
+from model.measure import answer_from_measurements, grounding_text
 from model.prompt import grounded_question
 from service import metrics
 from service.engines.protocol import Engine, EngineRequest
@@ -252,8 +253,6 @@ class Worker:
                     result = await self._measured(job, query, stream)
                 else:
                     if mode == "grounded" and query.measurements is not None:
-                        from model.measure import grounding_text
-
                         query.question = grounded_question(query.question, grounding_text(query.measurements))
                     result = await self._generate(job, query, stream, cancelled, timings)
             except JobCancelled:
@@ -371,8 +370,6 @@ class Worker:
         goes out through the same `token` event a generated answer would."""
         if query.measurements is None:
             raise ModelInputError("measure_unavailable", "this job has no point maps to measure from")
-        from model.measure import answer_from_measurements
-
         stream.text = answer_from_measurements(query.question, query.measurements)
         await self._flush(job.job_id, stream, final=True)
         return "stop", {"prompt_tokens": 0, "completion_tokens": 0}
