@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.client import iter_sse
 from tests.e2e_helpers import SERVE_ENV, run
+from tests.test_measured_service import stream_job
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -38,17 +38,7 @@ async def ask_image(url: str) -> list[Any]:
     regions = [[{"frame": 0, "box": [20, 40, 60, 80]}], [{"frame": 0, "box": [100, 30, 140, 90]}]]
     data = {"question": "How far is <region0> from <region1>?", "regions": json.dumps(regions),
             "options": json.dumps({"answer_mode": "measured"})}
-    async with httpx.AsyncClient(base_url=url, timeout=180) as http:
-        async with http.stream("POST", "/v1/spatial-qa", data=data, files=[("image", ("i.png", png.getvalue(), "image/png"))],
-                               headers={"Accept": "text/event-stream"}) as r:
-            assert r.status_code == 200, (await r.aread()).decode()
-            events = []
-            async for ev in iter_sse(r):
-                events.append(ev)
-                if ev.type in ("done", "error"):
-                    break
-    assert events[-1].type == "done", events[-1].data
-    return events
+    return await stream_job(url, data, [("image", ("i.png", png.getvalue(), "image/png"))])
 
 
 def test_plain_image_is_measured_in_metres_through_the_metric_model(service: str) -> None:

@@ -68,9 +68,13 @@ def form(question: str = QUESTION, **options: Any) -> dict[str, str]:
 
 
 async def ask(url: str, data: dict[str, str], scene: bool = True, seed: int = 0) -> list[Any]:
+    return await stream_job(url, data, wall_files(scene, seed))
+
+
+async def stream_job(url: str, data: dict[str, str], files: list[tuple[str, tuple[str, bytes, str]]]) -> list[Any]:
     """Submit with `Accept: text/event-stream` and read the stream to its terminal event."""
     async with httpx.AsyncClient(base_url=url, timeout=180) as http:
-        async with http.stream("POST", "/v1/spatial-qa", data=data, files=wall_files(scene, seed),
+        async with http.stream("POST", "/v1/spatial-qa", data=data, files=files,
                                headers={"Accept": "text/event-stream"}) as r:
             assert r.status_code == 200, (await r.aread()).decode()
             events = []

@@ -5,10 +5,12 @@ below the store's high-water mark and expire sooner than their job."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+
 import httpx
 import pytest
 import redis as redis_sync
@@ -151,11 +153,20 @@ def test_concurrent_uploads_are_per_key(redis_url: str) -> None:
         wait_for(lambda: upload(base, KEY_A, png_bytes()).status_code == 200)
 
 
-def test_scene_respects_the_high_water_mark_and_expires_before_the_job(redis_url: str) -> None:
+@contextlib.contextmanager
+def redis_maxmemory(redis_url: str, size: Callable[[int], int]) -> Iterator[None]:
+    """Redis's maxmemory set to size(used memory now) for the block, restored afterwards."""
     client = redis_sync.Redis.from_url(redis_url)
     old = client.config_get("maxmemory")["maxmemory"]
-    client.config_set("maxmemory", str(1 << 30))
+    client.config_set("maxmemory", str(size(int(client.info("memory")["used_memory"]))))
+    try:
+        yield
+    finally:
+        client.config_set("maxmemory", old)
+        client.close()
 
+
+def test_scene_respects_the_high_water_mark_and_expires_before_the_job(redis_url: str) -> None:
     async def run() -> None:
         redis = redis_client(redis_url)
         tight = JobQueue(redis, Settings(redis_url=redis_url, blob_redis_high_water=1e-6))
@@ -172,12 +183,8 @@ def test_scene_respects_the_high_water_mark_and_expires_before_the_job(redis_url
         finally:
             await redis.aclose()
 
-    try:
+    with redis_maxmemory(redis_url, lambda used: 1 << 30):
         asyncio.run(run())
-    finally:
-        client.config_set("maxmemory", old)
-        client.close()
-
 
 
 def test_quotas_are_off_without_api_keys(redis_url: str) -> None:
@@ -204,11 +211,6 @@ def test_scenes_leave_the_uploads_room(redis_url: str) -> None:
     """Between half the high-water mark and the mark: a scene is refused, an upload still fits."""
     from service.blobs import check_redis_room
 
-    client = redis_sync.Redis.from_url(redis_url)
-    old = client.config_get("maxmemory")["maxmemory"]
-    used = int(client.info("memory")["used_memory"])
-    client.config_set("maxmemory", str(int(used / 0.5)))  # the store is half full
-
     async def run() -> None:
         redis = redis_client(redis_url)
         queue = JobQueue(redis, Settings(redis_url=redis_url, blob_redis_high_water=0.7))
@@ -220,8 +222,5 @@ def test_scenes_leave_the_uploads_room(redis_url: str) -> None:
         finally:
             await redis.aclose()
 
-    try:
+    with redis_maxmemory(redis_url, lambda used: int(used / 0.5)):  # the store is half full
         asyncio.run(run())
-    finally:
-        client.config_set("maxmemory", old)
-        client.close()
