@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-
 if TYPE_CHECKING:
     from model.measure import Measurements
+
 
 @dataclass
 class RegionMask:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from model.inputs import RegionMask, SpatialQuery
-from model.measure import ScaleHint, measure_scene
+from model.measure import Measurements, ScaleHint, measure_scene
 from service import metrics
 from service.blobs import BlobStore
 from service.build_once import build_once
@@ -272,7 +272,7 @@ class Pipeline:
             measurements=measurements,
         )
 
-    async def measure(self, job: JobSpec, pm: PointMaps, decoded: Decoded, on_stage: StageCallback) -> Any:
+    async def measure(self, job: JobSpec, pm: PointMaps, decoded: Decoded, on_stage: StageCallback) -> Measurements:
         """The regions' measurements (model/measure) and the `measure` progress event."""
         hint = job.options.scale_hint
         t0 = time.perf_counter()
