@@ -26,18 +26,9 @@ from model.geometry.da3.metric_net import (
     load_metric_config,
     metric_depth,
 )
+from tests.test_geometry_da3_parity import _images  # the same seeded, normalised frames as the DA3 reference
 
 DATA = json.loads((Path(__file__).parent / "data" / "da3_metric_parity.json").read_text())
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
-
-
-def _images(seed: int, s: int, h: int, w: int) -> torch.Tensor:
-    u8 = np.random.default_rng(seed).integers(0, 256, size=(s, h, w, 3), dtype=np.uint8)
-    x = (u8.astype(np.float32) / 255.0 - MEAN) / STD
-    return torch.from_numpy(x).permute(0, 3, 1, 2)[None].contiguous()
-
-
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
     d = tmp_path_factory.mktemp("da3-metric-tiny")
