@@ -88,7 +88,8 @@ def _time(fn, repeats: int) -> float:
 
 
 def bench_decode(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from service.media import MediaLimits, decode_video
+    from service.media.decode_child import decode_video
+    from service.media.limits import MediaLimits
 
     # The generated clips are noisy (large for their length): the upload cap is not what is measured here.
     limits = MediaLimits(max_frames=max(64, args.frames), max_bytes=4 << 30)

@@ -9,7 +9,7 @@ The checklist is what vLLM's own media fetcher got wrong (CVE-2025-6242; vllm#57
     second DNS answer cannot rebind it to an internal address;
   - no redirects (a 3xx is refused, not followed), no proxies from the environment;
   - one deadline for DNS + connect + download, a byte cap enforced while streaming, and the
-    Content-Type and the first bytes (service/sniff.py) must both say an accepted media type;
+    Content-Type and the first bytes (service/media/sniff.py) must both say an accepted media type;
   - `Accept-Encoding: identity`, any `Content-Encoding` other than identity refused, and the cap
     counted on the wire bytes (raw, never decoded): 1,827 bytes of `gzip, gzip` decompressed to
     1 GiB before a cap counted after decoding saw it (issue 30 item 4).
@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from service.errors import ApiError
-from service.sniff import HEAD_BYTES, sniff
+from service.media.sniff import HEAD_BYTES, sniff
 
 SPOOL_BYTES = 1 << 20  # media beyond this spills to a temp file
 
@@ -92,7 +92,7 @@ async def resolve_checked(host: str, port: int, policy: FetchPolicy) -> IPAddres
 
 
 async def fetch(url: str, policy: FetchPolicy, families: frozenset[str], content_prefix: str) -> BinaryIO:
-    """The body of `url` as a file positioned at 0, if it is one of `families` (service/sniff.py)
+    """The body of `url` as a file positioned at 0, if it is one of `families` (service/media/sniff.py)
     and its Content-Type starts with `content_prefix` ("image/" or "video/")."""
     scheme, host, port = check_url(url, policy)
     try:

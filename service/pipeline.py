@@ -1,7 +1,7 @@
 """JobSpec + blobs -> SpatialQuery: the worker's CPU stages before the engine.
 
 Stages (each reported through `on_stage(stage, info)` with its seconds):
-  decode     PyAV (killable child process, see service.media) or Pillow; region masks/boxes
+  decode     PyAV (killable child process, see service/media/decode_child.py) or Pillow; region masks/boxes
              rasterised on the displayed frame and mapped to the sampled frames.
   pointmaps  the backend chosen by SR3D_POINTMAP_BACKEND (model/geometry/routes.py; auto = RGB-D
              for a scene with poses, pose recovery for a scene with depth only, Depth Anything 3
@@ -36,16 +36,10 @@ from model.measure import Measurements, ScaleHint, measure_scene
 from service import metrics
 from service.blobs import BlobStore
 from service.build_once import build_once
-from service.media import (
-    MediaError,
-    MediaLimits,
-    decode_image,
-    decode_video,
-    image_size,
-    mask_from_box,
-    mask_from_png,
-    resize_mask,
-)
+from service.media.decode_child import decode_video
+from service.media.images import decode_image, image_size
+from service.media.limits import MediaError, MediaLimits
+from service.media.masks import mask_from_box, mask_from_png, resize_mask
 from service.schemas import BoxRegion, JobSpec, MaskRef
 from service.settings import Settings
 

@@ -240,9 +240,10 @@ def test_video_upload_is_accepted(gw: str) -> None:
 
 def test_mov_starting_with_a_wide_box_is_accepted_by_gateway_and_decoder(gw: str, tmp_path: Any) -> None:
     """Old QuickTime files have no `ftyp` and start with a `wide` box; gateway and decoder share one
-    sniff (service/sniff.py), so the gateway accepts exactly what the worker's decoder opens. The
+    sniff (service/media/sniff.py), so the gateway accepts exactly what the worker's decoder opens. The
     file: a real mp4 whose leading `ftyp` box is retyped `wide` (same size, so every offset holds)."""
-    from service.media import MediaLimits, probe_video
+    from service.media.limits import MediaLimits
+    from service.media.probe import probe_video
 
     mp4 = mp4_bytes()
     assert mp4[4:8] == b"ftyp"
@@ -406,7 +407,7 @@ def test_error_codes_map_to_statuses_in_one_table(redis_url: str) -> None:
     from model.errors import ModelInputError
     from service.api.app import create_app
     from service.api.errors import status_for
-    from service.media import MediaError
+    from service.media.limits import MediaError
 
     assert status_for("file_too_large") == 413 and status_for("unsupported_codec") == 415
     assert status_for("queue_full") == 429 and status_for("some_new_model_code") == 422

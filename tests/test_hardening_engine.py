@@ -13,7 +13,7 @@ from model.geometry import SceneError
 from service.engines.protocol import EngineRequest
 from service.engines.torch_engine import EngineError, TorchEngine
 from service.errors import is_input_error
-from service.media import MediaError
+from service.media.limits import MediaError
 from tests.test_worker_engine import _batch_histogram, _collect, _image_query, _video_query, tiny_ckpt  # noqa: F401
 
 pytestmark = pytest.mark.timeout(240)

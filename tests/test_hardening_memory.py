@@ -16,7 +16,9 @@ from PIL import Image
 
 from loadtests.mem_peak import measure
 from model.geometry import SceneError, load_scene_npz
-from service.media import MediaError, MediaLimits, decode_image, image_size, mask_from_png
+from service.media.images import decode_image, image_size
+from service.media.limits import MediaError, MediaLimits
+from service.media.masks import mask_from_png
 
 pytestmark = pytest.mark.timeout(300)
 

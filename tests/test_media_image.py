@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.media import MediaError, MediaLimits, decode_image, mask_from_box, mask_from_png, resize_mask
 from service.api.errors import status_for
+from service.media.images import decode_image
+from service.media.limits import MediaError, MediaLimits
+from service.media.masks import mask_from_box, mask_from_png, resize_mask
 
 
 def _png(arr: np.ndarray, mode: str | None = None) -> bytes:

@@ -1,7 +1,6 @@
 """Video probing, sampling and decoding on synthetic clips (frame index encoded in the pixels) and real ones."""
 from __future__ import annotations
 
-import hashlib
 from fractions import Fraction
 from pathlib import Path
 
@@ -9,8 +8,10 @@ import av
 import numpy as np
 import pytest
 
-from service.media import MediaError, MediaLimits, content_hash, decode_video, probe_video
 from service.api.errors import status_for
+from service.media.decode_child import decode_video
+from service.media.limits import MediaError, MediaLimits
+from service.media.probe import probe_video
 
 DATA = Path(__file__).parent / "data" / "video"
 BITS, W, H = 8, 128, 48  # 8 stripes of 16 px: frame index in binary, black = 0, white = 1
@@ -157,13 +158,6 @@ def test_in_process_decode_matches_isolated() -> None:
     assert np.array_equal(a.frames, b.frames) and list(a.indices) == list(b.indices)
 
 
-def test_content_hash_streams() -> None:
-    path = DATA / "intel_bottles_tabletop_8s.webm"
-    data = path.read_bytes()
-    assert content_hash(path) == content_hash(data) == hashlib.sha256(data).hexdigest()
-    assert content_hash(path, chunk=1000) == content_hash(data)
-
-
 # ------------------------------------------------------------------------------------ bad input
 
 
@@ -245,7 +239,7 @@ def test_frames_cross_the_pipe_raw_and_a_short_or_stalled_sender_is_an_error() -
     import threading
     import time
 
-    from service.media import _read_into, _write_all
+    from service.media.decode_child import _read_into, _write_all
 
     frames = np.random.default_rng(0).integers(0, 255, (3, 70, 90, 3), dtype=np.uint8)  # > one pipe buffer
     r, w = os.pipe()
@@ -280,7 +274,7 @@ def test_the_frame_pipe_is_widened_where_the_system_allows() -> None:
     import fcntl
     import os
 
-    from service.media import _widen_pipe
+    from service.media.decode_child import _widen_pipe
 
     limit = Path("/proc/sys/fs/pipe-max-size")
     if not hasattr(fcntl, "F_GETPIPE_SZ") or not limit.exists() or int(limit.read_text()) < 1 << 20:
@@ -335,10 +329,10 @@ def test_a_long_video_seeks_to_keyframes_for_the_same_frames(tmp_path: Path, cod
 def test_a_seek_that_lands_past_its_target_falls_back_to_decoding_from_the_start(tmp_path: Path, monkeypatch) -> None:
     """Some files seek imprecisely. Here every seek lands 45 frames late: the frames it skipped are decoded by
     a pass from the start, so the answer is still exactly the plain decode's."""
-    from service import media
+    from service.media import frames
 
     clip = _long(tmp_path / "long.mp4", "mpeg4")
-    real_open = media._open
+    real_open = frames.open_container
 
     class LateSeeks:
         def __init__(self, container: av.container.InputContainer) -> None:
@@ -352,9 +346,9 @@ def test_a_seek_that_lands_past_its_target_falls_back_to_decoding_from_the_start
             late = int(45 / (30 * stream.time_base)) if offset and stream is not None else 0
             self._c.seek(offset + late, **kw)
 
-    monkeypatch.setattr(media, "_open", lambda path: LateSeeks(real_open(path)))
+    monkeypatch.setattr(frames, "open_container", lambda path: LateSeeks(real_open(path)))
     got = decode_video(clip, 8, isolate=False)
-    monkeypatch.setattr(media, "_open", real_open)
+    monkeypatch.setattr(frames, "open_container", real_open)
     plain = decode_video(clip, 8, isolate=False, seek=False)
     assert np.array_equal(got.frames, plain.frames)
     assert [_read_index(f) for f in got.frames] == [int(i) % 256 for i in got.indices]

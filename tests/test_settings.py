@@ -23,6 +23,6 @@ def test_generation_defaults_come_from_settings_within_caps() -> None:
     assert (filled.max_tokens, filled.num_frames) == (64, 8)  # a default never exceeds its cap
     assert GenerationOptions(max_tokens=5, num_frames=3).with_defaults(s).model_dump(include={"max_tokens", "num_frames"}) \
         == {"max_tokens": 5, "num_frames": 3}
-    from service.media import MediaLimits
+    from service.media.limits import MediaLimits
 
     assert MediaLimits().max_frames == Settings().max_frames  # the decoder's default cap is the deployment's

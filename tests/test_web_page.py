@@ -215,7 +215,7 @@ def drag_lasso(page: Any, points: list[tuple[float, float]]) -> None:
 
 def test_ask_about_two_boxes_on_two_frames_then_turn_the_scene(browser: Any, service: str) -> None:
     from model.geometry.scene_export import unpack_scene
-    from service.media import probe_video
+    from service.media.probe import probe_video
 
     clip = find_fixture(BOTTLE_NAME)
     info = probe_video(clip)
@@ -355,7 +355,7 @@ def test_page_asks_for_a_key_keeps_it_for_the_tab_and_cancels(browser: Any, redi
         assert sent["m0"]["type"] == "image/png" and sent["m0"]["name"] == "m0.png"
         mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(sent["m0"]["data"]))).convert("RGBA"))
         assert mask.shape[:2] == (360, 640)
-        inside = (mask[..., :3] != 0).any(axis=-1) & (mask[..., 3] != 0)  # the API's rule (service/media.py)
+        inside = (mask[..., :3] != 0).any(axis=-1) & (mask[..., 3] != 0)  # the API's rule (service/media/masks.py)
         assert abs(int(inside.sum()) - 80 * 240) < 0.05 * 80 * 240
         assert inside[180, 290] and not inside[180, 200] and not inside[30, 290]
         page.wait_for_selector("#stages li[data-stage='queued'].active")

@@ -18,7 +18,7 @@ import torch
 from tests.e2e_helpers import BOTTLE_NAME, BOX, QUESTION, find_fixture
 from service.blobs import make_blob_store
 from service.engines.torch_engine import TorchEngine, ensure_tiny_checkpoint
-from service.media import probe_video
+from service.media.probe import probe_video
 from service.pipeline import Pipeline, make_pointmap_backend
 from service.queue import GROUP, JOBS, JobQueue
 from service.redis_conn import redis_client

@@ -1,7 +1,7 @@
 """The one place that turns error codes into HTTP statuses, and every error into
 `{"error": {"code", "message"}}`.
 
-Errors below the API layer carry only `.code` and `.message` (ApiError, service.media.MediaError, the
+Errors below the API layer carry only `.code` and `.message` (ApiError, service.media.limits.MediaError, the
 model core's coded errors): `status_for` looks the code up here. A code that is not listed is an
 input error the model or decoder added later: 422 (the request was understood but cannot be
 computed), never a 500.

@@ -5,7 +5,7 @@ A media URL is one of
   data:<mime>;base64,<data>   decoded in slices into a spooled temp file, refused once over the cap;
   sr3d-media://<file id>      a file uploaded earlier through POST /v1/files (same API key, not expired);
   http(s)://...               only when the deployment allowlists the host (service/media_fetch.py).
-Whatever the source, the bytes must sniff as a type the worker decodes (service/sniff.py) and agree
+Whatever the source, the bytes must sniff as a type the worker decodes (service/media/sniff.py) and agree
 with the part they came in (image_url, video_url, a region mask).
 """
 from __future__ import annotations
@@ -25,9 +25,9 @@ from service import keys
 from service.api.deps import Caller, GatewayState
 from service.blobs import BlobNotFound, BlobTooLarge
 from service.errors import ApiError
+from service.media.sniff import HEAD_BYTES, VIDEO_FAMILIES, sniff
 from service.media_fetch import SPOOL_BYTES, FetchPolicy, fetch
 from service.quotas import files_size
-from service.sniff import HEAD_BYTES, VIDEO_FAMILIES, sniff
 
 Use = Literal["image", "video", "mask"]
 FAMILIES: dict[Use, frozenset[str]] = {

@@ -11,9 +11,9 @@ from starlette.datastructures import UploadFile
 
 from service.api.submission import Submission, check_fields
 from service.errors import ApiError
+from service.media.sniff import FAMILY_EXT, HEAD_BYTES, sniff
 from service.schemas import MaskRegion, parse_json_field
 from service.settings import Settings
-from service.sniff import FAMILY_EXT, HEAD_BYTES, sniff
 
 TEXT_FIELDS = {"question", "regions", "options"}
 # Containers the worker's decoder takes (service/media.py); PyAV probes codecs, sizes and durations there.

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.media import MediaError, MediaLimits, decode_image, decode_video
+from service.media.decode_child import decode_video
+from service.media.images import decode_image
+from service.media.limits import MediaError, MediaLimits
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 

@@ -1,6 +1,6 @@
 // Media in the browser: a video's frames by their ORIGINAL index (the API's `frame`), or an image.
 //
-// The server numbers a video's frames in presentation order (service/media.py: the sorted packet
+// The server numbers a video's frames in presentation order (service/media/probe.py: the sorted packet
 // timestamps). The page finds the frame duration from two adjacent presented frames
 // (requestVideoFrameCallback's mediaTime), then reads every shown frame's index from its own
 // timestamp: index = round((mediaTime - first) * fps). That is exact for constant-frame-rate video;
