@@ -19,12 +19,10 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY model/__init__.py model/__init__.py
 COPY service/__init__.py service/__init__.py
-COPY loadtests/__init__.py loadtests/__init__.py
 # torch==2.11.0 resolves to the +cpu build from this index: ~10x smaller than the CUDA wheels.
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu .
 COPY model model
 COPY service service
-COPY loadtests loadtests
 RUN pip install --no-deps --force-reinstall .
 
 FROM ${PYTHON_IMAGE} AS cpu-runtime
@@ -79,12 +77,10 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY model/__init__.py model/__init__.py
 COPY service/__init__.py service/__init__.py
-COPY loadtests/__init__.py loadtests/__init__.py
 # torch 2.11.0+cu130 matches the CUDA 13 base; vllm==0.24.0 pins exactly torch==2.11.0.
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cu130 ".[vllm]"
 COPY model model
 COPY service service
-COPY loadtests loadtests
 # Reinstall the project itself so the `vllm.general_plugins` entry point (SR-3D plugin) registers.
 RUN pip install --no-deps --force-reinstall .
 

@@ -14,11 +14,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) install -q -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-test: pyproject.toml loadtests/pyproject.toml | $(BIN)/python
 	@avail=$$(df -Pk . | awk 'NR==2 {print int($$4/1048576)}'); \
 	  if [ "$$avail" -lt 14 ]; then echo "warning: $$avail GiB free here; the test install needs about 14 GiB at its peak (11 GiB stay)" >&2; fi
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test,vllm]'
+	$(PIP) install -q -e '.[test,vllm]' -e ./loadtests
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

@@ -297,7 +297,7 @@ def summarize(samples: Sequence[Sample], wall: float, label: str, max_tokens: in
 
 
 def sample_from_job(r: Any) -> Sample:
-    """A `loadtests.client.JobResult` of our API as a Sample (usage from its `done` event)."""
+    """A `service.client.JobResult` of our API as a Sample (usage from its `done` event)."""
     term = r.terminal
     data = term.data if term is not None and isinstance(term.data, dict) else {}
     usage = data.get("usage") or {}

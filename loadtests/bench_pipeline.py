@@ -47,9 +47,9 @@ from typing import Any
 
 from loadtests import report as rpt
 from loadtests.bench_workers import NO_MULTICAST, closed_loop, job_problems, open_loop
-from loadtests.client import JobRequest, JobResult, Media, SR3DClient
 from loadtests.scenarios import FIXTURES, VIDEO_FRAMES, VIDEO_SIZE, question_for, random_box, video_media
-from loadtests.stack import Stack
+from service.client import JobRequest, JobResult, Media, SR3DClient
+from service.local_stack import Stack
 
 # Levers of issue 15 (service/settings.py documents each). The baseline is the defaults with DA-V2 as the depth
 # model (the issue's reference pipeline); `auto` would send videos to the Depth Anything 3 backend instead.

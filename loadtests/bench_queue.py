@@ -28,9 +28,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from loadtests.client import JobRequest, Media, SR3DClient
 from loadtests.scenarios import VIDEO, video_media
-from loadtests.stack import Stack
+from service.client import JobRequest, Media, SR3DClient
+from service.local_stack import Stack
 
 QUESTION = "How far is <region0> from the camera?"
 BOX = [250.0, 120.0, 330.0, 300.0]

@@ -12,17 +12,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from loadtests import report as rpt
-from loadtests.client import SR3DClient
-from loadtests.scenarios import SCENARIOS, LoadConfig, Outcome, parse_mix, pick
-from loadtests.stack import is_loopback_url, serve_stack
+from loadtests import soak
+from loadtests.load import closed_loop, open_loop
+from loadtests.scenarios import LoadConfig, Outcome, parse_mix
+from service.local_stack import is_loopback_url, serve_stack
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,50 +42,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-e2e", type=float, default=rpt.SLO.e2e_s)
     p.add_argument("--soak", action="store_true", help="soak: RSS + Redis keys over --duration (see loadtests/soak.py)")
     p.add_argument("--soak-ttl", type=int, default=20, help="soak: SR3D_JOB_TTL_S for the stack it starts")
-
-
-async def _one(client: SR3DClient, name: str, rng: random.Random, cfg: LoadConfig) -> Outcome:
-    try:
-        return await SCENARIOS[name](client, rng, cfg)
-    except Exception as e:  # noqa: BLE001 - a load generator records failures, it does not stop on them
-        from loadtests.client import JobResult
-
-        res = JobResult(t_submit=time.perf_counter(), client_error=f"{type(e).__name__}: {e}")
-        return Outcome(name, res, False, [res.client_error or ""])
-
-
-async def closed_loop(url: str, users: int, duration: float, mix: dict[str, float], cfg: LoadConfig,
-                      seed: int, api_key: str | None = None) -> tuple[list[Outcome], float]:
-    """`users` concurrent users, each looping until `duration` is over; returns (outcomes, wall seconds)."""
-    outcomes: list[Outcome] = []
-    async with SR3DClient(url, api_key=api_key) as client:
-        t0 = time.perf_counter()
-        deadline = t0 + duration
-
-        async def user(i: int) -> None:
-            rng = random.Random(seed * 1000 + i)
-            while time.perf_counter() < deadline:
-                outcomes.append(await _one(client, pick(rng, mix), rng, cfg))
-
-        await asyncio.gather(*(user(i) for i in range(users)))
-        return outcomes, time.perf_counter() - t0
-
-
-async def open_loop(url: str, rate: float, duration: float, mix: dict[str, float], cfg: LoadConfig,
-                    seed: int, api_key: str | None = None) -> tuple[list[Outcome], float]:
-    """Poisson arrivals at `rate`/s for `duration` s (arrivals never wait for answers)."""
-    rng = random.Random(seed)
-    async with SR3DClient(url, api_key=api_key) as client:
-        t0 = time.perf_counter()
-        tasks = []
-        t_next = t0
-        while t_next < t0 + duration:
-            await asyncio.sleep(max(0.0, t_next - time.perf_counter()))
-            sub = random.Random(rng.random())
-            tasks.append(asyncio.create_task(_one(client, pick(rng, mix), sub, cfg)))
-            t_next += rng.expovariate(rate)
-        outcomes = list(await asyncio.gather(*tasks))
-        return outcomes, time.perf_counter() - t0
 
 
 def run_levels(url: str, args: argparse.Namespace) -> tuple[dict[str, Any], list[list[Outcome]]]:
@@ -119,8 +74,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"refusing non-loopback target {args.url!r}; pass --allow-remote if you own it", file=sys.stderr)
         return 2
     if args.soak:
-        from loadtests import soak
-
         return soak.run(args)
     if args.url:
         report, per_level = run_levels(args.url.rstrip("/"), args)

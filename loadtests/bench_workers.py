@@ -42,10 +42,10 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import report as rpt
-from loadtests.client import JobRequest, JobResult, SR3DClient, SSEEvent
-from loadtests.faultkit import consumer_is, queue_state, started_by
 from loadtests.scenarios import VIDEO_FRAMES, VIDEO_SIZE, Outcome, question_for, random_box, video_media
-from loadtests.stack import Proc, Stack, pids_alive
+from service.client import JobRequest, JobResult, SR3DClient, SSEEvent
+from service.consumer_name import consumer_is
+from service.local_stack import Proc, Stack, pids_alive, queue_state
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 RESUME_TIMEOUT_S = 180.0  # a client keeps resuming this long without progress (reclaim + rerun fit inside)
@@ -239,11 +239,11 @@ def job_counts(results: Sequence[JobResult], worker_pids: dict[int, int]) -> dic
     ends = Counter(r.terminal.type if r.terminal is not None else "none" for r in acc)
     by_worker: Counter[str] = Counter()
     for r in acc:
-        for consumer in started_by(r):
+        for consumer in r.started_by:
             idx = next((i for pid, i in worker_pids.items() if consumer_is(consumer, pid)), None)
             by_worker[f"worker{idx}" if idx is not None else consumer] += 1
     return {"accepted": len(acc), "rejected": len(results) - len(acc), "done": ends["done"], "error": ends["error"],
-            "lost": ends["none"], "redeliveries": sum(max(0, len(started_by(r)) - 1) for r in acc),
+            "lost": ends["none"], "redeliveries": sum(max(0, len(r.started_by) - 1) for r in acc),
             "starts_by_worker": dict(sorted(by_worker.items()))}
 
 
@@ -272,7 +272,7 @@ class Killer:
     def on_event(self, res: JobResult, ev: SSEEvent) -> None:
         if self.fired_at is not None or ev.type != "token" or time.perf_counter() < self.arm_at:
             return
-        starts = started_by(res)
+        starts = res.started_by
         if starts and consumer_is(starts[-1], self.victim.pid):
             self.fire(res.job_id)
 
@@ -306,7 +306,7 @@ def kill_problems(results: Sequence[JobResult], killer: Killer) -> list[str]:
     job = next((r for r in results if r.job_id == killer.job_id), None)
     if job is None:
         return [f"killed job {killer.job_id} not among the results"]
-    starts = started_by(job)
+    starts = job.started_by
     if len(starts) < 2 or consumer_is(starts[-1], killer.victim.pid):
         return [f"killed job {killer.job_id} was not rerun by another worker: starts {starts}"]
     if not job.ok:

@@ -13,7 +13,7 @@ import sys
 
 async def _main() -> None:
     from service.blobs import make_blob_store
-    from loadtests.echo_engine import EchoEngine
+    from service.engines.echo import EchoEngine
     from service.pipeline import Pipeline, make_pointmap_backend
     from service.queue import JobQueue
     from service.redis_conn import redis_client

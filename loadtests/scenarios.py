@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from loadtests.client import JobRequest, JobResult, Media, SR3DClient
+from service.client import JobRequest, JobResult, Media, SR3DClient
 
 FIXTURES = Path(os.environ.get("SR3D_FIXTURES") or Path(__file__).resolve().parents[1] / "tests" / "data")
 VIDEO = FIXTURES / "video" / "intel_bottles_tabletop_8s.mp4"

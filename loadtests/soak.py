@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import report as rpt
+from loadtests.load import closed_loop
 from loadtests.scenarios import LoadConfig, parse_mix
-from loadtests.stack import Stack, rss_bytes
+from service.local_stack import Stack, rss_bytes
 
 PER_JOB_FAMILIES = ("job", "blob")  # sr3d:job:{id}, sr3d:job:{id}:events, sr3d:blob:{key}...
 
@@ -95,8 +96,6 @@ def run(args: argparse.Namespace) -> int:
     if args.url:
         print("--soak starts and measures its own processes; drop --url", file=sys.stderr)
         return 2
-    from loadtests.bench_service import closed_loop
-
     users = int((args.concurrency or "2").split(",")[0])
     cfg = LoadConfig(max_tokens=args.max_tokens, num_frames=args.num_frames)
     ttl = int(args.soak_ttl)

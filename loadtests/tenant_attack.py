@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from loadtests.stack import Stack, rss_bytes
+from service.local_stack import Stack, rss_bytes
 
 KEY_A, KEY_B = "key-a-attacker", "key-b-bystander"
 ENV = {"SR3D_API_KEYS": f"{KEY_A},{KEY_B}", "SR3D_QUOTA_STORED_MB": "32", "SR3D_QUOTA_JOBS": "16",

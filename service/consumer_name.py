@@ -30,3 +30,8 @@ def is_dead_local_consumer(name: str) -> bool:
         return False
     pid = name[len(prefix):]
     return pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid))
+
+
+def consumer_is(name: str, pid: int) -> bool:
+    """True when `name` is the default consumer name of process `pid` (`{hostname}-{pid}`)."""
+    return name.endswith(f"-{pid}")

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadtests.client import JobRequest, JobResult, Media, SR3DClient, box_regions, iter_sse
+from service.client import JobRequest, JobResult, Media, SR3DClient, box_regions, iter_sse
 
 HERE = Path(__file__).parent
 BOTTLE_NAME = "intel_bottles_tabletop_8s.mp4"  # 640x360, 250 frames (CC BY 4.0, see tests/data)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from loadtests.bench_workers import Killer, job_counts, job_problems, kill_problems
-from loadtests.client import JobResult, SSEEvent
+from service.client import JobResult, SSEEvent
 
 
 def _job(job_id: str, *types: str, workers: tuple[int, ...] = (1,), status: int = 200) -> JobResult:

@@ -122,7 +122,7 @@ def test_gpu_image_installs_vllm_on_cuda_13_and_no_weights():
         for op, rest in s.instructions:
             if op == "COPY" and "--from" not in rest:
                 sources = rest.split()[:-1]
-                assert all(src.split("/")[0] in {"pyproject.toml", "README.md", "model", "service", "loadtests"}
+                assert all(src.split("/")[0] in {"pyproject.toml", "README.md", "model", "service"}
                            for src in sources), rest
     assert "SR3D_MODEL" not in env_of("cpu-demo")  # tiny demo checkpoint
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from tokenizers.decoders import DecodeStream
@@ -24,12 +23,8 @@ VOCAB = nvila_lite_8b_config().llm_cfg["vocab_size"]
 
 @pytest.fixture(scope="module")
 def dummy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Built the way `sr3d bench engine --config nvila-lite-8b` and `sr3d bench workers --dummy-8b` build it."""
-    from loadtests.bench_engine import _model_dir
-
-    flat, nvila, load_format = _model_dir(SimpleNamespace(config="nvila-lite-8b"), tmp_path_factory.mktemp("work"))
-    assert nvila is None and load_format == "dummy"
-    return flat
+    """The call `sr3d bench engine --config nvila-lite-8b` and `sr3d bench workers --dummy-8b` build it with."""
+    return build_dummy_flat(tmp_path_factory.mktemp("work") / "nvila-lite-8b-flat", nvila_lite_8b_config())
 
 
 @pytest.fixture(scope="module")

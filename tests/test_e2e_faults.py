@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadtests.client import SR3DClient, iter_sse
-from loadtests.stack import Stack
+from service.client import SR3DClient, iter_sse
+from service.local_stack import Stack
 from tests.e2e_helpers import bottle_request, follow, wait_terminal
 
 pytestmark = pytest.mark.timeout(400)

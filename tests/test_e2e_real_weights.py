@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.client import JobRequest, Media, SR3DClient, box_regions
-from loadtests.stack import serve_stack
+from service.client import JobRequest, Media, SR3DClient, box_regions
+from service.local_stack import serve_stack
 from tests.e2e_helpers import BOTTLE_NAME, SERVE_ENV, assert_clean_stream, find_fixture, run
 
 pytestmark = pytest.mark.timeout(600)

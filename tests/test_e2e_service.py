@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.client import JobRequest, Media, SR3DClient, box_regions, stream_id_key
+from service.local_stack import serve_stack
 from tests.e2e_helpers import BOTTLE_NAME, BOX, QUESTION, SERVE_ENV, assert_clean_stream, bottle_request, find_fixture, follow, run, wait_terminal
-from loadtests.client import JobRequest, Media, SR3DClient, box_regions, stream_id_key
-from loadtests.stack import serve_stack
 
 pytestmark = pytest.mark.timeout(400)
 

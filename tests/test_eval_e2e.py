@@ -19,8 +19,8 @@ import av
 import numpy as np
 import pytest
 
-from loadtests.stack import serve_stack
 from service.eval import metrics
+from service.local_stack import serve_stack
 from tests.e2e_helpers import BOTTLE_NAME, SERVE_ENV, find_fixture
 
 pytestmark = pytest.mark.timeout(600)
@@ -208,7 +208,7 @@ def test_bad_dataset_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_unreachable_service_leaves_items_unfinished_for_the_next_run(vsibench_dir: Path, tmp_path: Path) -> None:
-    from loadtests.stack import free_port
+    from service.local_stack import free_port
 
     out = tmp_path / "out"
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there: every submit is refused (transient)

@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
-from loadtests.client import JobResult, SR3DClient, SSEEvent, stream_id_key
-from loadtests.faultkit import FAULT_ENV, mixed_requests, started_by, verdict, wait_until
-from loadtests.stack import Stack, free_port
+from service.client import JobResult, SR3DClient, SSEEvent, stream_id_key
+from service.local_stack import Stack, free_port
+from tests.faultkit import FAULT_ENV, mixed_requests, verdict, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -130,5 +130,5 @@ def test_gateway_killed_mid_stream_client_resumes_on_new_process(stack: dict[str
     after = [e for e in res.events if e.id and stream_id_key(e.id) > stream_id_key(killed["at"])]
     assert after and after[-1].type == "done"  # the remainder came from the new gateway process
     assert after[-1].data["usage"]["completion_tokens"] == 400  # ignore_eos held: nothing cut short
-    assert len(started_by(res)) == 1  # the worker never noticed: no rerun
+    assert len(res.started_by) == 1  # the worker never noticed: no rerun
     assert killed["new"].alive() and stack["worker"].alive()

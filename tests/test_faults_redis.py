@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadtests.client import JobResult, SR3DClient, SSEEvent
-from loadtests.faultkit import FAULT_ENV, mixed_requests, queue_state, started_by, verdict, wait_until
-from loadtests.stack import Stack
+from service.client import JobResult, SR3DClient, SSEEvent
+from service.local_stack import Stack, queue_state
+from tests.faultkit import FAULT_ENV, mixed_requests, verdict, wait_until
 from tests.waiting import await_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -62,7 +62,7 @@ def test_redis_restart_with_jobs_queued_and_clients_streaming(tmp_path: Path, tm
         results, readyz_down = asyncio.run(scenario())
         assert readyz_down, "/readyz stayed 200 while Redis was down"
         assert verdict(results) == []
-        assert all(len(started_by(r)) == 1 for r in results)  # queued jobs survived; each ran once
+        assert all(len(r.started_by) == 1 for r in results)  # queued jobs survived; each ran once
         wait_until(lambda: queue_state(st.redis_url)["pending"] == 0, 30, "acks")
         assert queue_state(st.redis_url) == {"lag": 0, "pending": 0, "dlq": 0}
         assert gw.alive(), gw.log_tail()

@@ -19,9 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
-from loadtests.client import JobResult, SR3DClient, SSEEvent
-from loadtests.faultkit import FAULT_ENV, consumer_is, mixed_requests, queue_state, started_by, verdict, wait_until
-from loadtests.stack import Stack, pids_alive
+from service.client import JobResult, SR3DClient, SSEEvent
+from service.consumer_name import consumer_is
+from service.local_stack import Stack, pids_alive, queue_state
+from tests.faultkit import FAULT_ENV, mixed_requests, verdict, wait_until
 from tests.waiting import await_until
 
 pytestmark = pytest.mark.timeout(420)
@@ -44,7 +45,7 @@ def test_sigkill_one_of_two_workers_under_load(tmp_path: Path, env: dict[str, st
         killed: dict[str, Any] = {}
 
         def on_event(res: JobResult, ev: SSEEvent) -> None:
-            starts = started_by(res)
+            starts = res.started_by
             if "pid" not in killed and ev.type == "token" and starts and consumer_is(starts[-1], a.pid):
                 killed["children"] = a.descendants()
                 killed["job"] = res.job_id
@@ -59,14 +60,14 @@ def test_sigkill_one_of_two_workers_under_load(tmp_path: Path, env: dict[str, st
         results = asyncio.run(load())
         assert "pid" in killed, "worker A never streamed a token (it got no job?)"
         assert verdict(results) == []
-        redelivered = [r for r in results if len(started_by(r)) > 1]
+        redelivered = [r for r in results if len(r.started_by) > 1]
         assert any(r.job_id == killed["job"] for r in redelivered)
         for r in redelivered:
-            starts = started_by(r)
+            starts = r.started_by
             assert consumer_is(starts[0], a.pid) and consumer_is(starts[-1], b.pid), starts
         for r in results:  # jobs never touched by A ran once
-            if not any(consumer_is(s, a.pid) for s in started_by(r)):
-                assert len(started_by(r)) == 1
+            if not any(consumer_is(s, a.pid) for s in r.started_by):
+                assert len(r.started_by) == 1
         wait_until(lambda: queue_state(st.redis_url)["pending"] == 0, 30, "acks of all jobs")
         assert queue_state(st.redis_url) == {"lag": 0, "pending": 0, "dlq": 0}
         # the killed worker's helpers (decode process pool, ...) must not outlive it
@@ -116,7 +117,7 @@ def test_sigterm_worker_drains_and_exits_zero(tmp_path: Path, env: dict[str, str
         assert "done" in statuses and "queued" in statuses, statuses  # drained some, left the rest queued
         assert verdict(results) == []
         for r in results:
-            starts = started_by(r)
+            starts = r.started_by
             assert len(starts) == 1, starts  # a drain never causes a redelivery
             drained = term["after_a"][r.job_id] == "done"
             assert consumer_is(starts[0], a.pid if drained else term["b"].pid), (starts, drained)

@@ -18,8 +18,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 
-from loadtests.faultkit import FAULT_ENV, requests_by_status_class
-from loadtests.stack import Stack
+from service.local_stack import Stack
+from tests.faultkit import FAULT_ENV, requests_by_status_class
 from tests.test_fuzz_upload import _drain
 
 LONG = os.environ.get("SR3D_LONG_TESTS") == "1"

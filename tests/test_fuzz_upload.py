@@ -23,9 +23,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loadtests.faultkit import FAULT_ENV, requests_by_status_class
-from loadtests.scenarios import VIDEO, VIDEO_SIZE
-from loadtests.stack import Stack
+from service.local_stack import Stack
+from tests.e2e_helpers import BOTTLE_NAME, find_fixture
+from tests.faultkit import FAULT_ENV, VIDEO_SIZE, requests_by_status_class
 
 LONG = os.environ.get("SR3D_LONG_TESTS") == "1"
 N = 1000 if LONG else 20
@@ -33,6 +33,7 @@ FUZZ = settings(max_examples=N, deadline=None, derandomize=not LONG,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 TERMINAL_BOUND_S = 90.0  # decode has its own time limit; a job past this is a hang
 OPTS = json.dumps({"max_tokens": 2, "num_frames": 2})
+VIDEO = find_fixture(BOTTLE_NAME)
 
 pytestmark = pytest.mark.timeout(2400 if LONG else 300)
 

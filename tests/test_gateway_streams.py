@@ -22,11 +22,11 @@ import httpx
 import pytest
 import redis as redis_sync
 
-from loadtests.sse_clients import drive
-from loadtests.stack import Stack
 from service.keys import job_key
+from service.local_stack import Stack
 from service.redis_conn import POOL_MAX
 from tests.conftest import run_gateway
+from tests.sse_clients import drive
 from tests.test_gateway_api import image_form, jobs_in_queue, post
 from tests.test_gateway_sse import Driver, answer, read_all, sse_events
 from tests.test_openai_api import IMG_URL, REGION, image_msg

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from loadtests.stack import serve_stack
+    from service.local_stack import serve_stack
     from model.geometry.da3.metric_net import build_tiny_da3_metric
 
     metric_dir = tmp_path_factory.mktemp("da3-metric")

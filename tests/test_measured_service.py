@@ -43,7 +43,7 @@ CENTRE_DISTANCE = float(np.hypot(metres((BOX_B[0] + BOX_B[2]) / 2 - (BOX_A[0] + 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from loadtests.stack import serve_stack
+    from service.local_stack import serve_stack
 
     with serve_stack(tmp_path_factory.mktemp("serve-measure"), SERVE_ENV) as (_, url):
         yield url

@@ -364,7 +364,7 @@ def test_text_gate_holds_back_stop_prefixes_and_never_takes_text_back() -> None:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from loadtests.stack import serve_stack
+    from service.local_stack import serve_stack
 
     env = {**SERVE_ENV, "SR3D_API_KEYS": KEY, "SR3D_REMOTE_MEDIA_DOMAINS": "127.0.0.1", "SR3D_ALLOW_PRIVATE_FETCH": "true"}
     with serve_stack(tmp_path_factory.mktemp("serve"), env) as (_, url):

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from loadtests.stack import serve_stack
+from service.local_stack import serve_stack
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadtests.client import JobRequest, Media, SR3DClient, box_regions
+from service.client import JobRequest, Media, SR3DClient, box_regions
 from tests.conftest import run_gateway
 from tests.test_gateway_api import IMG
 from tests.test_gateway_sse import Driver, answer

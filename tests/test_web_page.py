@@ -68,7 +68,7 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from loadtests.stack import serve_stack
+    from service.local_stack import serve_stack
 
     with serve_stack(tmp_path_factory.mktemp("serve-web"), SERVE_ENV) as (_, url):
         yield url

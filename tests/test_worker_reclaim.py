@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from loadtests.echo_engine import EchoEngine
+from service.engines.echo import EchoEngine
 from service.pipeline import make_pointmap_backend
 from service.settings import Settings
 from tests.test_worker_loop import Harness, data_dir  # noqa: F401 - fixture

@@ -24,11 +24,12 @@ import httpx
 import pytest
 import redis as redis_sync
 
-from loadtests.client import JobResult, SR3DClient, SSEEvent
-from loadtests.faultkit import FAULT_ENV, consumer_is, mixed_requests, queue_state, started_by, verdict, wait_until
-from loadtests.stack import LOOPBACK, Proc, Stack
 from service import keys
+from service.client import JobResult, SR3DClient, SSEEvent
+from service.consumer_name import consumer_is
+from service.local_stack import LOOPBACK, Proc, Stack, queue_state
 from service.worker_startup import BASE_METRICS_PORT, EXIT_METRICS_PORT
+from tests.faultkit import FAULT_ENV, mixed_requests, verdict, wait_until
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -120,7 +121,7 @@ def test_taken_metrics_port_ends_the_worker_before_the_model_loads(tmp_path: Pat
 
 @pytest.mark.parametrize("broken", ["model_dir_missing", "redis_unreachable"])
 def test_other_preconditions_end_the_worker_before_the_model_loads(tmp_path: Path, broken: str) -> None:
-    from loadtests.stack import free_port
+    from service.local_stack import free_port
     from service.worker_startup import EXIT_CONFIG, EXIT_REDIS, REDIS_PING_TIMEOUT_S
 
     data = tmp_path / "data"
@@ -192,7 +193,7 @@ def test_two_workers_with_default_settings_survive_killing_either(tmp_path: Path
         killed: dict[str, Any] = {}
 
         def on_event(res: JobResult, ev: SSEEvent) -> None:
-            starts = started_by(res)
+            starts = res.started_by
             if "pid" not in killed and ev.type == "token" and starts and consumer_is(starts[-1], dead.pid):
                 killed["job"] = res.job_id
                 os.kill(dead.pid, signal.SIGKILL)
@@ -205,17 +206,17 @@ def test_two_workers_with_default_settings_survive_killing_either(tmp_path: Path
 
         results = asyncio.run(load())
         assert "pid" in killed, (f"the {victim} worker never streamed a token (it got no job?)",
-                                 [(r.http_status, r.error_body, started_by(r)) for r in results])
+                                 [(r.http_status, r.error_body, r.started_by) for r in results])
         assert dead.wait(10) == -signal.SIGKILL
         # Every job: accepted, exactly one terminal event and it is `done`, no lost or repeated token.
         assert verdict(results) == []
         assert len(results) == 10 and all(r.terminal is not None and r.terminal.type == "done" for r in results)
-        starters = {s for r in results for s in started_by(r)}
+        starters = {s for r in results for s in r.started_by}
         assert any(consumer_is(s, dead.pid) for s in starters) and any(consumer_is(s, survivor.pid) for s in starters), starters
-        redelivered = [r for r in results if len(started_by(r)) > 1]
+        redelivered = [r for r in results if len(r.started_by) > 1]
         assert any(r.job_id == killed["job"] for r in redelivered)
         for r in redelivered:  # the killed worker's jobs went to the survivor, once
-            starts = started_by(r)
+            starts = r.started_by
             assert len(starts) == 2 and consumer_is(starts[0], dead.pid) and consumer_is(starts[1], survivor.pid), starts
         wait_until(lambda: queue_state(st.redis_url)["pending"] == 0, 30, "acks of all jobs")
         assert queue_state(st.redis_url) == {"lag": 0, "pending": 0, "dlq": 0}

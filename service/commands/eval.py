@@ -112,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
     if done_before == len(items):  # nothing left to ask: only re-score (no service needed)
         rows = runner.load_results(args.out / runner.RESULTS)
     elif args.in_process:
-        from loadtests.stack import serve_stack
+        from service.local_stack import serve_stack
 
         # The data dir (tiny checkpoint, embedded Redis) as `sr3d serve` would use it from here.
         data_dir = Path(os.environ.get("SR3D_DATA_DIR", "./var")).resolve()

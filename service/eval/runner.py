@@ -1,7 +1,7 @@
 """Send benchmark items through the service's HTTP API and keep one result line per finished item.
 
-The client is loadtests/client.py's `SR3DClient` (the same one the load generator and the tests
-use): multipart upload, SSE, resume of a dropped stream. Decoding is the benchmark's: greedy
+The client is service/client.py's `SR3DClient` (the same one `sr3d ask`, the load generator and the
+tests use): multipart upload, SSE, resume of a dropped stream. Decoding is the benchmark's: greedy
 (temperature 0, top_p 1) and the item's `max_tokens` (VSI-Bench 16, SpatialRGPT-Bench 128).
 
 Results file (`results.jsonl`): one JSON object per finished item, appended with a single
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtests.client import JobRequest, Media, SR3DClient
+from service.client import JobRequest, Media, SR3DClient
 from service.eval.datasets import EvalItem
 
 log = logging.getLogger(__name__)

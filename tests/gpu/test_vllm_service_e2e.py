@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.client import SR3DClient
-from loadtests.stack import Stack
+from service.client import SR3DClient
+from service.local_stack import Stack
 from tests.e2e_helpers import SERVE_ENV, assert_clean_stream, bottle_request, run
 
 VLLM_ENV = {

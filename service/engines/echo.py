@@ -1,9 +1,10 @@
-"""EchoEngine: a real `Engine` that streams a fixed answer without a model. For benchmarks only.
+"""EchoEngine: a real `Engine` that streams a fixed answer without a model.
 
-It exists so `sr3d bench queue` can measure what the service itself costs (gateway, Redis queue,
-worker, SSE) with the model taken out: every other part of the path is the production code. It
-is constructed in-process by the benchmark and deliberately not selectable through SR3D_ENGINE,
-so no deployment can serve it by accident.
+It exists to take the model out of the path while every other part stays the production code:
+`sr3d bench queue` measures what the service itself costs (gateway, Redis queue, worker, SSE) with
+it, and worker tests use it for answers of a known length and pace. It is constructed in-process by
+whoever needs it and deliberately not selectable through SR3D_ENGINE (`make_engine` never returns
+it), so no deployment can serve it by accident.
 """
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
-"""Hold N concurrent SSE clients on one job of one gateway process (issue 14 item 3), loopback only.
+"""Hold N concurrent SSE clients on one job of one gateway process, loopback only.
 
-    python -m loadtests.sse_clients --clients 1000 [--hold 20] [--out DIR]
+    python -m tests.sse_clients --clients 1000 [--hold 20] [--out DIR]
+
+tests/test_gateway_streams.py drives 300 of them; run it by hand for the full thousand (the result
+quoted in loadtests/RESULTS.md).
 
 Starts its own redis-server and the real `sr3d gateway` (whose event streams all read through one
 `service.stream_hub` per process), both on loopback. One job is queued through JobQueue; N clients
@@ -69,7 +72,7 @@ async def run_client(port: int, path: str, c: Client) -> None:
 
 
 async def drive(port: int, redis_url: str, server_pid: int, n: int, ramp: int, hold_s: float) -> dict[str, Any]:
-    from loadtests.stack import rss_bytes
+    from service.local_stack import rss_bytes
     from service.queue import JobQueue
     from service.redis_conn import redis_client
     from service.schemas import JobSpec
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     args = ap.parse_args(argv)
 
-    from loadtests.stack import Stack
+    from service.local_stack import Stack
 
     with tempfile.TemporaryDirectory() as d, Stack(Path(d), env={"SR3D_LOG_LEVEL": "WARNING"}) as st:
         st.start_redis()

@@ -1,8 +1,12 @@
-"""Start and stop a real service stack as OS processes: redis-server, `sr3d gateway`, `sr3d worker`, `sr3d serve`.
+"""Start and stop a real service stack on loopback as OS processes: redis-server, `sr3d gateway`,
+`sr3d worker`, `sr3d serve`.
 
-Used by `sr3d bench service`, the soak run and the fault-injection tests. Every process runs in its
-own session (process group) so that a test can SIGKILL exactly one of them, and `close()` can
-sweep whatever it spawned (thread/process pools, an embedded Redis) without touching anything else.
+`sr3d eval --in-process` starts its `sr3d serve` with `serve_stack`; the benchmarks (loadtests/) and
+the end-to-end and fault tests start whole stacks with `Stack`. Every process runs in its own session
+(process group) so that a test can SIGKILL exactly one of them, and `close()` can sweep whatever it
+spawned (thread/process pools, an embedded Redis) without touching anything else. Processes inherit
+the caller's working directory, so relative paths in the environment (SR3D_MODEL=./ckpt) mean what
+they mean to the caller.
 """
 from __future__ import annotations
 
@@ -74,7 +78,7 @@ class Proc:
             import psutil
 
             return [c.pid for c in psutil.Process(self.pid).children(recursive=True)]
-        except Exception:  # noqa: BLE001 - gone already, or psutil missing: nothing to report
+        except Exception:  # noqa: BLE001 - gone already, or psutil (a test extra) missing: nothing to report
             return []
 
 
@@ -102,8 +106,7 @@ class Stack:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                     "TOKENIZERS_PARALLELISM": "false", **self.env, **(env or {})}
         with open(log_path, "wb") as log:
-            p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env,
-                                 cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+            p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
         proc = Proc(name, p, log_path)
         self.procs.append(proc)
         self._seen_pids.add(p.pid)
@@ -159,7 +162,7 @@ class Stack:
         return self._spawn("worker", [sys.executable, "-m", "service.cli", "worker"], {**self._service_env(), **(env or {})})
 
     def start_module(self, name: str, module: str, env: dict[str, str] | None = None) -> Proc:
-        """`python -m module` with the service environment (e.g. loadtests.echo_worker)."""
+        """`python -m module` with the service environment (a benchmark's own worker process, say)."""
         return self._spawn(name, [sys.executable, "-m", module], {**self._service_env(), **(env or {})})
 
     def start_serve(self, port: int | None = None) -> tuple[Proc, str]:
@@ -251,6 +254,22 @@ def rss_bytes(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
+
+def queue_state(redis_url: str) -> dict[str, int]:
+    """Consumer-group lag and pending count of the jobs stream, and the DLQ length (a read-only peek)."""
+    import redis
+
+    from service import keys
+
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        groups = {g["name"]: g for g in r.xinfo_groups(keys.JOBS)} if r.exists(keys.JOBS) else {}
+        g = groups.get(keys.GROUP, {})
+        return {"lag": int(g.get("lag") or 0), "pending": int(g.get("pending") or 0),
+                "dlq": int(r.xlen(keys.DLQ)) if r.exists(keys.DLQ) else 0}
+    finally:
+        r.close()
 
 
 def is_loopback_url(url: str) -> bool:

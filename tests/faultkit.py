@@ -1,15 +1,19 @@
-"""Shared pieces of the fault-injection tests (tests/test_faults_*.py): request mixes, the client-view
-verdict over many jobs, and read-only peeks at the Redis queue state."""
+"""Shared pieces of the fault-injection tests (tests/test_faults_*.py and the other tests that kill
+processes mid-job): the settings and request mix they run, the client-view verdict over many jobs, and
+what a gateway says it answered. Read-only peeks at the queue are `service.local_stack.queue_state`;
+which worker ran a job is `JobResult.started_by` and `service.consumer_name.consumer_is`."""
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 import time
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any
 
-from loadtests.client import JobRequest, JobResult, SR3DClient
-from loadtests.scenarios import VIDEO_FRAMES, VIDEO_SIZE, image_media, question_for, random_box, video_media
+from service.client import JobRequest, JobResult, Media, SR3DClient
+from tests.e2e_helpers import BOTTLE_NAME, HERE, find_fixture
 
 # Small on purpose (2 shared cores): 4 sampled frames; reclaim after 2 s idle, heartbeats well inside it.
 FAULT_ENV = {
@@ -22,6 +26,34 @@ FAULT_ENV = {
     "SR3D_QUEUE_MAX": "1000",
     "SR3D_WORKER_CONCURRENCY": "2",
 }
+
+
+VIDEO_SIZE = (640, 360)  # w, h of the bottle clip
+VIDEO_FRAMES = 250  # region `frame` indexes the upload's own frames (the worker samples around them)
+IMAGE_SIZE = (320, 240)  # the TUM frame below, downscaled so a CPU run spends its time in the service
+QUESTIONS = {1: "How far is <region0> from the camera?", 2: "What is the distance between <region0> and <region1>?",
+             3: "Among <region0>, <region1> and <region2>, which is closest to the camera?"}
+
+
+@lru_cache(maxsize=None)
+def video_media() -> Media:
+    return Media.from_path(find_fixture(BOTTLE_NAME), "video")
+
+
+@lru_cache(maxsize=None)
+def image_media() -> Media:
+    from PIL import Image
+
+    with Image.open(HERE / "data" / "rgbd" / "color" / "0000.png") as im:
+        buf = io.BytesIO()
+        im.convert("RGB").resize(IMAGE_SIZE).save(buf, format="PNG")
+    return Media("image", "frame.png", buf.getvalue(), "image/png")
+
+
+def random_box(rng: random.Random, w: int, h: int) -> list[float]:
+    bw, bh = rng.randint(w // 10, w // 3), rng.randint(h // 10, h // 3)
+    x0, y0 = rng.randint(0, w - bw - 1), rng.randint(0, h - bh - 1)
+    return [float(x0), float(y0), float(x0 + bw), float(y0 + bh)]
 
 
 def mixed_requests(n: int, max_tokens: int, seed: int = 0) -> list[JobRequest]:
@@ -37,28 +69,18 @@ def mixed_requests(n: int, max_tokens: int, seed: int = 0) -> list[JobRequest]:
     for i in range(n):
         opts = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
         if i % 3 == 2:
-            reqs.append(JobRequest(image_media(), question_for(1, rng), [[{"frame": 0, "box": random_box(rng, 320, 240)}]],
+            reqs.append(JobRequest(image_media(), QUESTIONS[1], [[{"frame": 0, "box": random_box(rng, *IMAGE_SIZE)}]],
                                    options=opts))
             continue
         k = rng.randint(1, 3)
         regions = [[{"frame": rng.randrange(VIDEO_FRAMES), "box": random_box(rng, *VIDEO_SIZE)}] for _ in range(k)]
-        reqs.append(JobRequest(video_media(), question_for(k, rng), regions, options=opts))
+        reqs.append(JobRequest(video_media(), QUESTIONS[k], regions, options=opts))
     return reqs
 
 
 async def run_many(url: str, reqs: Sequence[JobRequest], **kwargs: Any) -> list[JobResult]:
     async with SR3DClient(url) as c:
         return list(await asyncio.gather(*(c.run(r, **kwargs) for r in reqs)))
-
-
-def started_by(res: JobResult) -> list[str]:
-    """Consumer names of the workers that started this job, in order (one per delivery attempt)."""
-    return [e.data.get("worker", "") for e in res.events
-            if e.type == "progress" and isinstance(e.data, dict) and e.data.get("stage") == "started"]
-
-
-def consumer_is(consumer: str, pid: int) -> bool:
-    return consumer.endswith(f"-{pid}")  # default consumer name: {hostname}-{pid}
 
 
 def verdict(results: Sequence[JobResult], expect: str = "done") -> list[str]:
@@ -78,28 +100,12 @@ def verdict(results: Sequence[JobResult], expect: str = "done") -> list[str]:
     return problems
 
 
-def queue_state(redis_url: str) -> dict[str, int]:
-    """Consumer-group lag and pending count of the jobs stream, and the DLQ length."""
-    import redis
-
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
-    try:
-        groups = {g["name"]: g for g in r.xinfo_groups("sr3d:jobs")} if r.exists("sr3d:jobs") else {}
-        g = groups.get("sr3d-workers", {})
-        return {"lag": int(g.get("lag") or 0), "pending": int(g.get("pending") or 0),
-                "dlq": int(r.xlen("sr3d:dlq")) if r.exists("sr3d:dlq") else 0}
-    finally:
-        r.close()
-
-
 def wait_until(pred: Callable[[], bool], timeout: float, what: str, period: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(period)
-
-
 
 
 def requests_by_status_class(url: str) -> dict[str, int]:
