@@ -1,10 +1,12 @@
 """Every Redis key name the service uses, in one place (deploy/ and KEDA read `sr3d:jobs` and the group).
 
   sr3d:jobs                 stream of {job_id}; consumer group sr3d-workers
-  sr3d:job:{id}             hash: the job's spec and state (service.queue)
-  sr3d:job:{id}:events      stream of {type, data(JSON)}: the client's single source of truth
-  sr3d:dlq                  stream of dead-lettered jobs
-  sr3d:idem:{hash}          job id for an Idempotency-Key, scoped by API key
+  sr3d:job:{id}             hash: the job's spec and state (service/jobs/view.py)
+  sr3d:job:{id}:events      stream of {type, data(JSON)}: the client's single source of truth (service/jobs/events.py)
+  sr3d:job:{id}:scene       bytes: the job's compact 3D scene for the page (service/jobs/scenes.py)
+  sr3d:dlq                  stream of dead-lettered jobs {job_id, entry_id, deliveries, reason, at, spec}
+  sr3d:idem:{hash}          {"job_id", "request"}: an Idempotency-Key's job and the hash of the request it
+                            was first sent with, scoped by API key (it expires with the job)
   sr3d:rl:{key id}          token bucket of one API key (service.ratelimit)
   sr3d:blob:{blob key}      an upload, as a list of chunks (service.blobs)
   sr3d:file:{file id}       hash: owner and type of media uploaded through POST /v1/files
@@ -30,6 +32,14 @@ def job_key(job_id: str) -> str:
 
 def events_key(job_id: str) -> str:
     return f"sr3d:job:{job_id}:events"
+
+
+def job_of_events_key(key: str) -> str:
+    """The job id in an events_key (as an XREAD reply names the stream)."""
+    prefix, suffix = job_key(""), events_key("")[len(job_key("")):]
+    if not (key.startswith(prefix) and key.endswith(suffix)):
+        raise ValueError(f"{key!r} is not a job's events key")
+    return key[len(prefix):-len(suffix)]
 
 
 def scene_key(job_id: str) -> str:

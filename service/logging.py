@@ -19,12 +19,19 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 
 @contextmanager
 def job_context(job_id: str) -> Iterator[None]:
-    """Tag every log line inside the block with this job id."""
+    """Tag every log line inside the block with this job id (the worker wraps each job's task in it;
+    tasks and `asyncio.to_thread` started inside inherit it)."""
     token = job_id_var.set(job_id)
     try:
         yield
     finally:
         job_id_var.reset(token)
+
+
+def bind_job(job_id: str) -> None:
+    """Tag every later log line of the current task with this job id: for a gateway request once it
+    knows its job (each request runs in its own task, so the tag ends with the request)."""
+    job_id_var.set(job_id)
 
 
 class JsonFormatter(logging.Formatter):

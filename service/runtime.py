@@ -1,4 +1,4 @@
-"""Wiring shared by `sr3d serve` and `sr3d worker`: engine + pipeline + queue -> Worker, and the
+"""Wiring shared by `sr3d serve` and `sr3d worker`: engine + pipeline + jobs -> Worker, and the
 uvicorn server variant that leaves signal handling to us (one SIGTERM path drains the worker first).
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ async def build_worker(settings: Settings, redis: Any, *, consumer: str | None =
     """Load the engine (weights + warm-up) and the point-map backend, then return a ready-to-run Worker."""
     from service.blobs import make_blob_store
     from service.pipeline import Pipeline, make_pointmap_backend
-    from service.queue import JobQueue
+    from service.jobs import Jobs
 
     engine = make_engine(settings)
     backend_task = asyncio.create_task(asyncio.to_thread(make_pointmap_backend, settings))
@@ -57,7 +57,7 @@ async def build_worker(settings: Settings, redis: Any, *, consumer: str | None =
     backend = await backend_task
     blobs = make_blob_store(settings, redis)
     pipeline = Pipeline(settings, blobs, backend)
-    worker = Worker(JobQueue(redis, settings, blobs), engine, pipeline, WorkerConfig.from_settings(settings), consumer=consumer)
+    worker = Worker(Jobs(redis, settings, blobs), engine, pipeline, WorkerConfig.from_settings(settings), consumer=consumer)
     return WorkerRuntime(worker, engine)
 
 

@@ -402,12 +402,5 @@ class SubmitResponse(BaseModel):
     events_url: str
 
 
-# Event types written to `sr3d:job:{id}:events` (the SSE `event:` field); data is a JSON object:
-#   queued   {job_id, position}                   the gateway, at submit (position: jobs waiting ahead)
-#   progress {stage, seconds, ...}                the worker, per stage: "started", "decode", "pointmaps",
-#                                                 "measure", "encode" (also recorded in the job's `progress` for GET);
-#                                                 {stage: "restream", discard: true} = drop the tokens so far
-#   token    {text}                               the worker: one delta of the answer
-#   done     {job_id, answer, usage, timings, finish_reason, region_mode, answer_mode, measurements}   terminal
-#   error    {job_id, code, message}              terminal (also cancellation: code "cancelled")
+# A job's event types and their data: service/jobs/events.py. These two end a job.
 TERMINAL_EVENTS = ("done", "error")

@@ -15,7 +15,7 @@ from typing import Any
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Message, Receive, Scope, Send
 
-from service.queue import JobQueue
+from service.jobs import Jobs
 from service.stream_hub import HubFull, StreamHub, Subscription
 
 log = logging.getLogger("sr3d.sse")
@@ -65,7 +65,7 @@ async def job_sse(sub: Subscription) -> AsyncIterator[ServerSentEvent]:
 
 
 def sse_response(
-    queue: JobQueue,
+    jobs: Jobs,
     sub: Subscription,
     *,
     ping_s: float = 15.0,
@@ -77,7 +77,7 @@ def sse_response(
     job asked for it (cancel_on_disconnect), otherwise the job runs on and can be resumed."""
 
     async def on_close(_: Message) -> None:
-        if cancel_on_disconnect and await queue.request_cancel(sub.job_id):
+        if cancel_on_disconnect and await jobs.request_cancel(sub.job_id):
             log.info("client went away: job cancelled", extra={"job_id": sub.job_id})
 
     return SubscriptionResponse(

@@ -41,15 +41,14 @@ from redis.exceptions import RedisError
 
 from service import metrics
 from service.errors import ApiError
-from service.queue import Event, _event, events_key, job_key
+from service.jobs.events import Event, event_from_entry
+from service.keys import events_key, job_key, job_of_events_key
 from service.redis_conn import clone_client
 
 log = logging.getLogger("sr3d.stream_hub")
 
 _EVENT_ID = re.compile(r"^([0-9]{1,20})-([0-9]{1,20})$")  # ASCII digits only: int() would take "１"
 _U64 = 2**64 - 1
-_EVENTS_SUFFIX = ":events"
-_KEY_PREFIX = "sr3d:job:"
 
 
 def parse_event_id(raw: str) -> str:
@@ -105,7 +104,7 @@ class Subscription:
             async with self.hub.redis_slots:
                 entries = await self.hub.redis.xrange(events_key(self.job_id), min=f"({self.last}", max="+", count=self.hub.page)
             for eid, fields in entries:
-                yield _event(eid, fields)
+                yield event_from_entry(eid, fields)
             if len(entries) < self.hub.page:
                 return
 
@@ -243,7 +242,7 @@ class StreamHub:
             last = await self.redis.xrevrange(events_key(job_id), count=1)
         if not last:
             return "live"
-        newest = _event(*last[0])
+        newest = event_from_entry(*last[0])
         if _id(after) >= _id(newest.id):
             if newest.terminal:
                 return "ended"
@@ -368,11 +367,11 @@ class StreamHub:
                 backoff = min(backoff * 2, 1.0)
                 continue
             for key, entries in _pairs(res):
-                job = self._jobs.get(key[len(_KEY_PREFIX):-len(_EVENTS_SUFFIX)])
+                job = self._jobs.get(job_of_events_key(key))
                 if job is None:
                     continue
                 for eid, fields in entries:
-                    ev = _event(eid, fields)
+                    ev = event_from_entry(eid, fields)
                     job.last_id = eid
                     for sub in list(job.subs):
                         sub.push(ev)

@@ -1,10 +1,11 @@
 """The job worker: claims jobs from the Redis stream, runs them, streams events back.
 
-Per job: terminal-event check + `try_start` CAS (at-least-once safety) -> pipeline (decode,
-masks, point maps; CPU stages in threads) -> engine.generate (token deltas coalesced into
-`token` events every `coalesce_s`) -> terminal `done`/`error` event -> `finish()` -> `ack()`.
-That order is what makes redelivery safe: a job is acked only after the client-visible terminal
-event exists, and a redelivered job that already has one is just acked again.
+Per job, through its `service.jobs.JobHandle`: `start` (compare-and-set; a redelivery of a job whose
+log already ends is acked, not rerun) -> pipeline (decode, masks, point maps; CPU stages in threads)
+-> engine.generate (token deltas coalesced into `token` events every `coalesce_s`) -> `done` /
+`fail` / `cancelled`: one call that writes the terminal event and the job's final state and acks
+the entry together, so a job is acked only with its client-visible outcome stored. Every log line
+of a job's run carries its id (service/logging.py `job_context`).
 
 Failure policy:
 * bad input (`service.errors.is_input_error`: a ValueError or model CodedError with a string
@@ -14,8 +15,9 @@ Failure policy:
   heartbeated, so the entry goes idle and is reclaimed (XAUTOCLAIM) by any worker after
   `claim_idle_ms`; the queue dead-letters it after `max_deliveries`.
 * cancel: the cancel flag is polled every `cancel_poll_s`; the engine request is aborted and the
-  job ends with an `error` event {code: "cancelled", answer: <partial>, usage} and status
-  cancelled (chosen over `done`/finish_reason "abort" so that `done` always means a full answer).
+  job ends with an `error` event {code: "cancelled", answer: <partial>, usage, timings,
+  finish_reason: "abort"} and status cancelled (chosen over `done`/finish_reason "abort" so that
+  `done` always means a full answer).
 
 Redelivery after a crash mid-stream: the sampling seed defaults to one derived from the job id,
 so a rerun reproduces the same tokens; the worker skips the prefix the client already received
@@ -41,8 +43,9 @@ from service import metrics
 from service.engines.protocol import Engine, EngineRequest
 from service.errors import is_input_error
 from service.pipeline import Pipeline
-from service.queue import Delivery, JobQueue
-from service.schemas import JobSpec, JobStatus
+from service.jobs import JobHandle, Jobs
+from service.logging import job_context
+from service.schemas import JobSpec
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -89,9 +92,8 @@ class WorkerConfig:
 
 @dataclass
 class _Running:
-    delivery: Delivery
+    handle: JobHandle
     task: asyncio.Task[None]
-    heartbeat: bool = True  # False once the job failed for a retryable reason: let it go idle
 
 
 @dataclass
@@ -116,14 +118,14 @@ class _Stream:
 class Worker:
     def __init__(
         self,
-        queue: JobQueue,
+        jobs: Jobs,
         engine: Engine,
         pipeline: Pipeline,
         config: WorkerConfig,
         *,
         consumer: str | None = None,
     ) -> None:
-        self.queue = queue
+        self.jobs = jobs
         self.engine = engine
         self.pipeline = pipeline
         self.config = config
@@ -140,7 +142,7 @@ class Worker:
     async def run(self) -> None:
         """Claim and run jobs until `stop()`; then drain and return."""
         self._stopping.clear()
-        await self.queue.ensure_group()
+        await self.jobs.ensure_group()
         self.ready = True
         metrics.WORKER_READY.set(1)
         hb = asyncio.create_task(self._heartbeat_loop(), name="sr3d-heartbeat")
@@ -151,15 +153,15 @@ class Worker:
                     await self._wait_any_or_stop()
                     continue
                 try:
-                    deliveries = await self.queue.claim(self.consumer, free, self.config.claim_block_ms, self._running)
+                    handles = await self.jobs.claim(self.consumer, free, self.config.claim_block_ms, self._running)
                 except Exception:  # Redis restarting: keep the worker alive, retry shortly
                     log.warning("claim failed; retrying", exc_info=True)
                     await self._sleep_or_stop(1.0)
                     continue
-                for d in deliveries:
-                    task = asyncio.create_task(self._run_job(d), name=f"job-{d.job.job_id}")
-                    self._running[d.entry_id] = _Running(d, task)
-                    task.add_done_callback(lambda _t, eid=d.entry_id: self._running.pop(eid, None))
+                for h in handles:
+                    task = asyncio.create_task(self._run_job(h), name=f"job-{h.job_id}")
+                    self._running[h.entry_id] = _Running(h, task)
+                    task.add_done_callback(lambda _t, eid=h.entry_id: self._running.pop(eid, None))
                 metrics.INFLIGHT.set(len(self._running))
             await self._drain()
         finally:
@@ -195,11 +197,11 @@ class Worker:
         period = max(self.config.heartbeat_s, 0.05)
         while True:
             await asyncio.sleep(period)
-            ids = [eid for eid, r in self._running.items() if r.heartbeat]
+            ids = [eid for eid, r in self._running.items() if r.handle.keep_alive]
             if not ids:
                 continue
             try:
-                lost = await self.queue.heartbeat(self.consumer, ids)
+                lost = await self.jobs.queue.heartbeat(self.consumer, ids)
             except Exception:
                 log.warning("heartbeat failed", exc_info=True)
                 continue
@@ -207,127 +209,97 @@ class Worker:
                 # Another worker reclaimed it (we stalled past claim_idle_ms): it owns the job now.
                 r = self._running.get(eid)
                 if r is not None:
-                    log.warning("lost ownership of job %s; stopping it here", r.delivery.job.job_id)
+                    log.warning("lost ownership of job %s; stopping it here", r.handle.job_id,
+                                extra={"job_id": r.handle.job_id})
                     r.task.cancel()
 
     # ---- one job ---------------------------------------------------------------------------
-    async def _run_job(self, d: Delivery) -> None:
-        job = d.job
-        jid = job.job_id
-        try:
-            # CAS queued|running -> running; False when a terminal event already exists (a
-            # redelivery after the answer was written) or a cancel came first: just ack.
-            if not await self.queue.try_start(jid, self.consumer):
-                await self.queue.ack(d.entry_id)
-                return
-            await self._execute(d)
-            await self.queue.ack(d.entry_id)
-        except asyncio.CancelledError:
-            raise  # drain timeout or lost ownership: leave it pending for another worker
-        except Exception:
-            metrics.ENGINE_ERRORS.inc()
-            log.exception("job %s failed (delivery %d); leaving it for redelivery", jid, d.deliveries)
-            r = self._running.get(d.entry_id)
-            if r is not None:
-                r.heartbeat = False
+    async def _run_job(self, h: JobHandle) -> None:
+        # Every log line of this task (and of the threads it starts: to_thread copies the context)
+        # names the job.
+        with job_context(h.job_id):
+            try:
+                if await h.start():
+                    await self._execute(h)
+            except asyncio.CancelledError:
+                raise  # drain timeout or lost ownership: leave it pending for another worker
+            except Exception:
+                metrics.ENGINE_ERRORS.inc()
+                log.exception("job %s failed (delivery %d); leaving it for redelivery", h.job_id, h.delivery.deliveries)
+                h.keep_alive = False
 
-    async def _execute(self, d: Delivery) -> None:
-        job = d.job
-        jid = job.job_id
+    async def _execute(self, h: JobHandle) -> None:
+        job = h.job
         t_start = time.time()
         queue_wait = max(0.0, t_start - job.created_at)  # the queue observes QUEUE_WAIT on delivery
         timings: dict[str, float] = {"queue_wait_s": round(queue_wait, 4)}
-        await self.queue.record_progress(jid, "started", {"worker": self.consumer, "attempt": d.deliveries, "queue_wait_s": timings["queue_wait_s"]})
+        await h.progress("started", {"worker": self.consumer, "attempt": h.delivery.deliveries, "queue_wait_s": timings["queue_wait_s"]})
         cancelled = asyncio.Event()
-        poller = asyncio.create_task(self._poll_cancel(jid, cancelled))
+        poller = asyncio.create_task(self._poll_cancel(h, cancelled))
         stream: _Stream | None = None
         try:
             try:
-                query = await self.pipeline.build(job, lambda stage, info: self._stage_done(jid, stage, info, timings), cancelled,
-                                                  on_scene=lambda data: self.queue.put_scene(jid, data))
+                query = await self.pipeline.build(job, lambda stage, info: self._stage_done(h, stage, info, timings), cancelled,
+                                                  on_scene=h.put_scene)
                 if cancelled.is_set():
                     raise JobCancelled
-                stream = _Stream(client=await self._already_streamed(jid))
+                stream = _Stream(client=await h.text_streamed())
                 mode = job.options.with_defaults(self.pipeline.settings).answer_mode
                 if mode == "measured":
-                    result = await self._measured(job, query, stream)
+                    result = await self._measured(h, query, stream)
                 else:
                     if mode == "grounded" and query.measurements is not None:
                         query.question = grounded_question(query.question, grounding_text(query.measurements))
-                    result = await self._generate(job, query, stream, cancelled, timings)
+                    result = await self._generate(h, query, stream, cancelled, timings)
             except JobCancelled:
-                await self._terminal_cancelled(job, stream, None, timings)
+                await self._end_cancelled(h, stream, None, timings)
                 return
             except Exception as e:
                 if not is_input_error(e):
                     raise  # infrastructure: not acked, redelivered (see the failure policy above)
-                err = {"code": getattr(e, "code", "bad_input"), "message": getattr(e, "message", None) or str(e)}
-                await self.queue.append_event(jid, "error", err)
-                await self.queue.finish(jid, JobStatus.failed, error=err, timings=timings)
+                await h.fail(getattr(e, "code", "bad_input"), getattr(e, "message", None) or str(e), timings=timings)
                 return
         finally:
             poller.cancel()
         finish_reason, usage = result
         if finish_reason == "abort":
             if cancelled.is_set():
-                await self._terminal_cancelled(job, stream, usage, timings)
+                await self._end_cancelled(h, stream, usage, timings)
                 return
             raise RuntimeError("engine aborted the request without a cancel")
-        answer = stream.text
         timings["total_s"] = round(time.time() - job.created_at, 4)
         # How the regions reached the model (model/marks.py); engines without regions (bench echo) say
         # None, and so does a measured answer (no language model ran).
         region_mode = (getattr(self.engine, "region_mode", None) or None) if mode != "measured" else None
         measurements = query.measurements.to_dict() if query.measurements is not None else None
-        done: dict[str, Any] = {"answer": answer, "usage": usage, "timings": timings,
-                                "finish_reason": finish_reason, "region_mode": region_mode,
-                                "answer_mode": mode, "measurements": measurements}
+        extra: dict[str, Any] = {}
         if self.pipeline.settings.model is None and mode != "measured":  # the tiny random-weight demo checkpoint answered
-            done["demo_model"] = True  # clients say so next to the text: it is not a real answer
-        await self.queue.append_event(jid, "done", done)
-        await self.queue.finish(jid, JobStatus.done, answer=answer, usage=usage, timings=timings,
-                                finish_reason=finish_reason, region_mode=region_mode,
-                                answer_mode=mode, measurements=measurements)
+            extra["demo_model"] = True  # clients say so next to the text: it is not a real answer
+        await h.done(stream.text, usage=usage, timings=timings, finish_reason=finish_reason, region_mode=region_mode,
+                     answer_mode=mode, measurements=measurements, **extra)
         metrics.JOB_SECONDS.observe(time.time() - job.created_at)
 
-    async def _stage_done(self, jid: str, stage: str, info: dict[str, Any], timings: dict[str, Any]) -> None:
+    async def _stage_done(self, h: JobHandle, stage: str, info: dict[str, Any], timings: dict[str, Any]) -> None:
         seconds = float(info.get("seconds", 0.0))
         metrics.STAGE_SECONDS.labels(stage).observe(seconds)
         timings[f"{stage}_s"] = round(seconds, 4)
         for key in ("backend", "frames_registered"):  # which point-map backend ran, frames it registered
             if key in info:
                 timings[f"{stage}_{key}"] = info[key]
-        await self.queue.record_progress(jid, stage, info)
+        await h.progress(stage, info)
 
-    async def _poll_cancel(self, jid: str, cancelled: asyncio.Event) -> None:
+    async def _poll_cancel(self, h: JobHandle, cancelled: asyncio.Event) -> None:
         while not cancelled.is_set():
             await asyncio.sleep(self.config.cancel_poll_s)
             try:
-                if await self.queue.is_cancelled(jid):
+                if await h.cancel_requested():
                     cancelled.set()
-                    await self.engine.abort(jid)
+                    await self.engine.abort(h.job_id)
             except Exception:
                 log.warning("cancel poll failed", exc_info=True)
 
-    async def _already_streamed(self, jid: str) -> str:
-        """Token text an earlier (crashed) attempt already put in the job's event stream."""
-        parts: list[str] = []
-        after = "0-0"
-        while True:
-            events = await self.queue.read_events(jid, after=after, block_ms=0, count=1000)
-            if not events:
-                break
-            for e in events:
-                if e.type == "token":
-                    parts.append(e.data.get("text", ""))
-                elif e.type == "progress" and e.data.get("stage") == "restream":
-                    parts.clear()
-            after = events[-1].id
-            if len(events) < 1000:
-                break
-        return "".join(parts)
-
-    async def _generate(self, job: JobSpec, query: Any, stream: _Stream, cancelled: asyncio.Event, timings: dict[str, float]) -> tuple[str, dict[str, int]]:
+    async def _generate(self, h: JobHandle, query: Any, stream: _Stream, cancelled: asyncio.Event, timings: dict[str, float]) -> tuple[str, dict[str, int]]:
+        job = h.job
         opts = job.options.with_defaults(self.pipeline.settings)
         params = GenerationParams(
             max_tokens=opts.max_tokens,
@@ -336,7 +308,7 @@ class Worker:
             seed=job_seed(job),
             ignore_eos=bool(opts.ignore_eos),
         )
-        jid = job.job_id
+        jid = h.job_id
         t0 = time.monotonic()
         t_last: float | None = None
         finish_reason = "stop"
@@ -351,7 +323,7 @@ class Worker:
                     timings[f"encode_{part}_s"] = seconds
                     metrics.STAGE_SECONDS.labels(f"encode_{part}").observe(seconds)
                 metrics.TTFT.observe(max(0.0, time.time() - job.created_at))
-                await self.queue.record_progress(jid, "encode", {"seconds": timings["encode_s"]})
+                await h.progress("encode", {"seconds": timings["encode_s"]})
             elif delta.text:
                 metrics.ITL.observe(now - t_last)
             t_last = now
@@ -360,34 +332,31 @@ class Worker:
                 finish_reason = delta.finish_reason or "stop"
                 usage = {"prompt_tokens": delta.prompt_tokens, "completion_tokens": delta.completion_tokens}
             if (delta.finished or now - stream.last_flush >= self.config.coalesce_s) and not cancelled.is_set():
-                await self._flush(jid, stream, delta.finished)
+                await self._flush(h, stream, delta.finished)
         timings["generate_s"] = round(time.monotonic() - t0 - timings.get("encode_s", 0.0), 4)
         metrics.STAGE_SECONDS.labels("generate").observe(timings["generate_s"])
         return finish_reason, usage
 
-    async def _measured(self, job: JobSpec, query: Any, stream: _Stream) -> tuple[str, dict[str, int]]:
+    async def _measured(self, h: JobHandle, query: Any, stream: _Stream) -> tuple[str, dict[str, int]]:
         """`measured` answer mode: the text is written from the measurements (no language model) and
         goes out through the same `token` event a generated answer would."""
         if query.measurements is None:
             raise ModelInputError("measure_unavailable", "this job has no point maps to measure from")
         stream.text = answer_from_measurements(query.question, query.measurements)
-        await self._flush(job.job_id, stream, final=True)
+        await self._flush(h, stream, final=True)
         return "stop", {"prompt_tokens": 0, "completion_tokens": 0}
 
-    async def _flush(self, jid: str, stream: _Stream, final: bool) -> None:
+    async def _flush(self, h: JobHandle, stream: _Stream, final: bool) -> None:
         text, reset = stream.take(final)
         if reset:
             # Should not happen (seeded, deterministic rerun); the `done` answer stays authoritative.
-            log.warning("job %s: regenerated text diverged from the streamed prefix", jid)
-            await self.queue.append_event(jid, "progress", {"stage": "restream", "discard": True})
+            log.warning("job %s: regenerated text diverged from the streamed prefix", h.job_id)
+            await h.restream()
         if text:
-            await self.queue.append_event(jid, "token", {"text": text})
+            await h.tokens(text)
         stream.last_flush = time.monotonic()
 
-    async def _terminal_cancelled(self, job: JobSpec, stream: _Stream | None, usage: dict[str, int] | None, timings: dict[str, float]) -> None:
-        partial = stream.client if stream is not None else ""
-        err = {"code": "cancelled", "message": "the job was cancelled by the client"}
-        usage = usage or {"prompt_tokens": 0, "completion_tokens": 0}
-        await self.queue.append_event(job.job_id, "error", {**err, "answer": partial, "usage": usage})
-        await self.queue.finish(job.job_id, JobStatus.cancelled, answer=partial, error=err, usage=usage, timings=timings,
-                                finish_reason="abort")
+    async def _end_cancelled(self, h: JobHandle, stream: _Stream | None, usage: dict[str, int] | None,
+                             timings: dict[str, float]) -> None:
+        await h.cancelled(answer=stream.client if stream is not None else "",
+                          usage=usage or {"prompt_tokens": 0, "completion_tokens": 0}, timings=timings, finish_reason="abort")

@@ -1,6 +1,6 @@
 """Gateway over real HTTP on loopback against a real Redis: validation codes, caps, idempotency,
 queue cap, API keys and rate limits, cancel semantics, health, metrics, CORS. No worker runs here:
-what a worker would see is checked through JobQueue (part B's end-to-end tests run a real one).
+what a worker would see is checked through Jobs (part B's end-to-end tests run a real one).
 """
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import pytest
 import redis as redis_sync
 from PIL import Image
 
-from service.queue import JOBS, JobQueue
+from service.jobs import Jobs
+from service.keys import JOBS
 from service.redis_conn import redis_client
-from service.schemas import BoxRegion, JobStatus, MaskRef
+from service.schemas import BoxRegion, MaskRef
 from service.settings import Settings
 from tests.conftest import run_gateway
 
@@ -211,11 +212,11 @@ def test_accepted_job_is_queued_with_blobs_the_worker_can_read(gw: str, redis_ur
 
     async def worker_view() -> None:
         redis = redis_client(redis_url)
-        q = JobQueue(redis, Settings(redis_url=redis_url))
+        q = Jobs(redis, Settings(redis_url=redis_url))
         try:
             [d] = await q.claim("w-test", 4, 100)
             job = d.job
-            assert job.job_id == job_id and d.deliveries == 1
+            assert job.job_id == job_id and d.delivery.deliveries == 1
             assert job.options.max_tokens == 7 and job.options.seed == 3 and job.options.num_frames == 8  # min(SR3D_NUM_FRAMES, cap)
             assert isinstance(job.regions[0][0], BoxRegion) and isinstance(job.regions[0][1], MaskRef)
             assert await q.blobs.get(job.media_blob) == IMG
@@ -328,27 +329,26 @@ def test_delete_semantics(gw: str, redis_url: str) -> None:
 
     async def start_then_check() -> None:
         redis = redis_client(redis_url)
-        q = JobQueue(redis, Settings(redis_url=redis_url))
+        q = Jobs(redis, Settings(redis_url=redis_url))
         try:
-            deliveries = await q.claim("w-test", 4, 100)
-            by_id = {d.job.job_id: d for d in deliveries}
-            # The cancelled queued job is refused by try_start; the other starts.
-            assert await q.try_start(queued, "w-test") is False
-            assert await q.try_start(running, "w-test") is True
+            by_id = {h.job_id: h for h in await q.claim("w-test", 4, 100)}
+            # The cancelled queued job is refused by start (and acked); the other starts.
+            assert await by_id[queued].start() is False
+            assert await by_id[running].start() is True
             r = await asyncio.to_thread(httpx.delete, f"{gw}/v1/spatial-qa/{running}")
             assert r.status_code == 202 and r.json()["status"] == "running" and r.json()["cancel_requested"] is True
-            assert await q.is_cancelled(running)
-            err = {"code": "cancelled", "message": "cancelled by the client"}
-            await q.append_event(running, "error", err)
-            await q.finish(running, JobStatus.cancelled, error=err)
-            await q.ack(by_id[running].entry_id)
+            assert await by_id[running].cancel_requested()
+            await by_id[running].cancelled(answer="", finish_reason="abort")  # the worker ends it
+            assert (await q.stats())["pending"] == 0
         finally:
             await q.aclose()
             await redis.aclose()
 
     asyncio.run(start_then_check())
     view = httpx.get(f"{gw}/v1/spatial-qa/{running}").json()
-    assert view["status"] == "cancelled" and view["error"]["code"] == "cancelled"
+    # One message for a cancel, whether the gateway (queued) or the worker (running) ended the job.
+    assert view["status"] == "cancelled" and view["error"] == {"code": "cancelled", "message": "cancelled by the client"}
+    assert view["error"] == httpx.get(f"{gw}/v1/spatial-qa/{queued}").json()["error"]
     assert httpx.delete(f"{gw}/v1/spatial-qa/{running}").status_code == 409
 
 

@@ -1,5 +1,5 @@
 """SSE over real HTTP: ids are Redis entry ids, Last-Event-ID resumes with exactly the remainder,
-streams end after the terminal event, ?wait=true. Events are appended through JobQueue (what a
+streams end after the terminal event, ?wait=true. Events are appended through Jobs (what a
 worker does); the end-to-end test with a real worker is in test_e2e_service.py.
 """
 from __future__ import annotations
@@ -13,9 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service.queue import JobQueue
+from service.jobs import Jobs
 from service.redis_conn import redis_client
-from service.schemas import JobStatus
 from service.settings import Settings
 from tests.conftest import run_gateway
 from tests.test_gateway_api import image_form, post
@@ -48,14 +47,14 @@ def read_all(url: str, **kw: Any) -> list[dict[str, Any]]:
 
 
 class Driver:
-    """Runs JobQueue calls on a private event loop in a thread, as a worker process would."""
+    """Runs Jobs calls on a private event loop in a thread, as a worker process would."""
 
     def __init__(self, redis_url: str) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.redis = self.call(self._client(redis_url))
-        self.queue = JobQueue(self.redis, Settings(redis_url=redis_url))
+        self.jobs = Jobs(self.redis, Settings(redis_url=redis_url))
 
     @staticmethod
     async def _client(url: str) -> Any:
@@ -65,7 +64,7 @@ class Driver:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
-        self.call(self.queue.aclose())
+        self.call(self.jobs.aclose())
         self.call(self.redis.aclose())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
@@ -80,15 +79,13 @@ def env(redis_url: str) -> Iterator[tuple[str, Driver]]:
 
 
 def answer(driver: Driver, job_id: str, tokens: list[str]) -> None:
-    q = driver.queue
+    q = driver.jobs
     driver.call(q.append_event(job_id, "progress", {"stage": "decode", "seconds": 0.01}))
     for t in tokens:
         driver.call(q.append_event(job_id, "token", {"text": t}))
     done = {"answer": "".join(tokens), "usage": {"prompt_tokens": 5, "completion_tokens": len(tokens)},
             "timings": {"total_s": 0.1}, "finish_reason": "stop"}
-    driver.call(q.append_event(job_id, "done", done))
-    driver.call(q.finish(job_id, JobStatus.done, answer=done["answer"], usage=done["usage"], timings=done["timings"],
-                         finish_reason="stop"))
+    driver.call(q.append_event(job_id, "done", done))  # the terminal writer: event and final state at once
 
 
 def test_resume_with_last_event_id_returns_exactly_the_remainder(env: tuple[str, Driver]) -> None:
@@ -149,8 +146,9 @@ def test_cancelled_and_progress_are_visible_with_the_job_id(env: tuple[str, Driv
     terminal = read_all(f"{base}/v1/spatial-qa/{second}/events")[-1]
     assert terminal["event"] == "error" and terminal["data"]["code"] == "cancelled" and terminal["data"]["job_id"] == second
     # A worker's stages show in GET as they happen (the `progress` field is not a placeholder).
-    driver.call(driver.queue.try_start(first, "w-test"))
-    driver.call(driver.queue.record_progress(first, "decode", {"seconds": 0.01, "frames": 1}))
+    [h] = driver.call(driver.jobs.claim("w-test", 1, 100))
+    assert h.job_id == first and driver.call(h.start())
+    driver.call(h.progress("decode", {"seconds": 0.01, "frames": 1}))
     view = httpx.get(f"{base}/v1/spatial-qa/{first}").json()
     assert view["status"] == "running" and view["progress"] == {"stage": "decode", "stages": {"decode": {"seconds": 0.01, "frames": 1}}}
 
@@ -167,8 +165,8 @@ def test_wait_true_returns_the_answer_or_202_after_the_timeout(env: tuple[str, D
     t.start()
     job_id = None
     for _ in range(1000):  # the job id appears under the idempotency key, then the job is queued
-        job_id = driver.call(driver.queue.lookup_idempotent("w1", None))
-        if job_id and driver.call(driver.queue.get(job_id)) is not None:
+        job_id = driver.call(driver.jobs.lookup_idempotent("w1", None))
+        if job_id and driver.call(driver.jobs.get(job_id)) is not None:
             break
         threading.Event().wait(0.01)
     assert job_id
@@ -192,7 +190,7 @@ def test_sr3d_ask_streams_the_answer(env: tuple[str, Driver], tmp_path: Any, cap
 
     def play_worker() -> None:
         for _ in range(1000):
-            [d] = driver.call(driver.queue.claim("w-ask", 1, 100)) or [None]
+            [d] = driver.call(driver.jobs.claim("w-ask", 1, 100)) or [None]
             if d is not None:
                 assert len(d.job.regions) == 2 and d.job.options.max_tokens == 5
                 answer(driver, d.job.job_id, ["About ", "2 m."])

@@ -215,7 +215,7 @@ def test_worker_job_reports_the_multiview_backend(tmp_path: Path, redis_url: str
         spec = await h.submit(max_tokens=4)
         view = await h.wait_terminal(spec.job_id)
         assert view.status == JobStatus.done
-        events = await h.queue.events_range(spec.job_id)
+        events = await h.jobs.events.range(spec.job_id)
         pm = next(e.data for e in events if e.type == "progress" and e.data["stage"] == "pointmaps")
         assert pm["backend"] == "multiview" and pm["source"] == "depth-anything-3" and pm["frames_registered"] == 4
         assert view.timings["pointmaps_backend"] == "multiview" and view.timings["pointmaps_frames_registered"] == 4

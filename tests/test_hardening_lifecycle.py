@@ -19,7 +19,8 @@ import redis as redis_sync
 from service.api.errors import status_for
 from service.blobs import BlobStoreFull, RedisBlobStore
 from service.procs import pid_alive
-from service.queue import GROUP, JOBS, JobQueue
+from service.jobs import Jobs
+from service.keys import GROUP, JOBS
 from service.redis_conn import redis_client, start_embedded_redis
 from service.settings import Settings
 from tests.test_queue_redis import spec
@@ -45,7 +46,7 @@ def test_uploads_refused_above_high_water_and_queue_writes_still_fit(redis_url: 
                 await store.put("j2/media", b"x" * (3 << 20))  # would pass 70 % of maxmemory
             assert status_for(e.value.code) == 503 and e.value.code == "upload_store_full" and "Retry-After" in e.value.headers
             assert not await store.exists("j2/media")
-            q = JobQueue(r, Settings(redis_url=redis_url))
+            q = Jobs(r, Settings(redis_url=redis_url))
             await q.ensure_group()
             job = spec()
             await q.submit(job)  # queue writes still have the other 30 %
@@ -131,7 +132,7 @@ def test_restarted_worker_takes_over_dead_local_consumers_pending_at_once(redis_
     async def go() -> None:
         r = redis_client(redis_url)
         settings = Settings(redis_url=redis_url, claim_idle_ms=60_000)
-        q1 = JobQueue(r, settings)
+        q1 = Jobs(r, settings)
         await q1.ensure_group()
         # A live worker on this host (our parent's pid) must keep its entries through the takeover.
         live_name = f"{socket.gethostname()}-{os.getppid()}"
@@ -143,7 +144,7 @@ def test_restarted_worker_takes_over_dead_local_consumers_pending_at_once(redis_
         crashed = f"{socket.gethostname()}-{_dead_pid()}"
         [d] = await q1.claim(crashed, 4, 10)
         t0 = time.monotonic()
-        q2 = JobQueue(r, settings)  # the restarted worker: a new pid, a new name
+        q2 = Jobs(r, settings)  # the restarted worker: a new pid, a new name
         me = f"{socket.gethostname()}-{os.getpid()}"
         got = await q2.claim(me, 4, 10)
         assert [g.job.job_id for g in got] == [job.job_id] and got[0].entry_id == d.entry_id

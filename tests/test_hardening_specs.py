@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from service.api.errors import status_for
 from service.errors import ApiError
-from service.queue import JOBS, events_key, job_key
+from service.keys import JOBS, events_key, job_key
 from service.schemas import MAX_JSON_DEPTH, GenerationOptions, JobSpec, JobStatus, RegionsInput, parse_json_field
 from tests.conftest import run_gateway
 from tests.test_gateway_api import image_form
@@ -152,12 +152,12 @@ def test_poison_specs_fail_with_code_and_valid_jobs_in_same_batch_run(data_dir: 
         for jid in poison:
             view = await h.wait_terminal(jid, timeout=10)
             assert view.status is JobStatus.failed and view.error.code == "invalid_job_spec"
-            assert (await h.queue.terminal_event(jid)).data["code"] == "invalid_job_spec"
+            assert (await h.jobs.events.terminal(jid)).data["code"] == "invalid_job_spec"
         for jid in valid:
             assert (await h.wait_terminal(jid, timeout=60)).status is JobStatus.done
         assert await h.pending_after_ack() == 0
         assert time.monotonic() - t0 < 60  # never the 60 s claim-idle wait per redelivery
-        views = await asyncio.gather(*(h.queue.get(j) for j in poison))
+        views = await asyncio.gather(*(h.jobs.get(j) for j in poison))
         assert all(v.attempts == 0 for v in views)  # failed at claim time, never started
 
     _run(data_dir, redis_url, body)
@@ -183,7 +183,7 @@ def test_input_errors_fail_at_once_without_retry(data_dir: Any, redis_url: str) 
             "job_id": jid, "media_kind": "image", "media_blob": f"{jid}/media", "media_hash": uuid.uuid4().hex,
             "media_filename": "a.png", "question": "What is here?", "created_at": time.time(),
             "scene_blob": f"{jid}/scene" if scene is not None else None, "options": {"max_tokens": 4}})
-        await h.queue.submit(spec)
+        await h.jobs.submit(spec)
         return jid
 
     buf = io.BytesIO()

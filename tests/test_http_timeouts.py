@@ -131,7 +131,7 @@ def test_stalled_body_gets_408(redis_url: str) -> None:
 def test_long_sse_stream_is_not_cut_by_body_timeouts(redis_url: str) -> None:
     import asyncio
 
-    from service.queue import JobQueue
+    from service.jobs import Jobs
     from service.redis_conn import redis_client
     from tests.test_queue_redis import spec
 
@@ -139,7 +139,7 @@ def test_long_sse_stream_is_not_cut_by_body_timeouts(redis_url: str) -> None:
 
     async def submit() -> None:
         r = redis_client(redis_url)
-        q = JobQueue(r, Settings(redis_url=redis_url))
+        q = Jobs(r, Settings(redis_url=redis_url))
         await q.ensure_group()
         await q.submit(job)
         await q.aclose()
@@ -148,7 +148,7 @@ def test_long_sse_stream_is_not_cut_by_body_timeouts(redis_url: str) -> None:
 
     async def finish() -> None:
         r = redis_client(redis_url)
-        await JobQueue(r, Settings(redis_url=redis_url)).append_event(job.job_id, "done", {"answer": "ok"})
+        await Jobs(r, Settings(redis_url=redis_url)).terminal.finish(job.job_id, "done", {"answer": "ok"})
         await r.aclose()
 
     asyncio.run(submit())

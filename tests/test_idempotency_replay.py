@@ -2,7 +2,7 @@
 real Redis (issue 28: a replay of a finished job said `queued`, GET said `id` where everything else
 says `job_id`; issue 30 item 9: a key reused with another body replayed the wrong job, the key was
 written before its job was stored and outlived it). No worker runs: the job is finished through
-JobQueue, the worker's own write path. Also: 400/422 refusals are counted in
+Jobs, the worker's own write path. Also: 400/422 refusals are counted in
 sr3d_jobs_rejected_total (issue 28: the dashboard's "rejected submissions" missed them).
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ import pytest
 import redis as redis_sync
 
 from service.keys import events_key, idem_key, job_key
-from service.queue import JobQueue
+from service.jobs import Jobs
 from service.redis_conn import redis_client
-from service.schemas import JobSpec, JobStatus
+from service.schemas import JobSpec
 from service.settings import Settings
 from tests.conftest import run_gateway
 from tests.test_gateway_api import BOX, image_form, jobs_in_queue, png_bytes, post
@@ -31,15 +31,14 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def queue_call(redis_url: str, fn: str, *args: Any, **settings: Any) -> Any:
-    """One JobQueue call on a fresh loop and connection (as a worker process would make it);
-    fn="answer" writes a `done` event then finish(), in the worker's order."""
+    """One Jobs call on a fresh loop and connection (as a worker process would make it);
+    fn="answer" ends the job with a `done` event (the terminal writer: event and final state at once)."""
     async def main() -> Any:
         redis = redis_client(redis_url)
-        q = JobQueue(redis, Settings(redis_url=redis_url, **settings))
+        q = Jobs(redis, Settings(redis_url=redis_url, **settings))
         try:
             if fn == "answer":
-                await q.append_event(args[0], "done", {"answer": "ok", "finish_reason": "stop"})
-                return await q.finish(args[0], JobStatus.done, answer="ok", finish_reason="stop")
+                return await q.terminal.finish(args[0], "done", {"answer": "ok", "finish_reason": "stop"})
             return await getattr(q, fn)(*args)
         finally:
             await q.aclose()

@@ -1,8 +1,9 @@
-"""JobQueue, blob stores, rate limiter and the embedded Redis, against a real redis-server."""
+"""The job protocol (service/jobs/), blob stores, rate limiter and the embedded Redis, against a real redis-server."""
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -13,7 +14,8 @@ import pytest
 
 from service import metrics
 from service.blobs import BlobNotFound, BlobTooLarge, DirBlobStore, RedisBlobStore
-from service.queue import DLQ, GROUP, JOBS, JobQueue, QueueFull, events_key, job_key
+from service.jobs import JobHandle, Jobs, QueueFull
+from service.keys import DLQ, GROUP, JOBS, events_key, job_key
 from service.ratelimit import RateLimiter
 from service.redis_conn import redis_client, start_embedded_redis
 from service.schemas import JobSpec, JobStatus
@@ -30,15 +32,15 @@ def spec(**kw: Any) -> JobSpec:
     return JobSpec(**{**base, **kw})
 
 
-def run(redis_url: str, body: Callable[[Any, Callable[..., JobQueue]], Awaitable[None]], **settings: Any) -> None:
+def run(redis_url: str, body: Callable[[Any, Callable[..., Jobs]], Awaitable[None]], **settings: Any) -> None:
     """Run `body(redis, make_queue)` on a fresh loop; every queue made is closed afterwards."""
 
     async def main() -> None:
         redis = redis_client(redis_url)
-        made: list[JobQueue] = []
+        made: list[Jobs] = []
 
-        def make(**extra: Any) -> JobQueue:
-            q = JobQueue(redis, Settings(redis_url=redis_url, **{**settings, **extra}))
+        def make(**extra: Any) -> Jobs:
+            q = Jobs(redis, Settings(redis_url=redis_url, **{**settings, **extra}))
             made.append(q)
             return q
 
@@ -55,25 +57,24 @@ def run(redis_url: str, body: Callable[[Any, Callable[..., JobQueue]], Awaitable
 
 
 def test_submit_claim_finish_ack(redis_url: str) -> None:
-    async def body(redis: Any, make: Callable[..., JobQueue]) -> None:
+    async def body(redis: Any, make: Callable[..., Jobs]) -> None:
         q = make()
         job = spec()
         assert await q.submit(job) == (job.job_id, True)
         assert (await q.stats())["lag"] == 1
-        [d] = await q.claim("w1", 4, 50)
-        assert d.job == job and d.deliveries == 1
+        [h] = await q.claim("w1", 4, 50)
+        assert h.job == job and h.delivery.deliveries == 1
         assert await q.stats() == {"lag": 0, "pending": 1, "dlq": 0}
         assert await q.claim("w1", 4, 10) == []  # an in-flight entry is not handed out again
-        assert await q.try_start(job.job_id, "w1")
-        await q.record_progress(job.job_id, "decode", {"seconds": 0.5})
-        await q.record_progress(job.job_id, "pointmaps", {"seconds": 0.25, "source": "rgbd"})
+        assert await h.start()
+        await h.progress("decode", {"seconds": 0.5})
+        await h.progress("pointmaps", {"seconds": 0.25, "source": "rgbd"})
         assert (await q.get(job.job_id)).progress == {
             "stage": "pointmaps", "stages": {"decode": {"seconds": 0.5}, "pointmaps": {"seconds": 0.25, "source": "rgbd"}}}
-        types = [(e.type, e.data.get("stage")) for e in await q.events_range(job.job_id)]
+        types = [(e.type, e.data.get("stage")) for e in await q.events.range(job.job_id)]
         assert types == [("queued", None), ("progress", "decode"), ("progress", "pointmaps")]
-        await q.append_event(job.job_id, "done", {"answer": "x", "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
-        await q.finish(job.job_id, JobStatus.done, answer="x", usage={"prompt_tokens": 1, "completion_tokens": 1})
-        await q.ack(d.entry_id)
+        assert await q.stats() == {"lag": 0, "pending": 1, "dlq": 0}
+        await h.done("x", usage={"prompt_tokens": 1, "completion_tokens": 1})  # event, final state and ack at once
         view = await q.get(job.job_id)
         assert view.status is JobStatus.done and view.answer == "x" and view.attempts == 1
         assert await q.stats() == {"lag": 0, "pending": 0, "dlq": 0}
@@ -82,7 +83,7 @@ def test_submit_claim_finish_ack(redis_url: str) -> None:
 
 
 def test_reclaim_heartbeat_and_own_pending_after_restart(redis_url: str) -> None:
-    async def body(redis: Any, make: Callable[..., JobQueue]) -> None:
+    async def body(redis: Any, make: Callable[..., Jobs]) -> None:
         q1 = make()
         a, b = spec(), spec()
         await q1.submit(a)
@@ -93,14 +94,14 @@ def test_reclaim_heartbeat_and_own_pending_after_restart(redis_url: str) -> None
         # claim_idle_ms is 1 s so that `a`, idle 0 after its heartbeat, stays below it until w2 claims,
         # however slowly a loaded machine runs the next two commands.
         await wait_idle_past(redis, JOBS, GROUP, got[b.job_id].entry_id, 1000)
-        assert await q1.heartbeat("w1", [got[a.job_id].entry_id]) == []
+        assert await q1.queue.heartbeat("w1", [got[a.job_id].entry_id]) == []
         before = metrics.REDELIVERIES._value.get()
         [stolen] = await make().claim("w2", 4, 10)
-        assert stolen.job.job_id == b.job_id and stolen.deliveries == 2
+        assert stolen.job.job_id == b.job_id and stolen.delivery.deliveries == 2
         assert metrics.REDELIVERIES._value.get() == before + 1
         # w1 learns from its heartbeat that it no longer owns `b`.
-        assert await q1.heartbeat("w1", [got[a.job_id].entry_id, got[b.job_id].entry_id]) == [got[b.job_id].entry_id]
-        # w1 restarts (new JobQueue, same consumer name): its own pending `a` comes back first.
+        assert await q1.queue.heartbeat("w1", [got[a.job_id].entry_id, got[b.job_id].entry_id]) == [got[b.job_id].entry_id]
+        # w1 restarts (new Jobs, same consumer name): its own pending `a` comes back first.
         [again] = await make().claim("w1", 4, 10)
         assert again.job.job_id == a.job_id and again.entry_id == got[a.job_id].entry_id
 
@@ -108,7 +109,7 @@ def test_reclaim_heartbeat_and_own_pending_after_restart(redis_url: str) -> None
 
 
 def test_dead_letter_after_max_deliveries(redis_url: str) -> None:
-    async def body(redis: Any, make: Callable[..., JobQueue]) -> None:
+    async def body(redis: Any, make: Callable[..., Jobs]) -> None:
         job = spec()
         await make().submit(job)
         [d1] = await make().claim("w1", 1, 10)  # delivery 1
@@ -119,7 +120,7 @@ def test_dead_letter_after_max_deliveries(redis_url: str) -> None:
         assert await q.claim("w3", 1, 10) == []  # delivery 3 > max_deliveries=2: dead-lettered
         [(_, fields)] = await redis.xrange(DLQ)
         assert fields["job_id"] == job.job_id and fields["deliveries"] == "3"
-        term = await q.terminal_event(job.job_id)
+        term = await q.events.terminal(job.job_id)
         assert term is not None and term.type == "error" and term.data["code"] == "dead_lettered"
         view = await q.get(job.job_id)
         assert view.status is JobStatus.failed and view.error.code == "dead_lettered"
@@ -128,53 +129,58 @@ def test_dead_letter_after_max_deliveries(redis_url: str) -> None:
     run(redis_url, body, claim_idle_ms=100, max_deliveries=2)
 
 
-def test_try_start_is_a_compare_and_set(redis_url: str) -> None:
-    async def body(redis: Any, make: Callable[..., JobQueue]) -> None:
+def test_start_is_a_compare_and_set(redis_url: str) -> None:
+    async def body(redis: Any, make: Callable[..., Jobs]) -> None:
         q = make()
         job = spec()
         await q.submit(job)
-        await q.claim("w1", 1, 10)
+        [d] = await q.claim("w1", 1, 10)
         # Two deliveries racing (e.g. after a reclaim): the status moves queued -> running once per
         # call, but a terminal event written by the first stops every later start.
-        wins = await asyncio.gather(*(q.try_start(job.job_id, f"w{i}") for i in range(8)))
+        wins = await asyncio.gather(*(JobHandle(q, d.delivery, f"w{i}").start() for i in range(8)))
         assert all(wins)  # running -> running = takeover from a dead worker; not terminal yet
-        await q.append_event(job.job_id, "done", {"answer": "a", "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
-        # The first worker died before finish(): the redelivery is refused and the status repaired.
-        assert await q.try_start(job.job_id, "w9") is False
+        # An older version wrote the terminal event, then died before the record's final state: the
+        # redelivery is refused and the record repaired from the event.
+        done = {"answer": "a", "usage": {"prompt_tokens": 1, "completion_tokens": 1}, "region_mode": "marks", "job_id": job.job_id}
+        await redis.xadd(events_key(job.job_id), {"type": "done", "data": json.dumps(done)})
+        assert await JobHandle(q, d.delivery, "w9").start() is False
         view = await q.get(job.job_id)
-        assert view.status is JobStatus.done and view.answer == "a"
-        assert await q.try_start(job.job_id, "w9") is False
+        assert view.status is JobStatus.done and view.answer == "a" and view.region_mode == "marks"
+        assert await JobHandle(q, d.delivery, "w9").start() is False
+        assert await q.stats() == {"lag": 0, "pending": 0, "dlq": 0}  # the refused start acked
 
         queued = spec()
         await q.submit(queued)
         assert await q.request_cancel(queued.job_id) is True
-        assert await q.try_start(queued.job_id, "w1") is False
+        [dq] = await q.claim("w1", 1, 10)
+        assert await dq.start() is False
         assert await q.request_cancel(queued.job_id) is False  # already terminal
         assert await q.request_cancel("0" * 32) is False  # unknown
 
         running = spec()
         await q.submit(running)
-        assert await q.try_start(running.job_id, "w1")
-        assert await q.request_cancel(running.job_id) is True and await q.is_cancelled(running.job_id)
+        [dr] = await q.claim("w1", 1, 10)
+        assert await dr.start()
+        assert await q.request_cancel(running.job_id) is True and await dr.cancel_requested()
         assert (await q.get(running.job_id)).status is JobStatus.running  # the worker finishes it
         # A reclaiming worker sees the flag: the job ends as cancelled with one terminal event.
-        assert await q.try_start(running.job_id, "w2") is False
+        assert await JobHandle(q, dr.delivery, "w2").start() is False
         assert (await q.get(running.job_id)).status is JobStatus.cancelled
-        events = await q.events_range(running.job_id)
+        events = await q.events.range(running.job_id)
         assert [e.type for e in events] == ["queued", "error"] and events[-1].data["code"] == "cancelled"
+        assert await q.stats() == {"lag": 0, "pending": 0, "dlq": 0}
 
     run(redis_url, body)
 
 
 def test_ttls_after_terminal_state(redis_url: str) -> None:
-    async def body(redis: Any, make: Callable[..., JobQueue]) -> None:
+    async def body(redis: Any, make: Callable[..., Jobs]) -> None:
         q = make()
         job = spec()
         await q.blobs.put(job.media_blob, b"abc")
         await q.submit(job)
         assert 3000 < await redis.ttl(job_key(job.job_id)) <= 86400 and await redis.ttl(events_key(job.job_id)) > 3000
-        await q.append_event(job.job_id, "error", {"code": "media_invalid", "message": "bad"})
-        await q.finish(job.job_id, JobStatus.failed, error={"code": "media_invalid", "message": "bad"})
+        await q.terminal.finish(job.job_id, "error", {"code": "media_invalid", "message": "bad"})
         for key in (job_key(job.job_id), events_key(job.job_id)):
             assert 0 < await redis.ttl(key) <= 30, key
         # Blobs are deleted as soon as the job is terminal (issue 14 item 7), not kept job_ttl_s.
@@ -191,7 +197,7 @@ def test_ttls_after_terminal_state(redis_url: str) -> None:
 
 
 def test_idempotency_and_queue_cap(redis_url: str) -> None:
-    async def body(redis: Any, make: Callable[..., JobQueue]) -> None:
+    async def body(redis: Any, make: Callable[..., Jobs]) -> None:
         q = make()
         first = spec(api_key_id="k1")
         assert await q.submit(first, "same") == (first.job_id, True)
@@ -205,28 +211,28 @@ def test_idempotency_and_queue_cap(redis_url: str) -> None:
         deliveries = await q.claim("w1", 2, 10)
         with pytest.raises(QueueFull):
             await q.submit(spec())
-        await q.ack(deliveries[0].entry_id)
+        await q.queue.ack(deliveries[0].entry_id)
         assert (await q.submit(spec()))[1] is True
 
     run(redis_url, body, queue_max=2, retry_after_s=3)
 
 
 def test_read_events_blocks_then_returns_new(redis_url: str) -> None:
-    async def body(redis: Any, make: Callable[..., JobQueue]) -> None:
+    async def body(redis: Any, make: Callable[..., Jobs]) -> None:
         q = make()
         job = spec()
         await q.submit(job)
-        [queued] = await q.read_events(job.job_id)
-        waiter = asyncio.create_task(q.read_events(job.job_id, after=queued.id, block_ms=5000))
+        [queued] = await q.events.read(job.job_id)
+        waiter = asyncio.create_task(q.events.read(job.job_id, after=queued.id, block_ms=5000))
         # The reader is parked in Redis (a blocked XREAD), not merely not scheduled yet.
         await await_until(lambda: blocked_clients(redis, "xread"), "read_events blocked in XREAD", 10)
         assert not waiter.done()
         eid = await q.append_event(job.job_id, "token", {"text": "hi"})
         [ev] = await asyncio.wait_for(waiter, 5)
         assert (ev.id, ev.type, ev.data) == (eid, "token", {"text": "hi"})
-        assert await q.read_events(job.job_id, after=eid, block_ms=0) == []
+        assert await q.events.read(job.job_id, after=eid, block_ms=0) == []
         with pytest.raises(ValueError):
-            await q.read_events(job.job_id, after="nope")
+            await q.events.read(job.job_id, after="nope")
 
     run(redis_url, body)
 

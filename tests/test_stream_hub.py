@@ -11,7 +11,8 @@ import pytest
 
 from service.api.errors import status_for
 from service.errors import ApiError
-from service.queue import JobQueue, events_key, job_key
+from service.jobs import Jobs
+from service.keys import events_key, job_key
 from service.redis_conn import redis_client, start_embedded_redis
 from service.settings import Settings
 from service.stream_hub import HubFull, StreamHub, Subscription, parse_event_id
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.timeout(120)
 def _run(redis_url: str, body: Any, **hub_kw: Any) -> None:
     async def go() -> None:
         r = redis_client(redis_url)
-        q = JobQueue(r, Settings(redis_url=redis_url))
+        q = Jobs(r, Settings(redis_url=redis_url))
         hub = StreamHub(r, **hub_kw)
         await hub.start()
         try:
@@ -74,7 +75,7 @@ def test_parse_event_id() -> None:
 
 
 def test_300_subscribers_one_job_one_blocking_connection(redis_url: str) -> None:
-    async def body(r: Any, q: JobQueue, hub: StreamHub) -> None:
+    async def body(r: Any, q: Jobs, hub: StreamHub) -> None:
         await _new_job(r, "j1")
         clients_before = int((await r.info("clients"))["connected_clients"])
         subs = [hub.subscribe("j1") for _ in range(300)]
@@ -99,7 +100,7 @@ def test_300_subscribers_one_job_one_blocking_connection(redis_url: str) -> None
 
 
 def test_new_job_wakes_the_blocked_reader(redis_url: str) -> None:
-    async def body(r: Any, q: JobQueue, hub: StreamHub) -> None:
+    async def body(r: Any, q: Jobs, hub: StreamHub) -> None:
         await _new_job(r, "a")
         first = hub.subscribe("a")
         task_a = asyncio.create_task(_collect(first))
@@ -132,7 +133,7 @@ def test_new_job_wakes_the_blocked_reader(redis_url: str) -> None:
 
 
 def test_resume_rules(redis_url: str) -> None:
-    async def body(r: Any, q: JobQueue, hub: StreamHub) -> None:
+    async def body(r: Any, q: Jobs, hub: StreamHub) -> None:
         await _new_job(r, "j")
         tok = await q.append_event("j", "token", {"text": "a"})
         assert await hub.check_resume("j", "0-0") == "live" and await hub.check_resume("j", tok) == "live"
@@ -150,7 +151,7 @@ def test_resume_rules(redis_url: str) -> None:
 
 
 def test_limit_is_a_503_before_the_response(redis_url: str) -> None:
-    async def body(r: Any, q: JobQueue, hub: StreamHub) -> None:
+    async def body(r: Any, q: Jobs, hub: StreamHub) -> None:
         await _new_job(r, "j")
         subs = [hub.subscribe("j") for _ in range(3)]
         with pytest.raises(HubFull) as e:
@@ -167,7 +168,7 @@ def test_limit_is_a_503_before_the_response(redis_url: str) -> None:
 
 
 def test_slow_subscriber_overflow_resyncs_from_redis(redis_url: str) -> None:
-    async def body(r: Any, q: JobQueue, hub: StreamHub) -> None:
+    async def body(r: Any, q: Jobs, hub: StreamHub) -> None:
         await _new_job(r, "j")
         sub = hub.subscribe("j")
         it = sub.events().__aiter__()
@@ -184,7 +185,7 @@ def test_slow_subscriber_overflow_resyncs_from_redis(redis_url: str) -> None:
 
 
 def test_expired_job_ends_the_stream(redis_url: str) -> None:
-    async def body(r: Any, q: JobQueue, hub: StreamHub) -> None:
+    async def body(r: Any, q: Jobs, hub: StreamHub) -> None:
         await _new_job(r, "gone")
         sub = hub.subscribe("gone")
         task = asyncio.create_task(_collect(sub))

@@ -16,10 +16,9 @@ import pytest
 import redis as redis_sync
 
 from service.blobs import BlobStoreFull
-from service.keys import scene_key
-from service.queue import JobQueue
+from service.keys import job_key, scene_key
+from service.jobs import Jobs
 from service.redis_conn import redis_client
-from service.schemas import JobStatus
 from service.settings import Settings
 from tests.conftest import run_gateway
 from tests.test_gateway_api import image_form
@@ -169,17 +168,17 @@ def redis_maxmemory(redis_url: str, size: Callable[[int], int]) -> Iterator[None
 def test_scene_respects_the_high_water_mark_and_expires_before_the_job(redis_url: str) -> None:
     async def run() -> None:
         redis = redis_client(redis_url)
-        tight = JobQueue(redis, Settings(redis_url=redis_url, blob_redis_high_water=1e-6))
-        roomy = JobQueue(redis, Settings(redis_url=redis_url, job_ttl_s=3600, scene_ttl_s=600))
+        tight = Jobs(redis, Settings(redis_url=redis_url, blob_redis_high_water=1e-6))
+        roomy = Jobs(redis, Settings(redis_url=redis_url, job_ttl_s=3600, scene_ttl_s=600))
         try:
             with pytest.raises(BlobStoreFull):
-                await tight.put_scene("a" * 32, b"\0" * 4096)
+                await tight.scenes.put("a" * 32, b"\0" * 4096)
             assert not await redis.exists(scene_key("a" * 32))
             job = "b" * 32
-            await roomy.put_scene(job, b"\0" * 4096)
-            await redis.hset(f"sr3d:job:{job}", mapping={"status": "running"})
-            await roomy.finish(job, JobStatus.done, answer="x")
-            assert 0 < await redis.ttl(scene_key(job)) <= 600 < await redis.ttl(f"sr3d:job:{job}")
+            await roomy.scenes.put(job, b"\0" * 4096)
+            await redis.hset(job_key(job), mapping={"status": "running"})
+            await roomy.terminal.finish(job, "done", {"answer": "x"})
+            assert 0 < await redis.ttl(scene_key(job)) <= 600 < await redis.ttl(job_key(job))
         finally:
             await redis.aclose()
 
@@ -213,10 +212,10 @@ def test_scenes_leave_the_uploads_room(redis_url: str) -> None:
 
     async def run() -> None:
         redis = redis_client(redis_url)
-        queue = JobQueue(redis, Settings(redis_url=redis_url, blob_redis_high_water=0.7))
+        jobs = Jobs(redis, Settings(redis_url=redis_url, blob_redis_high_water=0.7))
         try:
             with pytest.raises(BlobStoreFull):
-                await queue.put_scene("c" * 32, b"\0" * 4096)
+                await jobs.scenes.put("c" * 32, b"\0" * 4096)
             assert not await redis.exists(scene_key("c" * 32))
             await check_redis_room(redis, 4096, 0.7)  # an upload of the same size still fits
         finally:

@@ -1,5 +1,5 @@
 """The page's routes and the scene endpoint on a real gateway + real Redis (no worker: the scene is
-stored through JobQueue.put_scene, the call the worker makes once the point maps exist)."""
+stored through Jobs.scenes.put, the call the worker makes once the point maps exist)."""
 from __future__ import annotations
 
 import asyncio
@@ -8,9 +8,9 @@ import httpx
 import redis as redis_sync
 
 from model.geometry.scene_export import unpack_scene
-from service.queue import JobQueue, scene_key
+from service.jobs import Jobs
+from service.keys import scene_key
 from service.redis_conn import redis_client
-from service.schemas import JobStatus
 from service.settings import Settings
 from tests.conftest import run_gateway
 from tests.test_geometry_scene_export import _scene
@@ -22,10 +22,10 @@ KEYS = {"X-API-Key": "key-one"}
 def _store_and_finish(redis_url: str, job_id: str, data: bytes) -> None:
     async def go() -> None:
         r = redis_client(redis_url)
-        q = JobQueue(r, Settings(redis_url=redis_url, job_ttl_s=120))
+        q = Jobs(r, Settings(redis_url=redis_url, job_ttl_s=120))
         try:
-            await q.put_scene(job_id, data)
-            await q.finish(job_id, JobStatus.done, answer="ok")
+            await q.scenes.put(job_id, data)
+            await q.terminal.finish(job_id, "done", {"answer": "ok"})
         finally:
             await q.aclose()
             await r.aclose()

@@ -7,6 +7,7 @@ an answered job being acked silently, and SIGTERM-style drain.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from pathlib import Path
@@ -20,7 +21,8 @@ from service.blobs import make_blob_store
 from service.engines.torch_engine import TorchEngine, ensure_tiny_checkpoint
 from service.media.probe import probe_video
 from service.pipeline import Pipeline, make_pointmap_backend
-from service.queue import GROUP, JOBS, JobQueue
+from service.jobs import Jobs
+from service.keys import GROUP, JOBS, events_key
 from service.redis_conn import redis_client
 from service.schemas import BoxRegion, GenerationOptions, JobSpec, JobStatus
 from service.settings import Settings
@@ -39,16 +41,16 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class Harness:
-    """A worker with its own queue client, run as a task; `stop()` drains it like SIGTERM."""
+    """A worker with its own Jobs client, run as a task; `stop()` drains it like SIGTERM."""
 
     def __init__(self, settings: Settings, engine: TorchEngine, backend: Any) -> None:
         self.redis = redis_client(settings.redis_url)
         self.blobs = make_blob_store(settings, self.redis)
-        self.queue = JobQueue(self.redis, settings, self.blobs)
+        self.jobs = Jobs(self.redis, settings, self.blobs)
         self.settings = settings
         cfg = WorkerConfig.from_settings(settings)
         cfg.claim_block_ms = 100
-        self.worker = Worker(self.queue, engine, Pipeline(settings, self.blobs, backend), cfg, consumer="w1")
+        self.worker = Worker(self.jobs, engine, Pipeline(settings, self.blobs, backend), cfg, consumer="w1")
         self.task: asyncio.Task[None] | None = None
 
     async def submit(self, max_tokens: int = 6, job_id: str | None = None, media: bytes | None = None,
@@ -59,7 +61,7 @@ class Harness:
         spec = JobSpec(job_id=jid, media_kind="video", media_blob=f"{jid}/media", media_hash="h-" + str(len(data)),
                        media_filename="clip.mp4", question=QUESTION, regions=[[BoxRegion(frame=BOX[0], box=BOX[1])]],
                        options=GenerationOptions(max_tokens=max_tokens, num_frames=4, ignore_eos=ignore_eos), created_at=time.time())
-        await self.queue.submit(spec)
+        await self.jobs.submit(spec)
         return spec
 
     def start(self) -> None:
@@ -73,7 +75,7 @@ class Harness:
     async def wait_terminal(self, jid: str, timeout: float = 60) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            view = await self.queue.get(jid)
+            view = await self.jobs.get(jid)
             if view is not None and view.status.terminal:
                 return view
             await asyncio.sleep(0.05)
@@ -83,8 +85,8 @@ class Harness:
         return int((await self.redis.xpending(JOBS, GROUP))["pending"])
 
     async def pending_after_ack(self, timeout: float = 10) -> int:
-        """Pending entries once the worker had time to ack: it acks *after* finish() marks the job
-        terminal (event -> finish -> XACK), so a terminal status alone does not mean acked yet."""
+        """Pending entries once the worker had time to ack: the terminal writer acks in the script that
+        ends the job, but a refused start (a redelivered job that has ended) acks on its own."""
         deadline = time.monotonic() + timeout
         while (n := await self.pending()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -106,14 +108,14 @@ def _run(data_dir: Path, redis_url: str, body: Any, **overrides: Any) -> None:
         await engine.start()
         backend = await asyncio.to_thread(make_pointmap_backend, settings)
         h = Harness(settings, engine, backend)
-        await h.queue.ensure_group()
+        await h.jobs.ensure_group()
         try:
             await body(h)
         finally:
             if h.task is not None and not h.task.done():
                 await h.stop()
             await engine.close()
-            await h.queue.aclose()
+            await h.jobs.aclose()
             await h.redis.aclose()
 
     asyncio.run(go())
@@ -125,7 +127,7 @@ def test_job_event_sequence_and_ack(data_dir: Path, redis_url: str) -> None:
         spec = await h.submit(max_tokens=8)
         view = await h.wait_terminal(spec.job_id)
         assert view.status == JobStatus.done
-        events = await h.queue.events_range(spec.job_id)
+        events = await h.jobs.events.range(spec.job_id)
         types = [e.type for e in events]
         assert types[0] == "queued" and types[-1] == "done" and types.count("done") == 1
         stages = [e.data["stage"] for e in events if e.type == "progress"]
@@ -155,7 +157,7 @@ def test_bad_media_fails_once_and_is_acked(data_dir: Path, redis_url: str) -> No
         spec = await h.submit(media=b"this is a text file, not an mp4\n" * 10)
         view = await h.wait_terminal(spec.job_id)
         assert view.status == JobStatus.failed and view.error.code == "unsupported_container"
-        events = await h.queue.events_range(spec.job_id)
+        events = await h.jobs.events.range(spec.job_id)
         assert events[-1].type == "error" and events[-1].data["code"] == "unsupported_container"
         assert await h.pending_after_ack() == 0  # acked: bad input is never retried
 
@@ -174,16 +176,16 @@ def test_reclaimed_job_does_not_resend_the_crashed_attempts_prefix(data_dir: Pat
         # A "crashed" attempt: consumer `dead` took the job, streamed a prefix, then vanished.
         spec = await h.submit(max_tokens=20, ignore_eos=True)
         entry_id = await _take_as_dead(h)
-        assert await h.queue.try_start(spec.job_id, "dead")
+        assert (await h.jobs.records.start(spec.job_id, "dead", time.time())).started
         prefix = answer[: len(answer) // 2]
-        await h.queue.append_event(spec.job_id, "progress", {"stage": "started", "worker": "dead", "attempt": 1})
-        await h.queue.append_event(spec.job_id, "token", {"text": prefix})
+        await h.jobs.events.append(spec.job_id, "progress", {"stage": "started", "worker": "dead", "attempt": 1})
+        await h.jobs.events.append(spec.job_id, "token", {"text": prefix})
         await wait_idle_past(h.redis, JOBS, GROUP, entry_id, h.settings.claim_idle_ms)
 
         h.start()  # reclaims via XAUTOCLAIM: the entry is idle past claim_idle_ms
         view = await h.wait_terminal(spec.job_id)
         assert view.status == JobStatus.done and view.answer == answer
-        events = await h.queue.events_range(spec.job_id)
+        events = await h.jobs.events.range(spec.job_id)
         tokens = [e.data["text"] for e in events if e.type == "token"]
         assert tokens[0] == prefix and "".join(tokens) == answer  # the rest, nothing repeated
         assert [e.type for e in events].count("done") == 1
@@ -198,16 +200,18 @@ def test_redelivery_of_an_answered_job_is_just_acked(data_dir: Path, redis_url: 
     async def body(h: Harness) -> None:
         spec = await h.submit(max_tokens=4)
         entry_id = await _take_as_dead(h)
-        assert await h.queue.try_start(spec.job_id, "dead")
-        await h.queue.append_event(spec.job_id, "done", {"answer": "x", "usage": {}, "timings": {}, "finish_reason": "stop"})
-        # the dead worker never acked nor finished; its entry is idle past claim_idle_ms: reclaimable
+        assert (await h.jobs.records.start(spec.job_id, "dead", time.time())).started
+        # The dead worker (an older version, which wrote the two apart) wrote the `done` event, then
+        # died before the record's final state and the ack; its entry is idle past claim_idle_ms.
+        done = {"answer": "x", "usage": {}, "timings": {}, "finish_reason": "stop", "job_id": spec.job_id}
+        await h.redis.xadd(events_key(spec.job_id), {"type": "done", "data": json.dumps(done)})
         await wait_idle_past(h.redis, JOBS, GROUP, entry_id, h.settings.claim_idle_ms)
         h.start()
         view = await h.wait_terminal(spec.job_id)
         assert view.status == JobStatus.done and view.answer == "x"
         assert await h.pending_after_ack() == 0
-        events = await h.queue.events_range(spec.job_id)
-        assert [e.type for e in events] == ["queued", "done"]  # the worker added nothing
+        events = await h.jobs.events.range(spec.job_id)
+        assert [e.type for e in events] == ["queued", "done"]  # the worker added nothing: it repaired the record
 
     _run(data_dir, redis_url, body, claim_idle_ms=300)
 
@@ -218,11 +222,11 @@ def test_stop_drains_in_flight_jobs(data_dir: Path, redis_url: str) -> None:
         spec = await h.submit(max_tokens=400)
 
         async def started() -> bool:
-            return (await h.queue.get(spec.job_id)).status != JobStatus.queued
+            return (await h.jobs.get(spec.job_id)).status != JobStatus.queued
 
         await await_until(started, f"job {spec.job_id} taken by the worker", 60)
         await h.stop()  # like SIGTERM: stop claiming, finish what is running
-        view = await h.queue.get(spec.job_id)
+        view = await h.jobs.get(spec.job_id)
         assert view.status == JobStatus.done
         assert await h.pending_after_ack() == 0
 

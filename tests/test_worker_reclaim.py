@@ -33,7 +33,7 @@ def test_a_stalled_heartbeat_does_not_make_a_worker_rerun_its_own_job(data_dir: 
         backend = await asyncio.to_thread(make_pointmap_backend, settings)
         h = Harness(settings, engine, backend)  # type: ignore[arg-type]
         h.worker.config.heartbeat_s = 1000.0  # the heartbeat never comes in time
-        await h.queue.ensure_group()
+        await h.jobs.ensure_group()
         try:
             h.start()
             spec = await h.submit(max_tokens=8)
@@ -46,7 +46,7 @@ def test_a_stalled_heartbeat_does_not_make_a_worker_rerun_its_own_job(data_dir: 
                 return not alive and await h.pending() == 0
 
             await await_until(every_copy_ended, f"every run of job {spec.job_id} on the worker finished and acked", 60)
-            events: list[Any] = await h.queue.events_range(spec.job_id)
+            events: list[Any] = await h.jobs.events.range(spec.job_id)
             starts = [e.data for e in events if e.type == "progress" and e.data.get("stage") == "started"]
             assert len(starts) == 1, starts
             assert [e.type for e in events].count("done") == 1
@@ -57,7 +57,7 @@ def test_a_stalled_heartbeat_does_not_make_a_worker_rerun_its_own_job(data_dir: 
         finally:
             await h.stop()
             await engine.close()
-            await h.queue.aclose()
+            await h.jobs.aclose()
             await h.redis.aclose()
 
     asyncio.run(go())

@@ -17,7 +17,8 @@ from redis.exceptions import RedisError
 
 from service.blobs import BlobStore, DirBlobStore, make_blob_store
 from service.errors import ApiError
-from service.queue import JobQueue
+from service.jobs import Jobs
+from service.logging import bind_job
 from service.quotas import Ledger, UploadSlots
 from service.ratelimit import RateLimiter
 from service.redis_conn import EmbeddedRedis, redis_client, resolve_redis_url
@@ -34,7 +35,7 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 class GatewayState:
     settings: Settings
     redis: aioredis.Redis
-    queue: JobQueue
+    jobs: Jobs  # every job's record, events and queue (service/jobs/)
     blobs: BlobStore
     limiter: RateLimiter
     hub: StreamHub  # every event stream of this process (SSE, ?wait=true) reads through it
@@ -49,10 +50,10 @@ async def open_state(settings: Settings) -> AsyncIterator[GatewayState]:
     url, embedded = await asyncio.to_thread(resolve_redis_url, settings)
     redis = redis_client(url)
     blobs = make_blob_store(settings, redis)
-    queue = JobQueue(redis, settings, blobs=blobs)
+    jobs = Jobs(redis, settings, blobs=blobs)
     limiter = RateLimiter(redis, settings.rate_limit_per_min, settings.rate_limit_burst)
     with contextlib.suppress(RedisError, OSError):
-        await queue.ensure_group()
+        await jobs.ensure_group()
     sweeper = asyncio.create_task(_sweep_blobs(blobs)) if isinstance(blobs, DirBlobStore) else None
     # Streams check that their job still exists once per ping interval, and end with an `error`
     # event once Redis has been unreachable for two of them.
@@ -61,13 +62,13 @@ async def open_state(settings: Settings) -> AsyncIterator[GatewayState]:
                     idle_check_s=settings.sse_ping_s, outage_grace_s=2 * settings.sse_ping_s)
     await hub.start()
     try:
-        yield GatewayState(settings, redis, queue, blobs, limiter, hub, Ledger(redis, settings),
+        yield GatewayState(settings, redis, jobs, blobs, limiter, hub, Ledger(redis, settings),
                            UploadSlots(settings.quota_uploads, settings.retry_after_s))
     finally:
         await hub.close()
         if sweeper is not None:
             sweeper.cancel()
-        await queue.aclose()
+        await jobs.aclose()
         await blobs.aclose()
         await redis.aclose()
         if isinstance(embedded, EmbeddedRedis):
@@ -140,9 +141,10 @@ async def owned_job(gw: GatewayState, job_id: str, caller: Caller) -> JobView:
     whose spec cannot be read names no owner, so no key sees it."""
     if not JOB_ID.match(job_id):
         raise ApiError("job_not_found", f"no job {job_id!r}")
-    view = await gw.queue.get(job_id)
+    bind_job(job_id)  # the rest of this request logs with the job's id
+    view = await gw.jobs.get(job_id)
     if view is not None and caller.key_id is not None:
-        spec = await gw.queue.get_spec(job_id)
+        spec = await gw.jobs.get_spec(job_id)
         if spec is None or spec.api_key_id != caller.key_id:
             view = None
     if view is None:

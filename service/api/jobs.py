@@ -59,7 +59,7 @@ async def submit(
     if not created:
         headers["Idempotent-Replayed"] = "true"
     if wants_stream:
-        return sse_response(gw.queue, subscribe(gw.hub, job_id, owner=caller.tenant), ping_s=settings.sse_ping_s,
+        return sse_response(gw.jobs, subscribe(gw.hub, job_id, owner=caller.tenant), ping_s=settings.sse_ping_s,
                             cancel_on_disconnect=sub.options.cancel_on_disconnect, headers=headers)
     if wait:
         view = await wait_for_terminal(gw, job_id, settings.wait_timeout_s, caller.tenant)
@@ -67,7 +67,7 @@ async def submit(
             return JSONResponse(view.model_dump(mode="json"), status_code=200, headers=headers)
     base = str(request.base_url).rstrip("/")
     # A replay answers with the job's status now (it may be done), not the `queued` of a new job.
-    current = None if created else await gw.queue.get(job_id)
+    current = None if created else await gw.jobs.get(job_id)
     body = SubmitResponse(job_id=job_id, status=current.status if current else JobStatus.queued,
                           status_url=f"{base}/v1/spatial-qa/{job_id}", events_url=f"{base}/v1/spatial-qa/{job_id}/events")
     return JSONResponse(body.model_dump(mode="json"), status_code=202, headers=headers)
@@ -97,9 +97,9 @@ async def job_events(
     await owned_job(gw, job_id, caller)
     if await gw.hub.check_resume(job_id, after) == "ended":
         return Response(status_code=204)
-    spec = await gw.queue.get_spec(job_id)
+    spec = await gw.jobs.get_spec(job_id)
     cancel = bool(spec and spec.options.cancel_on_disconnect)
-    return sse_response(gw.queue, subscribe(gw.hub, job_id, after, caller.tenant), ping_s=gw.settings.sse_ping_s,
+    return sse_response(gw.jobs, subscribe(gw.hub, job_id, after, caller.tenant), ping_s=gw.settings.sse_ping_s,
                         cancel_on_disconnect=cancel)
 
 
@@ -108,8 +108,8 @@ async def job_events(
 )
 async def cancel_job(job_id: str, caller: Caller = Depends(authenticate), gw: GatewayState = Depends(state)) -> JSONResponse:
     view = await owned_job(gw, job_id, caller)
-    if view.status.terminal or not await gw.queue.request_cancel(job_id):
-        current = await gw.queue.get(job_id) or view
+    if view.status.terminal or not await gw.jobs.request_cancel(job_id):
+        current = await gw.jobs.get(job_id) or view
         raise ApiError("job_finished", f"job {job_id} is already {current.status.value}")
-    after = await gw.queue.get(job_id) or view
+    after = await gw.jobs.get(job_id) or view
     return JSONResponse(after.model_dump(mode="json"), status_code=202)

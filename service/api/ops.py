@@ -33,5 +33,5 @@ async def readyz(gw: GatewayState = Depends(state)) -> dict[str, str]:
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics_endpoint(gw: GatewayState = Depends(state)) -> Response:
     with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
-        await asyncio.wait_for(gw.queue.stats(), timeout=2)  # fresh queue gauges on every scrape
+        await asyncio.wait_for(gw.jobs.stats(), timeout=2)  # fresh queue gauges on every scrape
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

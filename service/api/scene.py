@@ -26,7 +26,7 @@ router = APIRouter(prefix="/v1", tags=["spatial-qa"])
 )
 async def job_scene(job_id: str, caller: Caller = Depends(authenticate), gw: GatewayState = Depends(state)) -> Response:
     view = await owned_job(gw, job_id, caller)
-    data = await gw.queue.get_scene(job_id)
+    data = await gw.jobs.scenes.get(job_id)
     if data is None:
         raise ApiError("scene_not_ready", f"job {job_id} ({view.status.value}) has no scene yet: it is stored "
                        "once the point maps exist (progress `pointmaps` with `scene: true`)")

@@ -28,12 +28,12 @@ from service import keys
 from service.api.deps import Caller, GatewayState
 from service.blobs import BlobStore, BlobTooLarge
 from service.errors import ApiError
-from service.queue import IdempotencyKeyReused, QueueFull
+from service.jobs import IdempotencyKeyReused, QueueFull
+from service.logging import bind_job
 from service.schemas import (
     BoxRegion,
     GenerationOptions,
     JobSpec,
-    JobStatus,
     JobView,
     MaskRef,
     RegionSpec,
@@ -168,9 +168,12 @@ async def replayed_job(gw: GatewayState, idempotency_key: str | None, caller: Ca
     if idempotency_key is None:
         return None
     try:
-        return await gw.queue.lookup_idempotent(idempotency_key, caller.key_id, req_hash)
+        job_id = await gw.jobs.lookup_idempotent(idempotency_key, caller.key_id, req_hash)
     except IdempotencyKeyReused as e:
         raise _reused(e) from None
+    if job_id is not None:
+        bind_job(job_id)  # the rest of this request logs with the job's id
+    return job_id
 
 
 async def store_and_submit(gw: GatewayState, sub: Submission, caller: Caller,
@@ -206,7 +209,7 @@ async def store_and_submit(gw: GatewayState, sub: Submission, caller: Caller,
             regions=regions, scene_blob=scene_key, options=sub.options, created_at=time.time(),
             api_key_id=caller.key_id,
         )
-        got_id, created = await gw.queue.submit(spec, idempotency_key, req_hash)
+        got_id, created = await gw.jobs.submit(spec, idempotency_key, req_hash)
     except IdempotencyKeyReused as e:
         await _delete(gw.blobs, stored)
         raise _reused(e) from None
@@ -221,6 +224,7 @@ async def store_and_submit(gw: GatewayState, sub: Submission, caller: Caller,
         raise
     if not created:  # lost an idempotency race: the other request's job stands
         await _delete(gw.blobs, stored)
+    bind_job(got_id)  # the rest of this request logs with the job's id
     log.info("job submitted", extra={"job_id": got_id, "media_kind": sub.media_kind, "new_job": created,
                                      "regions": len(sub.regions), "api_key_id": caller.key_id})
     return got_id, created
@@ -244,22 +248,4 @@ async def wait_for_terminal(gw: GatewayState, job_id: str, timeout_s: float, own
         return None
     if not ev.id:  # made by the hub, not the job: the stream could not be followed to its end
         raise ApiError(str(ev.data["code"]), str(ev.data["message"]))
-    view = await gw.queue.get(job_id)
-    if view is not None and not view.status.terminal:
-        # The terminal event is written just before finish(): report what it says.
-        view = _view_from_event(view, ev.type, ev.data)
-    return view
-
-
-def _view_from_event(view: JobView, type_: str, data: dict[str, Any]) -> JobView:
-    update: dict[str, Any] = {"timings": data.get("timings") or view.timings}
-    if data.get("usage"):
-        update["usage"] = data["usage"]
-    if type_ == "done":
-        update.update(status=JobStatus.done, answer=data.get("answer"), finish_reason=data.get("finish_reason"),
-                      region_mode=data.get("region_mode"), answer_mode=data.get("answer_mode"),
-                      measurements=data.get("measurements"))
-    else:
-        update.update(status=JobStatus.cancelled if data.get("code") == "cancelled" else JobStatus.failed,
-                      error={"code": str(data.get("code")), "message": str(data.get("message"))})
-    return JobView.model_validate({**view.model_dump(), **update})
+    return await gw.jobs.view_at(job_id, ev)
