@@ -140,13 +140,13 @@ async def overhead(url: str, n: int, max_tokens: int, num_frames: int) -> dict[s
 
 # --- part 2: throughput ------------------------------------------------------------------------
 async def throughput(url: str, n_jobs: int, submitters: int, max_tokens: int) -> dict[str, Any]:
-    from service.queue import JobQueue
+    from service.jobs import Jobs
     from service.redis_conn import redis_client
     from service.settings import Settings
 
     settings = Settings()
     redis = redis_client(settings.redis_url)
-    queue = JobQueue(redis, settings)
+    queue = Jobs(redis, settings)
     media = Media("image", "tiny.png", tiny_png(), "image/png")
     req = JobRequest(media, QUESTION, [[{"frame": 0, "box": [8.0, 8.0, 40.0, 40.0]}]], options={"max_tokens": max_tokens})
     ids: list[str] = []

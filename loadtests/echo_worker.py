@@ -1,6 +1,6 @@
 """A production `Worker` process whose engine is the benchmark-only EchoEngine (`python -m loadtests.echo_worker`).
 
-Everything but the model is real: JobQueue on REDIS_URL, the blob store, the Pipeline (decode +
+Everything but the model is real: Jobs on REDIS_URL, the blob store, the Pipeline (decode +
 point maps, cached per upload), token coalescing, terminal event, finish, ack. `sr3d bench queue`
 runs one of these to measure what the queue path itself can carry.
 """
@@ -15,7 +15,7 @@ async def _main() -> None:
     from service.blobs import make_blob_store
     from service.engines.echo import EchoEngine
     from service.pipeline import Pipeline, make_pointmap_backend
-    from service.queue import JobQueue
+    from service.jobs import Jobs
     from service.redis_conn import redis_client
     from service.runtime import install_stop_handlers
     from service.settings import Settings
@@ -29,7 +29,7 @@ async def _main() -> None:
     await engine.start()
     backend = await asyncio.to_thread(make_pointmap_backend, settings)
     pipeline = Pipeline(settings, make_blob_store(settings, redis), backend)
-    worker = Worker(JobQueue(redis, settings), engine, pipeline, WorkerConfig.from_settings(settings))
+    worker = Worker(Jobs(redis, settings), engine, pipeline, WorkerConfig.from_settings(settings))
     install_stop_handlers(worker.stop)
     print("echo worker: running", flush=True)
     try:

@@ -105,7 +105,7 @@ async def check_redis_room(redis: aioredis.Redis, size: int, high_water: float) 
     """Raise BlobStoreFull when storing `size` more bytes would take Redis past high_water x
     maxmemory. No maxmemory set (0) = no check: the operator chose an unbounded server. Everything
     large that lives in Redis checks it: uploads (RedisBlobStore.put) and finished jobs' 3D scenes
-    (JobQueue.put_scene), so queue, event and job-hash writes always keep the rest."""
+    (service/jobs/scenes.py), so queue, event and job-hash writes always keep the rest."""
     info = await redis.info("memory")
     limit = int(info.get("maxmemory", 0) or 0)
     used = int(info.get("used_memory", 0) or 0)

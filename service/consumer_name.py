@@ -9,7 +9,7 @@ of after claim_idle_ms (60 s) of XAUTOCLAIM idle time:
 * unset: the name is `{hostname}-{pid}` (unique among live workers without any coordination; in a
   container, hostname = pod/container and pid is usually 1, so it is stable there too). On its first
   claim a worker adopts the pending entries of every consumer named `{its hostname}-{pid}` whose pid
-  is no longer alive on this host (a crashed predecessor), see JobQueue.claim.
+  is no longer alive on this host (a crashed predecessor), see WorkQueue.claim (service/jobs/work_queue.py).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ tests/test_gateway_streams.py drives 300 of them; run it by hand for the full th
 quoted in loadtests/RESULTS.md).
 
 Starts its own redis-server and the real `sr3d gateway` (whose event streams all read through one
-`service.stream_hub` per process), both on loopback. One job is queued through JobQueue; N clients
+`service.stream_hub` per process), both on loopback. One job is queued through Jobs; N clients
 open `GET /v1/spatial-qa/{id}/events` (raw asyncio sockets, ramped in steps of --ramp), hold for
 --hold seconds, then the script writes 20 `token` events and `done` as a worker would. Prints JSON: HTTP statuses, streams that got their `queued` event, streams that got
 `done` (the rest were dropped or never opened), the server's peak RSS and Redis connected_clients
@@ -73,13 +73,13 @@ async def run_client(port: int, path: str, c: Client) -> None:
 
 async def drive(port: int, redis_url: str, server_pid: int, n: int, ramp: int, hold_s: float) -> dict[str, Any]:
     from service.local_stack import rss_bytes
-    from service.queue import JobQueue
+    from service.jobs import Jobs
     from service.redis_conn import redis_client
     from service.schemas import JobSpec
     from service.settings import Settings
 
     r = redis_client(redis_url)
-    q = JobQueue(r, Settings(redis_url=redis_url, queue_max=100000))
+    q = Jobs(r, Settings(redis_url=redis_url, queue_max=100000))
     await q.ensure_group()
     jid = uuid.uuid4().hex
     await q.submit(JobSpec(job_id=jid, media_kind="image", media_blob=f"{jid}/media", media_hash="0" * 64,
