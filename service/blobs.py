@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from service.keys import BLOB_PREFIX
 from service.errors import ApiError
 from service.redis_conn import clone_client
-from service.settings import Settings
+from service.settings import StoreSettings
 
 
 _KEY = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
@@ -269,7 +269,7 @@ class DirBlobStore:
         return None
 
 
-def make_blob_store(settings: Settings, redis: aioredis.Redis) -> RedisBlobStore | DirBlobStore:
+def make_blob_store(settings: StoreSettings, redis: aioredis.Redis) -> RedisBlobStore | DirBlobStore:
     """The store SR3D_BLOB_STORE names. Each blob is capped at the upload cap."""
     if settings.blob_store == "dir":
         return DirBlobStore(settings.resolved_blob_dir, settings.max_upload_bytes, settings.job_max_age_s)

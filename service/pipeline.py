@@ -41,7 +41,7 @@ from service.media.images import decode_image, image_size
 from service.media.limits import MediaError, MediaLimits
 from service.media.masks import mask_from_box, mask_from_png, resize_mask
 from service.schemas import BoxRegion, JobSpec, MaskRef
-from service.settings import Settings
+from service.settings import GeometrySettings, StoreSettings, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ StageCallback = Callable[[str, dict[str, Any]], Awaitable[None]]
 SceneCallback = Callable[[bytes], Awaitable[None]]
 
 
-def media_limits(settings: Settings) -> MediaLimits:
+def media_limits(settings: StoreSettings) -> MediaLimits:
     return MediaLimits(max_bytes=settings.max_upload_bytes, max_frames=settings.max_frames)
 
 
@@ -83,7 +83,7 @@ class PointMapBackends:
         return self.backends[route]
 
 
-def make_pointmap_backend(settings: Settings) -> PointMapBackends:
+def make_pointmap_backend(settings: GeometrySettings) -> PointMapBackends:
     """The model backends SR3D_POINTMAP_BACKEND can route to: Depth Anything 3 (SR3D_MULTIVIEW_MODEL) for
     videos and Depth Anything V2 (SR3D_DEPTH_MODEL) for images; unset = tiny random demo models (built once)."""
     routes = {"auto": ("multiview", "single"), "multiview": ("multiview",), "single": ("single",)}.get(settings.pointmap_backend, ())
@@ -224,7 +224,7 @@ class Decoded:
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, blobs: BlobStore, backend: Any, cache: Any | None = None) -> None:
+    def __init__(self, settings: WorkerSettings, blobs: BlobStore, backend: Any, cache: Any | None = None) -> None:
         self.settings = settings
         self.blobs = blobs
         self.backends = backend if isinstance(backend, PointMapBackends) or backend is None else None

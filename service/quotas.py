@@ -38,7 +38,7 @@ import redis.asyncio as aioredis
 
 from service.errors import ApiError
 from service.keys import job_key, tenant_bytes_key, tenant_held_key
-from service.settings import Settings
+from service.settings import GatewaySettings
 
 # Room a request reserves while it stores its uploads, before it knows its job id; void after this
 # long if the gateway died in between.
@@ -75,7 +75,7 @@ return {0, tostring(count + 1), tostring(total + nbytes)}
 class Ledger:
     """Files, bytes and jobs held per key, in Redis."""
 
-    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+    def __init__(self, redis: aioredis.Redis, settings: GatewaySettings) -> None:
         self.redis = redis
         self.settings = settings
         self._script = redis.register_script(_RESERVE)

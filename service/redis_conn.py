@@ -28,7 +28,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.procs import pid_alive
-from service.settings import Settings
+from service.settings import GatewaySettings
 
 log = logging.getLogger("sr3d.redis")
 
@@ -192,7 +192,7 @@ def start_embedded_redis(
     Linux also when this process dies any other way (parent-death signal). `owner.pid` names the
     owning process: a running server whose owner is gone (killed where the parent-death signal does
     not exist) is adopted by the next process, which then stops it like one it started.
-    `maxmemory_mb` with `noeviction`: see Settings.blob_redis_high_water for why.
+    `maxmemory_mb` with `noeviction`: see StoreSettings.blob_redis_high_water for why.
     """
     directory = Path(data_dir).resolve() / "redis"
     directory.mkdir(parents=True, exist_ok=True)
@@ -260,7 +260,7 @@ def start_embedded_redis(
         return url, handle
 
 
-def resolve_redis_url(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
+def resolve_redis_url(settings: GatewaySettings) -> tuple[str, EmbeddedRedis | None]:
     """REDIS_URL when set, else the embedded server under SR3D_DATA_DIR."""
     if settings.redis_url:
         return settings.redis_url, None

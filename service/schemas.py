@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 from model.errors import ModelInputError
 from model.region_refs import parse_region_refs
 from service.errors import ApiError
-from service.settings import Settings
+from service.settings import GatewaySettings, StoreSettings
 
 
 class _Strict(BaseModel):
@@ -124,7 +124,7 @@ class GenerationOptions(_Strict):
             raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}")
         return value
 
-    def check_caps(self, settings: Settings) -> GenerationOptions:
+    def check_caps(self, settings: StoreSettings) -> GenerationOptions:
         """Raise ApiError (422) with a specific code when over a deployment cap; return a copy with defaults filled."""
         if self.max_tokens is not None and self.max_tokens > settings.max_tokens:
             raise ApiError("max_tokens_over_cap", f"max_tokens {self.max_tokens} > cap {settings.max_tokens}")
@@ -132,7 +132,7 @@ class GenerationOptions(_Strict):
             raise ApiError("num_frames_over_cap", f"num_frames {self.num_frames} > cap {settings.max_frames}")
         return self.with_defaults(settings)
 
-    def with_defaults(self, settings: Settings) -> GenerationOptions:
+    def with_defaults(self, settings: StoreSettings) -> GenerationOptions:
         """The options with unset knobs filled from the deployment's defaults (each within its cap).
         The gateway stores jobs this way; the worker applies it again for specs written elsewhere."""
         return self.model_copy(
@@ -224,7 +224,7 @@ class RegionsInput(BaseModel):
 # --------------------------------------------------------------------------------------------------
 # Questions
 
-def check_question(question: str, n_regions: int, settings: Settings) -> str:
+def check_question(question: str, n_regions: int, settings: GatewaySettings) -> str:
     """Validate the user question at submit: length here, every region-reference rule in the model's own
     parser (`model.region_refs`), so a question the model would refuse is a 422 before anything is stored."""
     question = question.strip()

@@ -28,13 +28,13 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.settings import Settings
+from service.settings import WorkerSettings
 
 # Exit codes of `sr3d worker` (README, "Command line"). Distinct from uvicorn's 3, which the worker
 # used to die with late; systemd's RestartPreventExitStatus= can stop restarts on 2 and 4.
 EXIT_OK = 0  # stopped by SIGTERM/SIGINT after draining
 EXIT_FAILED = 1  # unexpected failure after start-up (the traceback is in the log)
-EXIT_CONFIG = 2  # REDIS_URL unset, a model directory that does not exist, an unwritable data dir
+EXIT_CONFIG = 2  # a variable its settings refuse, REDIS_URL unset, a model directory that does not exist, an unwritable data dir
 EXIT_METRICS_PORT = 4  # the metrics address cannot be bound (port in use, not permitted, unknown host)
 EXIT_REDIS = 5  # Redis did not answer a PING within REDIS_PING_TIMEOUT_S at start-up
 
@@ -114,7 +114,7 @@ def bind_metrics_socket(host: str, choice: PortChoice) -> socket.socket:
     return sock
 
 
-def check_paths(settings: Settings) -> None:
+def check_paths(settings: WorkerSettings) -> None:
     """Model directories that are set must exist; the data dir must be creatable (demo checkpoints, caches)."""
     for env, value in (("SR3D_MODEL", settings.model), ("SR3D_DEPTH_MODEL", settings.depth_model),
                        ("SR3D_MULTIVIEW_MODEL", settings.multiview_model)):

@@ -1,26 +1,46 @@
-"""The README's settings tables list every setting, and nothing else (issue 28: SR3D_PORT, SR3D_HOST,
-SR3D_URL and a dozen more were missing). The truth is the code: the `Settings` and `VLLMSettings`
-models (their env names, aliases included) and every environment variable read elsewhere
-(`os.environ.get("SR3D_…")`, `os.environ["SR3D_…"]`, `os.getenv("SR3D_…")`) in service/, model/,
-loadtests/ and tests/."""
+"""The README's settings tables list every setting, in the table of its role, and nothing else.
+
+The truth is the code: each role class in service/settings.py (`ROLES`) and the variables it declares
+itself (env names, aliases included) must be exactly the rows of that role's table, in both
+directions. The tests' and benchmarks' own variables (read with os.environ in tests/ and loadtests/)
+must be exactly the rows of their table."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from pydantic import AliasChoices
+import pytest
 
-from service.settings import Settings, VLLMSettings
+from service.settings import ROLES, env_names, own_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_READ = re.compile(r"""(?:environ\.get\(|environ\[|getenv\()\s*["']((?:SR3D|REDIS|CUDA)_[A-Z0-9_]+)["']""")
 NAME = re.compile(r"`([A-Z][A-Z0-9_]+)`")
 
+# README heading of each role's table.
+TABLES = {
+    "common": "### Every server process",
+    "store": "### Gateway and worker: the job store",
+    "gateway": "### Gateway",
+    "worker": "### Worker",
+    "engine": "### Engine (the language model)",
+    "vllm": "## vLLM engine",
+    "geometry": "### Geometry (point maps)",
+    "client": "### Command-line clients",
+}
+TESTS_TABLE = "### Tests and benchmarks"
+
+
+def readme() -> str:
+    return (ROOT / "README.md").read_text(encoding="utf-8")
+
 
 def section(text: str, heading: str) -> str:
+    """From `heading` to the next heading of its level or above."""
     start = text.index(f"\n{heading}\n")
-    end = text.find("\n## ", start + len(heading) + 2)
-    return text[start:end if end >= 0 else None]
+    level = heading.split(" ")[0]
+    stops = [m.start() for m in re.finditer(r"\n(#{2,%d}) " % len(level), text) if m.start() > start]
+    return text[start:stops[0] if stops else None]
 
 
 def first_column_names(markdown: str) -> list[str]:
@@ -32,35 +52,44 @@ def first_column_names(markdown: str) -> list[str]:
     return names
 
 
-def env_names(model: type, prefix: str) -> set[str]:
-    out = set()
-    for name, field in model.model_fields.items():
-        if name == "vllm":  # nested: VLLMSettings, with its own prefix
-            continue
-        alias = field.validation_alias
-        out |= set(alias.choices) if isinstance(alias, AliasChoices) else {f"{prefix}{name.upper()}"}
-    return out
+def declared(role: str) -> set[str]:
+    cls = ROLES[role]
+    return {name for field in own_fields(cls) if field != "vllm" for name in env_names(cls, field)}
 
 
-def env_reads_in_code() -> set[str]:
+@pytest.mark.parametrize("role", sorted(TABLES))
+def test_each_role_table_lists_exactly_the_variables_of_its_role(role: str) -> None:
+    documented = first_column_names(section(readme(), TABLES[role]))
+    assert documented, f"no table under {TABLES[role]!r}"
+    assert len(documented) == len(set(documented)), f"listed twice: {sorted({n for n in documented if documented.count(n) > 1})}"
+    expected = declared(role)
+    missing = sorted(expected - set(documented))
+    unknown = sorted(set(documented) - expected)
+    owners = {name: [r for r in ROLES if name in declared(r)] for name in unknown}
+    assert not missing, f"{role} settings the README's {TABLES[role]!r} table does not list: {missing}"
+    assert not unknown, f"rows under {TABLES[role]!r} that are no {role} setting (role that declares each: {owners})"
+
+
+def test_every_role_has_a_table_and_every_setting_a_role() -> None:
+    from service.settings import Settings, VLLMSettings
+
+    assert set(TABLES) == set(ROLES)
+    in_roles = {field for role in ROLES.values() for field in own_fields(role)}
+    assert set(Settings.model_fields) <= in_roles  # nothing declared on Settings itself
+    assert set(VLLMSettings.model_fields) <= in_roles
+
+
+def env_reads_in(*folders: str) -> set[str]:
     found = set()
-    for folder in ("service", "model", "loadtests", "tests"):
+    for folder in folders:
         for path in (ROOT / folder).rglob("*.py"):
             found |= set(ENV_READ.findall(path.read_text(encoding="utf-8")))
     return found
 
 
-def test_every_setting_is_in_the_readme_and_every_row_is_a_setting() -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    documented = first_column_names(section(readme, "## Configuration"))
-    documented += first_column_names(section(readme, "## vLLM engine"))
-    assert len(documented) == len(set(documented)), f"listed twice: {sorted({n for n in documented if documented.count(n) > 1})}"
-    settings = env_names(Settings, Settings.model_config["env_prefix"]) | env_names(
-        VLLMSettings, VLLMSettings.model_config["env_prefix"])
-    read_elsewhere = env_reads_in_code()
-    assert {"SR3D_URL", "SR3D_API_KEY"} <= read_elsewhere  # the regex still sees the clients' reads
-    expected = settings | read_elsewhere
-    missing = sorted(expected - set(documented))
-    unknown = sorted(set(documented) - expected)
-    assert not missing, f"settings the README's tables do not list: {missing}"
-    assert not unknown, f"README rows that are no setting (renamed or removed?): {unknown}"
+def test_the_tests_and_benchmarks_table_lists_their_own_variables() -> None:
+    documented = set(first_column_names(section(readme(), TESTS_TABLE)))
+    settings = {name for role in ROLES for name in declared(role)}
+    own = env_reads_in("tests", "loadtests") - settings  # a test may read a setting too (SR3D_DATA_DIR)
+    assert "SR3D_LONG_TESTS" in own  # the pattern still sees the tests' reads
+    assert documented == own, f"not listed: {sorted(own - documented)}; listed but read nowhere: {sorted(documented - own)}"

@@ -10,12 +10,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from service.api import errors, jobs, openai, ops, page, scene
 from service.api.deps import open_state
 from service.api.middleware import BodySizeLimit, KeyGate, RequestMetrics
-from service.settings import Settings
+from service.settings import GatewaySettings
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     """The gateway. Redis: REDIS_URL, else the embedded server under SR3D_DATA_DIR."""
-    settings = settings or Settings()
+    settings = settings or GatewaySettings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import metrics
 from service.errors import ApiError
 from service.schemas import ErrorBody
-from service.settings import Settings
+from service.settings import GatewaySettings
 
 log = logging.getLogger("sr3d.gateway")
 
@@ -112,7 +112,7 @@ def _coded_types() -> tuple[type[Exception], ...]:
     return (ApiError, ModelCodedError, ValueError)
 
 
-def install(app: FastAPI, settings: Settings) -> None:
+def install(app: FastAPI, settings: GatewaySettings) -> None:
     """Exception handlers: every error leaves as `{"error": {"code", "message"}}`."""
 
     async def coded(request: Request, exc: Exception) -> JSONResponse:

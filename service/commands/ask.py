@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
+from service.settings import ClientSettings
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_URL = ClientSettings.model_fields["url"].default
 # A refused connection is retried this many times, CONNECT_BACKOFF_S apart (a service that is just
 # starting), then reported in one line naming the URL: about 1 s, not a dozen.
 CONNECT_RETRIES = 2
@@ -31,9 +31,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--region", action="append", default=[], metavar="FRAME:x0,y0,x1,y1",
                    help="a box region (repeat for <region1>, ...)")
     p.add_argument("--mask", action="append", default=[], metavar="FRAME:file.png", help="a mask region (PNG)")
-    p.add_argument("--url", default=os.environ.get("SR3D_URL", DEFAULT_URL), metavar="URL",
+    client = ClientSettings()  # SR3D_URL, SR3D_API_KEY
+    p.add_argument("--url", default=client.url, metavar="URL",
                    help=f"base URL of the service (default: $SR3D_URL, else {DEFAULT_URL}, where `sr3d serve` listens)")
-    p.add_argument("--api-key", default=os.environ.get("SR3D_API_KEY"),
+    p.add_argument("--api-key", default=client.api_key,
                    help="API key when the service sets SR3D_API_KEYS (default: $SR3D_API_KEY)")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--scene", type=Path, default=None, metavar="SCENE.npz",

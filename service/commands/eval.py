@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from service.settings import ClientSettings
 
 if TYPE_CHECKING:  # imported lazily at run time: `sr3d eval --help` stays light
     from service.eval.datasets import EvalItem
@@ -57,7 +58,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-scene", action="store_true",
                    help="do not send the items' RGB-D scene files (measurement set): point maps come from the "
                         "depth-model routes instead of exact depth")
-    p.add_argument("--api-key", default=os.environ.get("SR3D_API_KEY"))
+    p.add_argument("--api-key", default=ClientSettings().api_key, help="default SR3D_API_KEY")
     p.set_defaults(func=main)
 
 
@@ -115,16 +116,21 @@ def main(args: argparse.Namespace) -> int:
         from service.local_stack import serve_stack
 
         # The data dir (tiny checkpoint, embedded Redis) as `sr3d serve` would use it from here.
-        data_dir = Path(os.environ.get("SR3D_DATA_DIR", "./var")).resolve()
+        from service.commands.config import settings_or_exit
+        from service.settings import Settings
+
+        served = settings_or_exit(Settings, "eval")  # what the `sr3d serve` child will read, refused here first
+        data_dir = served.data_dir.resolve()
         with tempfile.TemporaryDirectory(prefix="sr3d-eval-serve-") as logs:
             # An eval needs no 3D-viewer scenes, and each job's (~1 MB) stays scene_ttl_s in the embedded
             # Redis: at the 900 s default a few hundred fast jobs push the store to its high-water mark
             # and uploads get 503 upload_store_full. The shortest TTL allowed, unless the caller set one.
-            env = {"SR3D_DATA_DIR": str(data_dir), "SR3D_SCENE_TTL_S": os.environ.get("SR3D_SCENE_TTL_S", "60")}
+            scene_ttl_s = served.scene_ttl_s if "scene_ttl_s" in served.model_fields_set else 60
+            env = {"SR3D_DATA_DIR": str(data_dir), "SR3D_SCENE_TTL_S": str(scene_ttl_s)}
             with serve_stack(Path(logs), env) as (_, url):
                 rows = asyncio.run(go(url))
     else:
-        rows = asyncio.run(go(args.url or os.environ.get("SR3D_URL", "http://127.0.0.1:8000")))
+        rows = asyncio.run(go(args.url or ClientSettings().url))
 
     wanted = {it.id for it in items}
     rows = {k: v for k, v in rows.items() if k in wanted}

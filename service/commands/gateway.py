@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from service.settings import Settings
+from service.commands.config import settings_or_exit
+from service.settings import GatewaySettings
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +21,7 @@ def main(args: argparse.Namespace) -> int:
     from service.http_timeouts import uvicorn_config
     from service.logging import setup_logging
 
-    settings = Settings()
+    settings = settings_or_exit(GatewaySettings, "gateway")  # worker-only variables are not read
     setup_logging(settings.log_level)
     config = uvicorn_config(
         create_app(settings),

@@ -118,9 +118,10 @@ def write_ply(path: str, points: np.ndarray, colors: np.ndarray, valid: np.ndarr
 def run(args: argparse.Namespace) -> int:
     from model.geometry import SceneError
     from service.pipeline import media_limits
-    from service.settings import Settings
+    from service.commands.config import settings_or_exit
+    from service.settings import WorkerSettings
 
-    settings = Settings()
+    settings = settings_or_exit(WorkerSettings, "pointmaps")  # the worker's own path
     args.frames = settings.num_frames if args.frames is None else args.frames
     args.depth_model = settings.depth_model if args.depth_model is None else args.depth_model
     args.device = settings.device if args.device is None else args.device

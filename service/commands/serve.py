@@ -28,7 +28,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
+    settings = settings_from(args, Settings, "serve")  # one process runs both roles
     _setup_logging(settings)
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port

@@ -12,12 +12,14 @@ import asyncio
 import logging
 import socket
 import sys
-from typing import Any
+from typing import Any, TypeVar
 
-from service.settings import Settings
+from service.commands.config import settings_or_exit
+from service.settings import WorkerSettings
 from service.worker_startup import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_REDIS, REDIS_PING_TIMEOUT_S, StartupError
 
 log = logging.getLogger(__name__)
+W = TypeVar("W", bound=WorkerSettings)
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -36,9 +38,10 @@ def add_drain_timeout(p: argparse.ArgumentParser) -> None:
                    help="seconds to finish in-flight jobs after SIGTERM (default SR3D_DRAIN_TIMEOUT_S, 60)")
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    """Settings from the environment, with the command line's --drain-timeout on top."""
-    settings = Settings()
+def settings_from(args: argparse.Namespace, role: type[W], command: str) -> W:
+    """The role's settings from the environment (exit 2 naming a refused variable), with the command
+    line's --drain-timeout on top."""
+    settings = settings_or_exit(role, command)
     if args.drain_timeout is not None:
         settings = settings.model_copy(update={"drain_timeout_s": args.drain_timeout})
     return settings
@@ -47,7 +50,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def main(args: argparse.Namespace) -> int:
     from service.worker_startup import bind_metrics_socket, check_paths, choose_metrics_port
 
-    settings = settings_from(args)
+    settings = settings_from(args, WorkerSettings, "worker")  # gateway-only variables are not read
     _setup_logging(settings)
     if not settings.redis_url:
         print(
@@ -76,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     return asyncio.run(run_worker(settings, sock, consumer, choice.rule))
 
 
-def _setup_logging(settings: Settings) -> None:
+def _setup_logging(settings: WorkerSettings) -> None:
     from service.logging import setup_logging  # structured JSON logs, as the gateway writes them
 
     setup_logging(settings.log_level)
@@ -99,7 +102,7 @@ async def _redis_answers(redis: Any) -> str | None:
     return why
 
 
-async def run_worker(settings: Settings, sock: socket.socket, consumer: str, port_rule: str) -> int:
+async def run_worker(settings: WorkerSettings, sock: socket.socket, consumer: str, port_rule: str) -> int:
     from service.redis_conn import redis_client
 
     redis = redis_client(settings.redis_url or "")

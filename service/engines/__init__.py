@@ -5,10 +5,10 @@
 from __future__ import annotations
 
 from service.engines.protocol import Engine
-from service.settings import Settings
+from service.settings import WorkerSettings
 
 
-def make_engine(settings: Settings) -> Engine:
+def make_engine(settings: WorkerSettings) -> Engine:
     if settings.engine == "vllm":
         from service.engines.vllm_engine import VLLMEngine
 

@@ -39,7 +39,7 @@ from model.prompt import stop_token_ids
 from service import metrics
 from service.build_once import build_once
 from service.engines.protocol import EngineError, EngineRequest, warm_up
-from service.settings import Settings
+from service.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def first_token_parts(t0: float, prepared: float, rendered: float, stats: Any, n
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, settings: Settings, *, engine_args: dict[str, Any] | None = None, warmup: bool = True) -> None:
+    def __init__(self, settings: EngineSettings, *, engine_args: dict[str, Any] | None = None, warmup: bool = True) -> None:
         self.settings = settings
         self.vllm_settings = settings.vllm
         self.region_mode_setting = settings.region_mode

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from service.settings import Settings
+from service.settings import StoreSettings
 
 
 class MediaError(ValueError):
@@ -30,7 +30,7 @@ class MediaLimits:
     max_duration_s: float = 600.0  # 10 minutes
     max_source_frames: int = 36_000  # 10 minutes at 60 fps
     # frames sampled for the model (including region frames); the deployment's SR3D_MAX_FRAMES default
-    max_frames: int = Settings.model_fields["max_frames"].default
+    max_frames: int = StoreSettings.model_fields["max_frames"].default
     decode_timeout_s: float = 60.0
     # A 1x40000 image passes every pixel cap but scales to a 0-pixel side in the depth model and the
     # tiler; 32:1 is far past any real camera or panorama (360 degree: 2:1).
