@@ -27,7 +27,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="point-map backend (default: SR3D_POINTMAP_BACKEND, auto)")
     p.add_argument("--multiview-model", default=None,
                    help="Depth Anything 3 directory (default: SR3D_MULTIVIEW_MODEL, else the tiny random demo model)")
-    # Defaults (None) come from Settings: SR3D_NUM_FRAMES, SR3D_DEPTH_MODEL, SR3D_DEVICE.
+    # Defaults (None) come from the worker's settings: SR3D_NUM_FRAMES, SR3D_DEPTH_MODEL, SR3D_DEVICE.
     p.add_argument("--frames", type=int, default=None, help="frames to sample (default: SR3D_NUM_FRAMES)")
     p.add_argument("--max-side", type=int, default=640, help="downscale frames so the long side is at most this")
     p.add_argument("--depth-model", default=None,
