@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("sr3d_job_id", default=None)
 
@@ -26,6 +30,12 @@ def job_context(job_id: str) -> Iterator[None]:
         yield
     finally:
         job_id_var.reset(token)
+
+
+def in_context(fn: Callable[..., T], *args: Any) -> Callable[[], T]:
+    """`fn(*args)` to run in the caller's context, for `loop.run_in_executor`: unlike `asyncio.to_thread`
+    it runs the call in the pool thread's own context, which would drop the job id."""
+    return functools.partial(contextvars.copy_context().run, fn, *args)
 
 
 def bind_job(job_id: str) -> None:

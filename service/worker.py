@@ -221,6 +221,8 @@ class Worker:
             try:
                 if await h.start():
                     await self._execute(h)
+                else:
+                    log.info("job not run: it has ended or was cancelled (entry acked)", extra={"entry_id": h.entry_id})
             except asyncio.CancelledError:
                 raise  # drain timeout or lost ownership: leave it pending for another worker
             except Exception:
@@ -234,6 +236,7 @@ class Worker:
         queue_wait = max(0.0, t_start - job.created_at)  # the queue observes QUEUE_WAIT on delivery
         timings: dict[str, float] = {"queue_wait_s": round(queue_wait, 4)}
         await h.progress("started", {"worker": self.consumer, "attempt": h.delivery.deliveries, "queue_wait_s": timings["queue_wait_s"]})
+        log.info("job started", extra={"attempt": h.delivery.deliveries, "queue_wait_s": timings["queue_wait_s"]})
         cancelled = asyncio.Event()
         poller = asyncio.create_task(self._poll_cancel(h, cancelled))
         stream: _Stream | None = None
@@ -257,7 +260,9 @@ class Worker:
             except Exception as e:
                 if not is_input_error(e):
                     raise  # infrastructure: not acked, redelivered (see the failure policy above)
-                await h.fail(getattr(e, "code", "bad_input"), getattr(e, "message", None) or str(e), timings=timings)
+                code = getattr(e, "code", "bad_input")
+                await h.fail(code, getattr(e, "message", None) or str(e), timings=timings)
+                log.info("job failed: bad input", extra={"code": code})
                 return
         finally:
             poller.cancel()
@@ -278,6 +283,7 @@ class Worker:
         await h.done(stream.text, usage=usage, timings=timings, finish_reason=finish_reason, region_mode=region_mode,
                      answer_mode=mode, measurements=measurements, **extra)
         metrics.JOB_SECONDS.observe(time.time() - job.created_at)
+        log.info("job done", extra={"total_s": timings["total_s"], "finish_reason": finish_reason, **usage})
 
     async def _stage_done(self, h: JobHandle, stage: str, info: dict[str, Any], timings: dict[str, Any]) -> None:
         seconds = float(info.get("seconds", 0.0))
@@ -360,3 +366,4 @@ class Worker:
                              timings: dict[str, float]) -> None:
         await h.cancelled(answer=stream.client if stream is not None else "",
                           usage=usage or {"prompt_tokens": 0, "completion_tokens": 0}, timings=timings, finish_reason="abort")
+        log.info("job cancelled")

@@ -32,6 +32,7 @@ from service import metrics
 from service.build_once import build_once
 from service.engines.protocol import EngineError, EngineRequest, warm_up
 from service.errors import is_input_error
+from service.logging import in_context
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class TorchEngine:
         try:
             # ModelInputError from prepare propagates unchanged: it is the caller's input.
             t0 = time.monotonic()
-            r.prepared = await loop.run_in_executor(self._prepare_pool, self.model.prepare, request.query)
+            r.prepared = await loop.run_in_executor(self._prepare_pool, in_context(self.model.prepare, request.query))
             t_prepared = time.monotonic()
             if r.aborted:
                 yield TokenDelta("", [], finished=True, finish_reason="abort")
@@ -201,7 +202,8 @@ class TorchEngine:
             results = await loop.run_in_executor(self._decode_pool, self._run_batch, loop, batch)
         except Exception as e:
             if len(batch) == 1:
-                log.warning("engine row %s failed: %s: %s", batch[0].request.request_id, type(e).__name__, e)
+                rid = batch[0].request.request_id  # the batch loop serves every job: name this row's
+                log.warning("engine row %s failed: %s: %s", rid, type(e).__name__, e, extra={"job_id": rid})
                 batch[0].queue.put_nowait(_row_error(e))
                 return
             log.warning("engine batch of %d failed (%s: %s); rerunning its rows one by one", len(batch), type(e).__name__, e)

@@ -39,6 +39,7 @@ from model.prompt import stop_token_ids
 from service import metrics
 from service.build_once import build_once
 from service.engines.protocol import EngineError, EngineRequest, warm_up
+from service.logging import in_context
 from service.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ class VLLMEngine:
             t0 = time.monotonic()
             while True:
                 prompt, num_tokens = await loop.run_in_executor(
-                    self._prepare_pool, self.build_inputs, request.query, request.params.max_tokens, is_cached
+                    self._prepare_pool, in_context(self.build_inputs, request.query, request.params.max_tokens, is_cached)
                 )
                 t_prepared = time.monotonic()
                 if rid in self._aborted:

@@ -16,7 +16,7 @@ from redis.exceptions import ResponseError
 
 from service import metrics
 from service.consumer_name import is_dead_local_consumer
-from service.jobs.terminal import TerminalWriter, failed_data
+from service.jobs.terminal import Finished, TerminalWriter, failed_data
 from service.keys import DLQ, GROUP, JOBS, job_key
 from service.schemas import JobSpec
 from service.settings import Settings
@@ -221,17 +221,18 @@ class WorkQueue:
         return out
 
     async def dead_letter(self, entry_id: str, job_id: str, deliveries: int, reason: str = "too many deliveries",
-                          raw_spec: str | None = None) -> None:
+                          raw_spec: str | None = None) -> Finished:
         """Move a job to the DLQ: DLQ entry, then the job ends failed {code: "dead_lettered"} (unless
         it has ended already) and its entry is acked. Also usable for a job that can never run."""
         spec = raw_spec if raw_spec is not None else await self.redis.hget(job_key(job_id), "spec") or ""
         await self.redis.xadd(DLQ, {"job_id": job_id, "entry_id": entry_id, "deliveries": deliveries,
                                     "reason": reason, "at": repr(time.time()), "spec": spec},
                               maxlen=DLQ_MAXLEN, approximate=True)
-        await self._terminal.finish(job_id, "error", failed_data(
+        ended = await self._terminal.finish(job_id, "error", failed_data(
             "dead_lettered", f"job gave up after {deliveries} deliveries: {reason}"), entry_id=entry_id)
         metrics.DEAD_LETTERED.inc()
         log.warning("job dead-lettered", extra={"job_id": job_id, "entry_id": entry_id, "deliveries": deliveries})
+        return ended
 
     async def heartbeat(self, consumer: str, entry_ids: list[str]) -> list[str]:
         """Reset the idle time of in-flight entries (XCLAIM JUSTID, no delivery-count bump) so a
