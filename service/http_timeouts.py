@@ -15,8 +15,9 @@ or an upload body were held forever (each stalled upload also holding a spooled 
 * Bodies: `BodyTimeouts` (ASGI middleware) bounds every wait for the next body chunk (`idle_s`) and
   the whole body (`total_s`) while the body is incomplete; then it answers 408
   `{"error": {"code": "request_timeout"}}` with `Connection: close` and tells the app the client
-  left. Once the body is complete, `receive()` waits are not bounded: SSE responses legitimately
-  wait on it for the client's disconnect for as long as the stream lasts.
+  left. A client that hangs up mid-body (starlette's ClientDisconnect) ends its request with one
+  log line: no one is left to answer. Once the body is complete, `receive()` waits are not bounded:
+  SSE responses legitimately wait on it for the client's disconnect for as long as the stream lasts.
 
 `uvicorn_config(app, settings, host, port, **kw)` applies both plus the keep-alive timeout; the
 `sr3d serve` and `sr3d gateway` commands build their servers with it.
@@ -29,6 +30,7 @@ import logging
 from typing import Any
 
 import uvicorn
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.settings import Settings
@@ -142,6 +144,11 @@ class BodyTimeouts:
 
         try:
             await self.app(scope, guarded_receive, guarded_send)
+        except ClientDisconnect:
+            # The client hung up before its body was complete: nobody is left to answer. Without
+            # this, uvicorn logged each as "Exception in ASGI application" with a formatted
+            # traceback, milliseconds of the event loop per hang-up that a client can repeat at will.
+            log.info("the client disconnected before its request body was complete")
         except Exception:
             if not timed_out:
                 raise  # the app's own failure; the client's stall is not one
