@@ -21,7 +21,7 @@ from service.schemas import ErrorInfo, JobSpec, JobStatus, JobView, Usage
 
 # Terminal-event fields copied into the record as they are (JSON-encoded when structured).
 _COPIED = ("answer", "finish_reason", "region_mode", "answer_mode", "usage", "timings", "measurements")
-_JSON = {"usage", "timings", "measurements", "error", "progress"}
+_JSON = {"usage", "timings", "measurements", "error"}
 
 
 def final_state(event: Event) -> dict[str, Any]:
