@@ -14,7 +14,7 @@ from service.jobs.events import Event, entry_fields, event_from_entry
 from service.jobs.view import spec_or_none, view_of
 from service.keys import JOBS, events_key, idem_key, job_key
 from service.schemas import JobSpec, JobView
-from service.settings import Settings
+from service.settings import StoreSettings
 
 
 class IdempotencyKeyReused(Exception):
@@ -85,7 +85,7 @@ class Start:
 
 
 class JobRecords:
-    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+    def __init__(self, redis: aioredis.Redis, settings: StoreSettings) -> None:
         self.redis = redis
         self.settings = settings
         self._create = redis.register_script(_CREATE)

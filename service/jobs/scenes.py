@@ -9,14 +9,14 @@ from redis.client import NEVER_DECODE
 
 from service.blobs import check_redis_room
 from service.keys import scene_key
-from service.settings import Settings
+from service.settings import StoreSettings
 
 # Scenes may fill the blob store up to this share of the uploads' high-water mark.
 SCENE_SHARE = 0.5
 
 
 class SceneStore:
-    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+    def __init__(self, redis: aioredis.Redis, settings: StoreSettings) -> None:
         self.redis = redis
         self.settings = settings
 

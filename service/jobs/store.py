@@ -20,11 +20,11 @@ from service.jobs.terminal import Finished, TerminalWriter
 from service.jobs.work_queue import WorkQueue
 from service.redis_conn import clone_client
 from service.schemas import TERMINAL_EVENTS, JobSpec, JobView
-from service.settings import Settings
+from service.settings import StoreSettings
 
 
 class Jobs:
-    def __init__(self, redis: aioredis.Redis, settings: Settings, blobs: BlobStore | None = None) -> None:
+    def __init__(self, redis: aioredis.Redis, settings: StoreSettings, blobs: BlobStore | None = None) -> None:
         """`redis`: redis.asyncio.Redis(decode_responses=True). Blocking reads (XREAD/XREADGROUP
         BLOCK) go through a second pool without a socket timeout. `blobs` defaults to the store
         the settings name (a finished job's uploads are deleted)."""

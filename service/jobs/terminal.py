@@ -32,7 +32,7 @@ from service.jobs.events import Event, entry_fields, event_from_entry
 from service.jobs.view import encode, final_state, spec_or_none
 from service.keys import GROUP, JOBS, events_key, job_key, scene_key
 from service.schemas import TERMINAL_EVENTS
-from service.settings import Settings
+from service.settings import StoreSettings
 
 log = logging.getLogger("sr3d.jobs")
 
@@ -120,7 +120,7 @@ def cancelled_data(**fields: Any) -> dict[str, Any]:
 
 
 class TerminalWriter:
-    def __init__(self, redis: aioredis.Redis, settings: Settings, blobs: BlobStore) -> None:
+    def __init__(self, redis: aioredis.Redis, settings: StoreSettings, blobs: BlobStore) -> None:
         self.redis = redis
         self.settings = settings
         self.blobs = blobs

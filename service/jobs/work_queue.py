@@ -19,7 +19,7 @@ from service.consumer_name import is_dead_local_consumer
 from service.jobs.terminal import Finished, TerminalWriter, failed_data
 from service.keys import DLQ, GROUP, JOBS, job_key
 from service.schemas import JobSpec
-from service.settings import Settings
+from service.settings import StoreSettings
 
 log = logging.getLogger("sr3d.jobs")
 
@@ -59,7 +59,7 @@ class Delivery:
 
 
 class WorkQueue:
-    def __init__(self, redis: aioredis.Redis, blocking: aioredis.Redis, settings: Settings,
+    def __init__(self, redis: aioredis.Redis, blocking: aioredis.Redis, settings: StoreSettings,
                  terminal: TerminalWriter) -> None:
         """`blocking`: a client without a socket timeout, for XREADGROUP BLOCK."""
         self.redis = redis
