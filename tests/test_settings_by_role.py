@@ -70,11 +70,11 @@ def test_a_role_reads_its_own_variables_and_ignores_the_others(clean_env: pytest
 def test_role_settings_keep_their_derived_values_and_list_parsing(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("SR3D_API_KEYS", "a, b,,c")
     clean_env.setenv("SR3D_MAX_UPLOAD_MB", "2")
-    clean_env.setenv("SR3D_DATA_DIR", "/srv/sr3d")
+    clean_env.setenv("SR3D_DATA_DIR", "relative/data")
     gw = load(GatewaySettings)
     assert (gw.api_keys, gw.max_upload_bytes, gw.quota_stored_bytes, gw.chat_body_max_bytes) == (["a", "b", "c"], 2 << 20, 256 << 20, 16 << 20)
     w = load(WorkerSettings)
-    assert (w.max_upload_bytes, w.resolved_blob_dir, w.vllm.max_num_seqs) == (2 << 20, Path("/srv/sr3d/blobs"), 64)
+    assert (w.max_upload_bytes, w.resolved_blob_dir, w.vllm.max_num_seqs) == (2 << 20, Path("relative/data/blobs"), 64)
     assert not hasattr(w, "api_keys") and not hasattr(gw, "depth_batch_jobs") and not hasattr(gw, "vllm")
     assert set(Settings.model_fields) == set(GatewaySettings.model_fields) | set(WorkerSettings.model_fields)
     assert set(StoreSettings.model_fields) == set(GatewaySettings.model_fields) & set(WorkerSettings.model_fields)
