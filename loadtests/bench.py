@@ -7,6 +7,7 @@ from types import ModuleType
 
 from loadtests import (
     bench_blobs,
+    bench_ceiling,
     bench_engine,
     bench_measure,
     bench_media,
@@ -27,6 +28,7 @@ TARGETS: dict[str, ModuleType] = {
     "workers": bench_workers,
     "pipeline": bench_pipeline,
     "blobs": bench_blobs,
+    "ceiling": bench_ceiling,
     "measure": bench_measure,
     "peer": bench_peer,
 }

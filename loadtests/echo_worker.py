@@ -25,7 +25,8 @@ async def _main() -> None:
     if not settings.redis_url:
         raise SystemExit("REDIS_URL is required")
     redis = redis_client(settings.redis_url)
-    engine = EchoEngine(float(os.environ.get("SR3D_ECHO_TOKEN_DELAY_S", "0")))
+    engine = EchoEngine(float(os.environ.get("SR3D_ECHO_TOKEN_DELAY_S", "0")),
+                        float(os.environ.get("SR3D_ECHO_FIRST_TOKEN_DELAY_S", "0")))
     await engine.start()
     backend = await asyncio.to_thread(make_pointmap_backend, settings)
     pipeline = Pipeline(settings, make_blob_store(settings, redis), backend)

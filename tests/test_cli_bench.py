@@ -30,7 +30,7 @@ def sr3d(*argv: str, hide: tuple[str, ...] = ()) -> subprocess.CompletedProcess[
 def test_bench_is_a_command_where_the_benchmarks_can_be_imported() -> None:
     r = sr3d("bench", "--help")
     assert r.returncode == 0, r.stderr
-    assert "{model,media,engine,service,queue,workers,pipeline,blobs,measure,peer}" in r.stdout
+    assert "{model,media,engine,service,queue,workers,pipeline,blobs,ceiling,measure,peer}" in r.stdout
 
 
 def test_bench_without_the_benchmarks_says_so_in_one_line_and_exits_2() -> None:

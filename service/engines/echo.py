@@ -20,8 +20,11 @@ ANSWER_WORDS = ("The", " region", " is", " about", " one", " metre", " away", ".
 class EchoEngine:
     name = "echo"
 
-    def __init__(self, token_delay_s: float = 0.0) -> None:
+    def __init__(self, token_delay_s: float = 0.0, first_token_delay_s: float = 0.0) -> None:
         self.token_delay_s = token_delay_s
+        # A GPU's time to first token (prefill and its queue): keeps as many jobs in flight as a real
+        # deployment at the same request rate, which is what the gateway's and Redis's costs depend on.
+        self.first_token_delay_s = first_token_delay_s
         self.ready = False
         self._aborted: set[str] = set()
 
@@ -31,6 +34,8 @@ class EchoEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
         n = max(1, request.params.max_tokens)
         prompt = len(request.query.question.split())
+        if self.first_token_delay_s:
+            await asyncio.sleep(self.first_token_delay_s)
         for i in range(n):
             if request.request_id in self._aborted:
                 self._aborted.discard(request.request_id)
