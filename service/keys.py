@@ -23,6 +23,10 @@ import hashlib
 JOBS = "sr3d:jobs"
 GROUP = "sr3d-workers"
 DLQ = "sr3d:dlq"
+# Sorted sets of job hash keys scored by the job's max-age deadline, kept by the job scripts (records.py,
+# terminal.py): jobs queued or running (the queue cap), and those not started yet (a new job's position).
+OUTSTANDING = "sr3d:jobs:outstanding"
+WAITING = "sr3d:jobs:waiting"
 BLOB_PREFIX = "sr3d:blob:"
 
 

@@ -21,7 +21,9 @@ The ledger is two Redis keys per key (service/keys.py): a sorted set of what it 
 happens, and a hash of each entry's bytes. A job's entry leaves when the job is terminal (its blobs
 are deleted then) or gone; a file's when it is deleted or expires. Entries are checked and
 reserved in one Lua call, so concurrent requests of one key cannot both take the last slot; the
-job-status pruning before it reads at most SR3D_QUOTA_JOBS job hashes.
+same call first drops the key's ended jobs (at most SR3D_QUOTA_JOBS job hashes read, in Redis).
+Multipart bodies with a Content-Length are checked against it (an upper bound on their files)
+before they are read: an 8 MiB upload past the quota is refused before its bytes are received.
 """
 from __future__ import annotations
 
@@ -30,9 +32,9 @@ import math
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import redis.asyncio as aioredis
 
@@ -48,8 +50,14 @@ _RESERVE = """
 local held, sizes = KEYS[1], KEYS[2]
 local member, nbytes, deadline = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local prefix, max_count, max_bytes, ttl = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local pending = ARGV[8]
+local pending, job_prefix = ARGV[8], ARGV[10]
 redis.call('ZREMRANGEBYSCORE', held, '-inf', ARGV[9])
+for _, m in ipairs(redis.call('ZRANGE', held, 0, -1)) do
+  if string.sub(m, 1, 4) == 'job:' then
+    local st = redis.call('HGET', job_prefix .. string.sub(m, 5), 'status')
+    if not st or st == 'done' or st == 'failed' or st == 'cancelled' then redis.call('ZREM', held, m) end
+  end
+end
 local flat = redis.call('HGETALL', sizes)
 local total, count = 0, 0
 for i = 1, #flat, 2 do
@@ -71,9 +79,23 @@ redis.call('EXPIRE', sizes, ttl)
 return {0, tostring(count + 1), tostring(total + nbytes)}
 """
 
+# A request body's Content-Length is an upper bound on the bytes of the files in it; these many bytes
+# of it may be multipart framing and text fields (boundaries, part headers, question, regions).
+FRAMING_BYTES = 64 * 1024
+
+
+def declared_length(headers: Mapping[str, str]) -> int | None:
+    """The body's Content-Length, None when absent or unreadable (chunked: counted as it arrives)."""
+    try:
+        value = int(headers.get("content-length", ""))
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
 
 class Ledger:
-    """Files, bytes and jobs held per key, in Redis."""
+    """Files, bytes and jobs held per key, in Redis. Each check-and-reserve is one round trip (one Lua
+    call that also drops the key's ended jobs), so a tenant's request waits one event-loop turn for it."""
 
     def __init__(self, redis: aioredis.Redis, settings: GatewaySettings) -> None:
         self.redis = redis
@@ -81,29 +103,31 @@ class Ledger:
         self._script = redis.register_script(_RESERVE)
 
     # ---- files -----------------------------------------------------------------------------------
-    async def reserve_file(self, bucket: str | None, file_id: str, nbytes: int, expires_at: float) -> None:
+    async def reserve_file(self, bucket: str | None, file_id: str, nbytes: int, expires_at: float,
+                           *, declared: bool = False) -> bool:
+        """Reserve `nbytes` for a file. `declared`: nbytes is the request's Content-Length, before its
+        body is read: refused at once when even its file part alone could not fit (the client is
+        answered before it sends the rest), False (nothing reserved: reserve the exact size once the
+        body is read) when only the framing makes it over. Then the entry holds the upper bound until
+        `settle` (service/api/openai_media.py writes the exact size with the file's metadata)."""
         if bucket is None:
-            return
-        await self._prune_jobs(bucket)  # finished jobs' uploads are gone: they no longer count as bytes held
-        await self._reserve(bucket, f"file:{file_id}", nbytes, expires_at, "file:", self.settings.quota_files,
-                            "files_quota_exceeded", "stored files")
+            return True
+        return await self._reserve(bucket, f"file:{file_id}", nbytes, expires_at, "file:", self.settings.quota_files,
+                                   "files_quota_exceeded", "stored files", declared=declared)
 
     # ---- jobs ------------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def job_slot(self, bucket: str | None, nbytes: int) -> AsyncIterator[JobSlot]:
-        """Room for one job of `nbytes` of uploads, reserved before they are stored. Inside, call
-        `slot.bind(job_id, created)` once the job is queued; any exception (or no bind) frees it."""
-        if bucket is None:
-            yield JobSlot(self, None, "", nbytes)
-            return
-        await self._prune_jobs(bucket)
-        slot = JobSlot(self, bucket, f"pending:{uuid.uuid4().hex}", nbytes)
-        await self._reserve(bucket, slot.member, nbytes, time.time() + PENDING_S, "job:", self.settings.quota_jobs,
-                            "jobs_quota_exceeded", "jobs queued or running")
+    async def job_slot(self, bucket: str | None, nbytes: int | None = None) -> AsyncIterator[JobSlot]:
+        """Room for one job, reserved before its uploads are stored: for `nbytes` here, or later with
+        `slot.reserve`. Inside, call `slot.bind(job_id, created)` once the job is queued; any exception
+        (or no bind) frees it."""
+        slot = JobSlot(self, bucket, f"pending:{uuid.uuid4().hex}", 0)
         try:
+            if nbytes is not None:
+                await slot.reserve(nbytes)
             yield slot
         finally:
-            if not slot.bound:
+            if slot.reserved and not slot.bound and bucket is not None:
                 await self.release(bucket, slot.member)
 
     async def _bind(self, slot: JobSlot, job_id: str) -> None:
@@ -118,19 +142,6 @@ class Ledger:
             pipe.expire(tenant_bytes_key(slot.bucket), self._ttl())
             await pipe.execute()
 
-    async def _prune_jobs(self, bucket: str) -> None:
-        """Drop the jobs of `bucket` that are terminal or gone: their uploads were deleted then."""
-        members = [m for m in await self.redis.zrange(tenant_held_key(bucket), 0, -1) if m.startswith("job:")]
-        if not members:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for m in members:
-                pipe.hget(job_key(m[4:]), "status")
-            statuses = await pipe.execute()
-        gone = [m for m, st in zip(members, statuses) if st is None or st in ("done", "failed", "cancelled")]
-        if gone:
-            await self.release(bucket, *gone)
-
     # ---- shared ----------------------------------------------------------------------------------
     async def release(self, bucket: str | None, *members: str) -> None:
         if bucket is None:
@@ -141,19 +152,26 @@ class Ledger:
                 pipe.hdel(tenant_bytes_key(bucket), *members)
                 await pipe.execute()
 
+    def settle(self, pipe: Any, bucket: str | None, member: str, nbytes: int) -> None:
+        """Queue, in the caller's pipeline, the exact size of an entry reserved at an upper bound."""
+        if bucket is not None:
+            pipe.hset(tenant_bytes_key(bucket), member, nbytes)
+
     def _ttl(self) -> int:
         return max(self.settings.job_max_age_s, self.settings.files_ttl_s, PENDING_S) + 60
 
     async def _reserve(self, bucket: str, member: str, nbytes: int, deadline: float, prefix: str, max_count: int,
-                       count_code: str, what: str) -> None:
+                       count_code: str, what: str, *, declared: bool = False) -> bool:
         now = time.time()
         verdict, count, total = await self._script(
             keys=[tenant_held_key(bucket), tenant_bytes_key(bucket)],
             args=[member, nbytes, repr(deadline), prefix, max_count, self.settings.quota_stored_bytes, self._ttl(),
-                  "pending:" if prefix == "job:" else "\0", repr(now)])
+                  "pending:" if prefix == "job:" else "\0", repr(now), job_key("")])
         verdict = int(verdict)
         if verdict == 0:
-            return
+            return True
+        if verdict == 2 and declared and int(total) + max(0, nbytes - FRAMING_BYTES) <= self.settings.quota_stored_bytes:
+            return False  # the files themselves may fit: decide on their exact size
         retry = str(await self._retry_after(bucket, prefix, now))
         if verdict == 1:
             raise ApiError(count_code, f"this API key holds {count} {what}, its quota is {max_count}; "
@@ -178,10 +196,27 @@ class JobSlot:
     bucket: str | None  # None: no tenant, nothing reserved
     member: str
     nbytes: int
+    reserved: bool = False
     bound: bool = False
 
-    async def bind(self, job_id: str, created: bool) -> None:
-        """The reservation becomes the job's (created) or is freed (an idempotent replay: no new job)."""
+    async def reserve(self, nbytes: int, *, declared: bool = False) -> bool:
+        """Reserve the job's place and `nbytes` (see Ledger.reserve_file for `declared`). True once
+        reserved; False (declared only) when the exact size must decide."""
+        if self.bucket is None:
+            self.reserved = True
+            return True
+        self.reserved = await self.ledger._reserve(
+            self.bucket, self.member, nbytes, time.time() + PENDING_S, "job:", self.ledger.settings.quota_jobs,
+            "jobs_quota_exceeded", "jobs queued or running", declared=declared)
+        if self.reserved:
+            self.nbytes = nbytes
+        return self.reserved
+
+    async def bind(self, job_id: str, created: bool, nbytes: int | None = None) -> None:
+        """The reservation becomes the job's (created, holding `nbytes`: its exact uploads, when it
+        was reserved at the body's Content-Length) or is freed (an idempotent replay: no new job)."""
+        if nbytes is not None:
+            self.nbytes = nbytes
         if created and self.bucket is not None:
             await self.ledger._bind(self, job_id)
             self.bound = True

@@ -207,11 +207,11 @@ def test_idempotency_and_queue_cap(redis_url: str) -> None:
         with pytest.raises(QueueFull) as e:
             await q.submit(spec())
         assert e.value.retry_after_s == 3 and e.value.cap == 2
-        # Claimed-but-unacked jobs still count against the cap; acked ones free it.
+        # Claimed (running) jobs still count against the cap; a job that ends frees its place.
         deliveries = await q.claim("w1", 2, 10)
         with pytest.raises(QueueFull):
             await q.submit(spec())
-        await q.queue.ack(deliveries[0].entry_id)
+        await q.terminal.finish(deliveries[0].job.job_id, "done", {"answer": "a"}, entry_id=deliveries[0].entry_id)
         assert (await q.submit(spec()))[1] is True
 
     run(redis_url, body, queue_max=2, retry_after_s=3)

@@ -11,7 +11,7 @@ from service.api.errors import ERROR_RESPONSES
 from service.api.submission import replayed_job, request_hash, store_and_submit, wait_for_terminal
 from service.api.upload import SUBMIT_BODY, parse_submit
 from service.errors import ApiError
-from service.quotas import files_size
+from service.quotas import declared_length, files_size
 from service.schemas import JobStatus, JobView, SubmitResponse
 from service.sse import check_stream_room, sse_response, subscribe
 from service.stream_hub import parse_event_id
@@ -39,22 +39,29 @@ async def submit(
     idem = request.headers.get("idempotency-key")
     if idem is not None and not (1 <= len(idem) <= 255):
         raise ApiError("bad_idempotency_key", "Idempotency-Key must be 1..255 characters")
-    with gw.uploads.hold(caller.tenant):  # per-key bodies in flight (SR3D_QUOTA_UPLOADS, service/quotas.py)
-        sub = await parse_submit(request, settings)
     wants_stream = stream or "text/event-stream" in request.headers.get("accept", "")
-    if wants_stream or wait:
-        check_stream_room(gw.hub, caller.tenant)
+    # Per-key quotas (service/quotas.py): jobs in flight and bytes held, reserved before storing; against
+    # the body's Content-Length before it is read (not for an Idempotency-Key: a replay needs no room).
+    declared = None if idem is not None else declared_length(request.headers)
+    async with gw.ledger.job_slot(caller.tenant) as slot:
+        with gw.uploads.hold(caller.tenant):  # per-key bodies in flight (SR3D_QUOTA_UPLOADS)
+            if declared is not None:
+                await slot.reserve(declared, declared=True)
+            sub = await parse_submit(request, settings)
+        if wants_stream or wait:
+            check_stream_room(gw.hub, caller.tenant)
 
-    # A repeat of a known key (with the same request) skips storing the uploads again.
-    # Hashing re-reads the uploads (up to SR3D_MAX_UPLOAD_MB): off the event loop.
-    req_hash = await asyncio.to_thread(request_hash, sub) if idem else None
-    job_id = await replayed_job(gw, idem, caller, req_hash)
-    created = False
-    if job_id is None:
-        # Per-key quotas (service/quotas.py): jobs in flight and bytes held, reserved before storing.
-        async with gw.ledger.job_slot(caller.tenant, files_size(sub.media, sub.scene, *sub.masks.values())) as slot:
+        # A repeat of a known key (with the same request) skips storing the uploads again.
+        # Hashing re-reads the uploads (up to SR3D_MAX_UPLOAD_MB): off the event loop.
+        req_hash = await asyncio.to_thread(request_hash, sub) if idem else None
+        job_id = await replayed_job(gw, idem, caller, req_hash)
+        created = False
+        if job_id is None:
+            nbytes = files_size(sub.media, sub.scene, *sub.masks.values())
+            if not slot.reserved:
+                await slot.reserve(nbytes)
             job_id, created = await store_and_submit(gw, sub, caller, idem, req_hash)
-            await slot.bind(job_id, created)
+            await slot.bind(job_id, created, nbytes)
     headers = {"Location": f"/v1/spatial-qa/{job_id}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"

@@ -35,7 +35,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.api.deps import Caller, GatewayState, authenticate, rate_limited, state
 from service.api.errors import openai_error_body, status_for
 from service.api.json_body import parse_bounded, read_body
-from service.api.openai_media import MEDIA_SCHEME, check_referenced_bytes, delete_file, file_meta, open_media, store_file
+from service.api.openai_media import (
+    MEDIA_SCHEME,
+    check_referenced_bytes,
+    delete_file,
+    file_meta,
+    new_file_id,
+    open_media,
+    reserve_declared,
+    store_file,
+)
 from service.api.openai_schemas import (
     AssistantMessage,
     ChatCompletion,
@@ -56,6 +65,7 @@ from service.api.openai_schemas import (
 from service.api.submission import Submission, check_fields, replayed_job, store_and_submit, wait_for_terminal
 from service import metrics
 from service.errors import ApiError
+from service.quotas import declared_length
 from service.schemas import JobStatus, JobView, Usage
 from service.sse import SSE_HEADERS, SubscriptionResponse, check_stream_room, subscribe
 from service.stream_hub import Subscription
@@ -150,17 +160,28 @@ async def list_models(_: Caller = Depends(authenticate), gw: GatewayState = Depe
 async def upload_file(request: Request, caller: Caller = Depends(rate_limited), gw: GatewayState = Depends(state)) -> FileObject:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise OpenAIError("unsupported_media_type", "send multipart/form-data with `file` and `purpose`")
-    with gw.uploads.hold(caller.tenant):  # per-key bodies in flight (SR3D_QUOTA_UPLOADS)
-        form = await request.form(max_files=1, max_fields=1, max_part_size=1024)
-    unknown = set(form.keys()) - {"file", "purpose"}
-    if unknown:
-        raise OpenAIError("unsupported_parameter", f"unsupported fields {sorted(unknown)}", param=sorted(unknown)[0])
-    upload, purpose = form.get("file"), form.get("purpose")
-    if upload is None or isinstance(upload, str):
-        raise OpenAIError("invalid_parameter", "a `file` part is required", param="file")
-    if purpose not in FILE_PURPOSES:
-        raise OpenAIError("invalid_parameter", f"purpose must be one of {list(FILE_PURPOSES)}", param="purpose")
-    return FileObject.model_validate(await store_file(gw, caller, upload, str(purpose)))
+    file_id, reserved = new_file_id(), False
+    try:
+        with gw.uploads.hold(caller.tenant):  # per-key bodies in flight (SR3D_QUOTA_UPLOADS)
+            # The key's quotas against the body's Content-Length before it is read: an upload past them
+            # is answered before its bytes arrive (service/quotas.py).
+            declared = declared_length(request.headers)
+            if declared is not None:
+                reserved = await reserve_declared(gw, caller, file_id, declared)
+            form = await request.form(max_files=1, max_fields=1, max_part_size=1024)
+        unknown = set(form.keys()) - {"file", "purpose"}
+        if unknown:
+            raise OpenAIError("unsupported_parameter", f"unsupported fields {sorted(unknown)}", param=sorted(unknown)[0])
+        upload, purpose = form.get("file"), form.get("purpose")
+        if upload is None or isinstance(upload, str):
+            raise OpenAIError("invalid_parameter", "a `file` part is required", param="file")
+        if purpose not in FILE_PURPOSES:
+            raise OpenAIError("invalid_parameter", f"purpose must be one of {list(FILE_PURPOSES)}", param="purpose")
+    except BaseException:
+        if reserved:
+            await gw.ledger.release(caller.tenant, f"file:{file_id}")
+        raise
+    return FileObject.model_validate(await store_file(gw, caller, upload, str(purpose), file_id, reserved))
 
 
 @router.get("/files/{file_id}", response_model=FileObject, summary="An uploaded file's metadata")

@@ -133,38 +133,57 @@ async def check_referenced_bytes(gw: GatewayState, caller: Caller, urls: list[st
 # POST /v1/files: media stored once, referenced by later requests (a 100 MB video is not base64 in JSON)
 
 
-async def store_file(gw: GatewayState, caller: Caller, upload: UploadFile, purpose: str) -> dict[str, str | int]:
-    """Store an uploaded image or video for this API key; returns its metadata (FileObject fields)."""
-    head = await upload.read(HEAD_BYTES)
-    await upload.seek(0)
-    family = sniff(head)
-    if family not in FILENAME:
-        raise ApiError("unsupported_media_type", f"file content is {family or 'unknown'}, not png, jpeg, mp4/mov or webm/mkv")
-    file_id = f"file-{uuid.uuid4().hex}"
-    ttl = gw.settings.files_ttl_s
-    now = int(time.time())
-    # The key's quotas (files, bytes held: service/quotas.py) before the bytes reach the shared store:
-    # one key's uploads filled the store's high-water mark and refused every other key (issue 30 item 1).
-    await gw.ledger.reserve_file(caller.tenant, file_id, files_size(upload.file), now + ttl)
+def new_file_id() -> str:
+    return f"file-{uuid.uuid4().hex}"
+
+
+async def reserve_declared(gw: GatewayState, caller: Caller, file_id: str, declared: int) -> bool:
+    """The key's file quotas against the upload's Content-Length, before the body is read (see
+    Ledger.reserve_file): True when `declared` bytes are reserved for `file_id`."""
+    return await gw.ledger.reserve_file(caller.tenant, file_id, declared, time.time() + gw.settings.files_ttl_s,
+                                        declared=True)
+
+
+async def store_file(gw: GatewayState, caller: Caller, upload: UploadFile, purpose: str, file_id: str | None = None,
+                     reserved: bool = False) -> dict[str, str | int]:
+    """Store an uploaded image or video for this API key; returns its metadata (FileObject fields).
+    `reserved`: `file_id`'s quota entry was reserved at the body's Content-Length (the exact size is
+    written with the metadata); otherwise it is reserved here at the file's size."""
+    file_id = file_id or new_file_id()
+    member = f"file:{file_id}"
     try:
-        size = await gw.blobs.put(keys.file_blob(file_id), upload.file, ttl)
-    except BlobTooLarge as e:
-        await gw.ledger.release(caller.tenant, f"file:{file_id}")
-        raise ApiError("upload_too_large", str(e)) from None
+        head = await upload.read(HEAD_BYTES)
+        await upload.seek(0)
+        family = sniff(head)
+        if family not in FILENAME:
+            raise ApiError("unsupported_media_type",
+                           f"file content is {family or 'unknown'}, not png, jpeg, mp4/mov or webm/mkv")
+        ttl = gw.settings.files_ttl_s
+        now = int(time.time())
+        # The key's quotas (files, bytes held: service/quotas.py) before the bytes reach the shared store:
+        # one key's uploads filled the store's high-water mark and refused every other key (issue 30 item 1).
+        if not reserved:
+            await gw.ledger.reserve_file(caller.tenant, file_id, files_size(upload.file), now + ttl)
+        reserved = True
+        try:
+            size = await gw.blobs.put(keys.file_blob(file_id), upload.file, ttl)
+        except BlobTooLarge as e:
+            raise ApiError("upload_too_large", str(e)) from None
+        meta: dict[str, str | int] = {"id": file_id, "owner": caller.key_id or "", "family": family, "bytes": size,
+                                      "created_at": now, "expires_at": now + ttl, "purpose": purpose,
+                                      "filename": (upload.filename or FILENAME[family]).rsplit("/", 1)[-1][:200]}
+        try:
+            async with gw.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(keys.file_key(file_id), mapping=meta)
+                pipe.expire(keys.file_key(file_id), ttl)
+                gw.ledger.settle(pipe, caller.tenant, member, size)
+                await pipe.execute()
+        except BaseException:
+            await gw.blobs.delete(keys.file_blob(file_id))
+            raise
     except BaseException:
-        await gw.ledger.release(caller.tenant, f"file:{file_id}")
-        raise
-    meta: dict[str, str | int] = {"id": file_id, "owner": caller.key_id or "", "family": family, "bytes": size,
-                                  "created_at": now, "expires_at": now + ttl, "purpose": purpose,
-                                  "filename": (upload.filename or FILENAME[family]).rsplit("/", 1)[-1][:200]}
-    try:
-        async with gw.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.file_key(file_id), mapping=meta)
-            pipe.expire(keys.file_key(file_id), ttl)
-            await pipe.execute()
-    except BaseException:
-        await gw.blobs.delete(keys.file_blob(file_id))
-        await gw.ledger.release(caller.tenant, f"file:{file_id}")
+        if reserved:
+            await gw.ledger.release(caller.tenant, member)
         raise
     return meta
 

@@ -5,6 +5,7 @@ its cancel flag. Its end: `service.jobs.terminal`. Fields: `service.jobs.view`.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,8 @@ import redis.asyncio as aioredis
 
 from service.jobs.events import Event, entry_fields, event_from_entry
 from service.jobs.view import spec_or_none, view_of
-from service.keys import JOBS, events_key, idem_key, job_key
+from service.jobs.work_queue import QueueFull
+from service.keys import JOBS, OUTSTANDING, WAITING, events_key, idem_key, job_key
 from service.schemas import JobSpec, JobView
 from service.settings import StoreSettings
 
@@ -28,9 +30,15 @@ class IdempotencyKeyReused(Exception):
 
 
 # Store a new job atomically with its Idempotency-Key, so the key never names a job that was not
-# stored (a crash between the two would leave a key to nothing). KEYS: idem (or ""), job hash, events,
-# jobs stream. ARGV: spec, created_at, queued-event data, job_max_age_s, jobs maxlen, job_id, idem value.
-# Returns {0, existing idem value} when the key is taken, {1, entry id} when the job was stored.
+# stored (a crash between the two would leave a key to nothing), after checking the queue's room in
+# the same script (two submits cannot both take the last place). KEYS: idem (or ""), job hash,
+# events, jobs stream, outstanding, waiting (service/keys.py). ARGV: spec, created_at, queued-event
+# data up to its position, job_max_age_s, jobs maxlen, job_id, idem value, queue_max, now, deadline.
+# Returns {0, existing idem value} when the key is taken, {2, outstanding} when the queue is full,
+# {1, entry id} when the job was stored. Room = jobs queued or running: the outstanding set, from
+# which the terminal writer removes a job when it ends and whose entries lapse with the job's max age
+# (a record that expired unfinished), so counting it is O(1) on any Redis version (6.2 has no
+# XINFO GROUPS lag; counting the stream read every entry after the group's last delivered id).
 # A script that fails half-way does not roll back: the key is written last, so an error leaves no
 # key naming a job that was never queued (a retry with the same key then submits afresh).
 _CREATE = """
@@ -38,17 +46,25 @@ if KEYS[1] ~= '' then
   local existing = redis.call('GET', KEYS[1])
   if existing then return {0, existing} end
 end
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[9])
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[9])
+local outstanding = redis.call('ZCARD', KEYS[5])
+if outstanding >= tonumber(ARGV[8]) then return {2, tostring(outstanding)} end
+local position = redis.call('ZCARD', KEYS[6])
 redis.call('HSET', KEYS[2], 'spec', ARGV[1], 'status', 'queued', 'created_at', ARGV[2], 'attempts', 0)
 if KEYS[1] ~= '' then redis.call('HSET', KEYS[2], 'idem', KEYS[1]) end
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('XADD', KEYS[3], '*', 'type', 'queued', 'data', ARGV[3])
+redis.call('XADD', KEYS[3], '*', 'type', 'queued', 'data', ARGV[3] .. position .. '}')
 redis.call('EXPIRE', KEYS[3], ARGV[4])
 local entry = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'job_id', ARGV[6])
+redis.call('ZADD', KEYS[5], ARGV[10], KEYS[2])
+redis.call('ZADD', KEYS[6], ARGV[10], KEYS[2])
 if KEYS[1] ~= '' then redis.call('SET', KEYS[1], ARGV[7], 'EX', ARGV[4]) end
 return {1, entry}
 """
 
-# Compare-and-set queued|running -> running (running: taken over from a dead worker).
+# Compare-and-set queued|running -> running (running: taken over from a dead worker); a started job
+# no longer waits (KEYS[3]: the waiting set, service/keys.py).
 # Returns {"started", progress so far}, {"ended", terminal event id, type, data} when the job's log
 # already ends (a redelivery after the answer), {"cancel"} when a cancel came first, {"gone"} when
 # the record is missing or finished.
@@ -64,6 +80,7 @@ end
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then return {'cancel'} end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'consumer', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('ZREM', KEYS[3], KEYS[1])
 return {'started', redis.call('HGET', KEYS[1], 'progress') or ''}
 """
 
@@ -100,22 +117,35 @@ class JobRecords:
         raw = await self.redis.get(idem_key(idempotency_key, api_key_id))
         return _idem_job(raw, request_hash) if raw else None
 
-    async def create(self, job: JobSpec, position: int, idempotency_key: str | None,
+    async def create(self, job: JobSpec, idempotency_key: str | None,
                      request_hash: str | None) -> tuple[str, bool]:
         """Store the job, its `queued` event and its work-queue entry, then its Idempotency-Key (one
-        script). (job_id, created); a key already taken returns its job (created False)."""
+        script). (job_id, created); a key already taken returns its job (created False). Raises
+        QueueFull when SR3D_QUEUE_MAX jobs are queued or running."""
         ikey = idem_key(idempotency_key, job.api_key_id) if idempotency_key else None
         # The first event names the job: a client that cannot read response headers (a browser
-        # EventSource) learns the id to resume with from the stream itself.
-        queued = json.dumps({"job_id": job.job_id, "position": position})
+        # EventSource) learns the id to resume with from the stream itself. The script appends the
+        # position (jobs not started yet, ahead of this one) and the closing brace.
+        queued = json.dumps({"job_id": job.job_id})[:-1] + ', "position": '
         idem_value = json.dumps({"job_id": job.job_id, "request": request_hash})
+        now = time.time()
         stored, value = await self._create(
-            keys=[ikey or "", job_key(job.job_id), events_key(job.job_id), JOBS],
+            keys=[ikey or "", job_key(job.job_id), events_key(job.job_id), JOBS, OUTSTANDING, WAITING],
             args=[job.model_dump_json(), repr(job.created_at), queued, self.settings.job_max_age_s,
-                  self.settings.jobs_maxlen, job.job_id, idem_value])
+                  self.settings.jobs_maxlen, job.job_id, idem_value, self.settings.queue_max, repr(now),
+                  repr(now + self.settings.job_max_age_s)])
+        if int(stored) == 2:
+            raise QueueFull(int(value), self.settings.queue_max, self.settings.retry_after_s)
         if not int(stored):  # lost a race for the key to a request that stored its job first
             return _idem_job(value, request_hash), False
         return job.job_id, True
+
+    async def outstanding(self) -> int:
+        """Jobs queued or running, as the queue cap counts them."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(OUTSTANDING, "-inf", repr(time.time()))
+            pipe.zcard(OUTSTANDING)
+            return int((await pipe.execute())[1])
 
     async def get(self, job_id: str) -> JobView | None:
         """The job as GET /v1/spatial-qa/{id} shows it; None if unknown or expired."""
@@ -126,7 +156,7 @@ class JobRecords:
         return spec_or_none(await self.redis.hget(job_key(job_id), "spec"))
 
     async def start(self, job_id: str, consumer: str, now: float) -> Start:
-        res = await self._start(keys=[job_key(job_id), events_key(job_id)], args=[repr(now), consumer])
+        res = await self._start(keys=[job_key(job_id), events_key(job_id), WAITING], args=[repr(now), consumer])
         if res[0] == "started":
             return Start(True, json.loads(res[1]) if res[1] else {})
         if res[0] == "ended":

@@ -57,13 +57,13 @@ class Jobs:
         """Queue a job (its blobs must already be stored). Returns (job_id, created): a repeated
         Idempotency-Key returns the first job's id and created=False; the key is bound to
         `request_hash` (IdempotencyKeyReused when a repeat's hash differs). The key is written in
-        the same script that stores the job and expires with it. Raises QueueFull when lag +
-        pending >= SR3D_QUEUE_MAX (a repeat of an accepted job is answered even then)."""
+        the same script that stores the job and expires with it. Raises QueueFull when
+        SR3D_QUEUE_MAX jobs are queued or running, checked in that script (a repeat of an accepted
+        job is answered even then)."""
         if idempotency_key and (known := await self.records.lookup_idempotent(
                 idempotency_key, job.api_key_id, request_hash)):
             return known, False
-        position = await self.queue.check_room()
-        job_id, created = await self.records.create(job, position, idempotency_key, request_hash)
+        job_id, created = await self.records.create(job, idempotency_key, request_hash)
         if created:
             metrics.JOBS_SUBMITTED.inc()
         return job_id, created

@@ -11,7 +11,8 @@ its worker, a job whose cancel came before its start). One Lua script, atomicall
      reader of the record relies on), finished_at, and start the job's TTL (job_ttl_s) on the
      record, its events, its scene (scene_ttl_s at most) and its Idempotency-Key,
   4. XACK the job's work-queue entry when the caller holds one (acked only with the outcome stored,
-     so a redelivery never reruns a finished job and never finds it unfinished).
+     so a redelivery never reruns a finished job and never finds it unfinished),
+  5. take the job out of the queue's outstanding and waiting sets (the queue cap, records.py).
 Then the job's uploads are deleted (nothing reads them again) and sr3d_jobs_finished_total counts it.
 
 A missing record (expired past job_max_age_s) gets nothing written: the stream would be recreated
@@ -30,7 +31,7 @@ from service import metrics
 from service.blobs import BlobStore
 from service.jobs.events import Event, entry_fields, event_from_entry
 from service.jobs.view import encode, final_state, spec_or_none
-from service.keys import GROUP, JOBS, events_key, job_key, scene_key
+from service.keys import GROUP, JOBS, OUTSTANDING, WAITING, events_key, job_key, scene_key
 from service.schemas import TERMINAL_EVENTS
 from service.settings import StoreSettings
 
@@ -39,7 +40,7 @@ log = logging.getLogger("sr3d.jobs")
 # The one message of a client's cancel, whoever writes it (gateway, or the worker running the job).
 CANCELLED = {"code": "cancelled", "message": "cancelled by the client"}
 
-# KEYS: job hash, events, scene, jobs stream ("" when there is no entry to ack).
+# KEYS: job hash, events, scene, jobs stream ("" when there is no entry to ack), outstanding, waiting.
 # ARGV: mode, event type, event data, job_ttl_s, scene ttl, group, entry id, then field/value pairs.
 # mode "finish": write the event and the final state unless the job has ended already.
 # mode "cancel": a client's cancel. Sets the cancel flag; a queued job then ends here (a running
@@ -56,7 +57,11 @@ local mode = ARGV[1]
 if KEYS[4] ~= '' then redis.call('XACK', KEYS[4], ARGV[6], ARGV[7]) end
 local status = redis.call('HGET', job, 'status')
 local finished = status == 'done' or status == 'failed' or status == 'cancelled'
-if not status then return {'missing', '', '', ''} end
+if not status then
+  redis.call('ZREM', KEYS[5], job)
+  redis.call('ZREM', KEYS[6], job)
+  return {'missing', '', '', ''}
+end
 if mode == 'cancel' and not finished then
   redis.call('HSET', job, 'cancel', '1')
   if status ~= 'queued' then return {'flagged', '', '', ''} end
@@ -87,6 +92,8 @@ redis.call('EXPIRE', events, ttl)
 redis.call('EXPIRE', KEYS[3], math.min(ttl, tonumber(ARGV[5])))
 local idem = redis.call('HGET', job, 'idem')
 if idem then redis.call('EXPIRE', idem, ttl) end
+redis.call('ZREM', KEYS[5], job)
+redis.call('ZREM', KEYS[6], job)
 return {'written', eid, redis.call('HGET', job, 'spec') or '', ''}
 """
 
@@ -152,7 +159,8 @@ class TerminalWriter:
         for name, value in fields.items():
             args += [name, value]
         outcome, eid, a, b = await self._script(
-            keys=[job_key(job_id), events_key(job_id), scene_key(job_id), JOBS if entry_id else ""], args=args)
+            keys=[job_key(job_id), events_key(job_id), scene_key(job_id), JOBS if entry_id else "", OUTSTANDING, WAITING],
+            args=args)
         if outcome == "written":
             metrics.JOBS_FINISHED.labels(status=fields["status"]).inc()
             await self._delete_blobs(job_id, a)

@@ -42,7 +42,8 @@ return lost
 
 
 class QueueFull(Exception):
-    """Outstanding jobs (lag + pending) reached SR3D_QUEUE_MAX; the API answers 429 + Retry-After."""
+    """SR3D_QUEUE_MAX jobs are queued or running (records.py counts them when a job is created); the API
+    answers 429 + Retry-After."""
 
     def __init__(self, outstanding: int, cap: int, retry_after_s: int) -> None:
         super().__init__(f"queue is full ({outstanding} outstanding jobs, cap {cap})")
@@ -80,7 +81,9 @@ class WorkQueue:
                 raise
 
     async def lag_pending(self) -> tuple[int, int]:
-        """(undelivered entries, delivered but not acked)."""
+        """(undelivered entries, delivered but not acked), for the queue gauges. On Redis 6.2 the lag
+        is counted from the stream (O(entries after the last delivered one)); the submit path does
+        not call this (the queue cap counts jobs in records.py)."""
         try:
             groups = await self.redis.xinfo_groups(JOBS)
         except ResponseError:  # no stream yet
@@ -97,13 +100,6 @@ class WorkQueue:
             limit = max(self.settings.queue_max + 1, 1024)
             lag = len(await self.redis.xrange(JOBS, min=f"({group['last-delivered-id']}", max="+", count=limit))
         return int(lag), pending
-
-    async def check_room(self) -> int:
-        """The jobs waiting ahead of a new one; QueueFull when lag + pending >= SR3D_QUEUE_MAX."""
-        lag, pending = await self.lag_pending()
-        if lag + pending >= self.settings.queue_max:
-            raise QueueFull(lag + pending, self.settings.queue_max, self.settings.retry_after_s)
-        return lag
 
     async def stats(self) -> dict[str, int]:
         """{"lag": undelivered jobs, "pending": delivered not acked, "dlq": dead letters}; also
