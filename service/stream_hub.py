@@ -187,6 +187,7 @@ class StreamHub:
         outage_grace_s: float = 30.0,
         page: int = 200,
         max_redis_calls: int = 16,
+        min_read_interval_s: float = 0.005,
     ) -> None:
         self.redis = redis  # ordinary pool: short commands only
         # Catch-up reads of many clients at once (a reconnect storm) must not take the ordinary
@@ -205,6 +206,11 @@ class StreamHub:
         self.idle_check_s = idle_check_s
         self.outage_grace_s = outage_grace_s
         self.page = page
+        # An XREAD names every followed job's stream, so it costs O(jobs) on both sides, and a blocked
+        # read returns on the first event anywhere: one read per event, O(jobs x events) in all. Reads
+        # that found events are spaced this far apart, so each carries every event written meanwhile
+        # (a few ms of delay against a worker's 30 ms token coalescing).
+        self.min_read_interval_s = min_read_interval_s
         self._jobs: dict[str, _Job] = {}
         self._count = 0
         self._changed = asyncio.Event()
@@ -347,6 +353,7 @@ class StreamHub:
                 await self._changed.wait()
                 continue
             self._changed.clear()
+            t_read = time.monotonic()
             try:
                 res = await self._xread(live)
                 if self._down_since is not None:
@@ -377,6 +384,8 @@ class StreamHub:
                         sub.push(ev)
                     if ev.terminal:
                         job.done = True
+            if res:
+                await asyncio.sleep(max(0.0, t_read + self.min_read_interval_s - time.monotonic()))
 
 
 def _decode(x: Any) -> Any:

@@ -221,3 +221,37 @@ def test_redis_outage_ends_streams_with_an_error_event(tmp_path: Path) -> None:
         asyncio.run(go())
     finally:
         server.stop()
+
+
+def test_events_of_many_jobs_share_reads(redis_url: str) -> None:
+    """Each XREAD names every followed job's stream (O(jobs) on both sides) and a blocked one returns on
+    the first event anywhere: without spacing, 100 jobs' token events cost one 100-stream read each.
+    The hub spaces its reads (min_read_interval_s), so a read carries every event written meanwhile, and
+    every subscriber still gets all of its job's events, in order."""
+    jobs = [f"m{i}" for i in range(100)]
+    n_tokens = 4
+
+    async def body(r: Any, q: Jobs, hub: StreamHub) -> None:
+        for j in jobs:
+            await _new_job(r, j)
+        subs = [hub.subscribe(j) for j in jobs]
+        tasks = [asyncio.create_task(_collect(s)) for s in subs]
+        for s in subs:
+            await _caught_up(r, s.job_id, s)
+        await _reader_blocked(r)
+        xreads = await command_calls(r, "xread")
+        for i in range(n_tokens):
+            for j in jobs:  # interleaved across jobs, ~1 ms apart: a live deployment's token stream
+                await r.xadd(events_key(j), {"type": "token", "data": f'{{"text": "t{i}"}}'})
+                await asyncio.sleep(0.001)
+        for j in jobs:
+            await q.append_event(j, "done", {"answer": "x"})
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        for res in results:
+            assert [e.type for e in res] == ["queued"] + ["token"] * n_tokens + ["done"]
+            assert [e.data["text"] for e in res[1:-1]] == [f"t{i}" for i in range(n_tokens)]
+        reads = await command_calls(r, "xread") - xreads
+        events = len(jobs) * (n_tokens + 1)
+        assert reads <= events / 2, f"{reads} XREADs for {events} events of {len(jobs)} jobs"
+
+    _run(redis_url, body)
