@@ -60,13 +60,13 @@ def test_break_rule() -> None:
 
 def test_tiny_ramp_through_the_real_stack(tmp_path) -> None:
     out = tmp_path / "out"
-    args = _args(rates="3,6", duration=2.0, upload_mb=1.0, blob_stores="redis", workers=1, worker_concurrency=16,
+    args = _args(rates="3,6", duration=2.0, upload_mb="1", blob_stores="redis", workers=1, worker_concurrency=16,
                  max_tokens=8, token_delay_s=0.005, first_token_delay_s=0.2, max_p99_ratio=1000.0, out=str(out))
     assert bc.run(args) == 0
     report = json.loads((out / "ceiling.json").read_text())
     assert (out / "ceiling.png").stat().st_size > 0
     (run,) = report["runs"]
-    assert run["blob_store"] == "redis" and run["upload_bytes"] == 1_000_000
+    assert run["blob_store"] == "redis" and run["upload_mb"] == 1.0 and run["upload_bytes"] == 1_000_000
     assert [lv["offered_req_per_s"] for lv in run["levels"]] == [3.0, 6.0]
     for lv in run["levels"]:
         assert lv["requests"] > 0 and lv["done"] == lv["requests"] and lv["error_rate"] == 0 and not lv["problems"]
