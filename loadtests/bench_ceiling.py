@@ -17,8 +17,9 @@ here), and follows its events over SSE to the terminal one (the streamed POST, a
 
 Measured per level: achieved req/s, upload MB/s accepted, SSE events/s delivered, p50/p99 of the upload
 (submit -> accepted), TTFT and e2e, errors; CPU seconds of every process (/proc/<pid>/stat utime+stime
-before/after: gateway, redis-server, the workers together, this load client) per request and per event,
-and cores busy. The ramp stops at the first level that breaks (error rate over --max-error-rate, or e2e
+before/after: gateway, redis-server, the workers together, this load client) per request and per event
+delivered (all of the process's work divided by the events, uploads included: an upper bound on what an
+event costs), and cores busy over the level's wall time. The ramp stops at the first level that breaks (error rate over --max-error-rate, or e2e
 p99 over --max-p99-ratio x the first level's). `ceiling` extrapolates per process: one core / CPU seconds
 per request (gateway and Redis each run one event loop on one core), and names the process that runs out
 first. Prints JSON; --out DIR writes DIR/ceiling.json and DIR/ceiling.png.
@@ -341,7 +342,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.5))
     top = max(report["config"]["rates"])
     a.plot([0, top], [0, top], color="grey", ls=":", lw=1, label="offered")
     for run_ in report["runs"]:
@@ -351,12 +352,16 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         a.plot(xs, [x["req_per_s"] for x in lv], marker="o", label=tag)
         b.plot(xs, [x["e2e_s"]["p99"] or 0 for x in lv], marker="o", label=f"{tag} e2e p99")
         b.plot(xs, [x["upload_s"]["p99"] or 0 for x in lv], marker="x", ls="--", label=f"{tag} upload p99")
-        for name in ("gateway", "redis", "workers", "client"):
-            c.plot(xs, [x["cpu"][name]["cores"] or 0 for x in lv], marker="o", label=f"{tag} {name}")
-    c.axhline(1.0, color="red", ls="--", lw=1, label="one core")
+    names = ("gateway", "redis", "workers", "client")
+    width = 0.8 / max(1, len(report["runs"]))
+    for k, run_ in enumerate(report["runs"]):
+        per = run_.get("ceiling", {}).get("per_process", {})
+        c.bar([i + k * width for i in range(len(names))], [(per.get(n) or {}).get("ms_per_request") or 0 for n in names],
+              width=width, label=f"blobs={run_['blob_store']}, {run_['upload_mb']:g} MB")
+    c.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
     a.set(title="carried vs offered", xlabel="offered req/s", ylabel="req/s done")
     b.set(title="latency (client)", xlabel="offered req/s", ylabel="s")
-    c.set(title="CPU per process", xlabel="offered req/s", ylabel="cores busy")
+    c.set(title="CPU per job (median of the levels that held)", ylabel="ms of CPU per job")
     for ax in (a, b, c):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
