@@ -32,7 +32,7 @@ NOT_SHIPPED = {"loadtests", "tests"}
 # The tests that import the benchmark package, each to test a benchmark or measurement script of it
 # (everything else a test needs comes from service/ or tests/).
 BENCH_TESTS = {
-    "test_bench_peer.py", "test_bench_pipeline.py", "test_bench_workers.py",  # the benches' own logic
+    "test_bench_peer.py", "test_bench_pipeline.py", "test_bench_workers.py", "test_bench_ceiling.py",  # the benches' own logic
     "test_cuda_mps.py",  # loadtests/cuda_mps.py, the pipeline bench's MPS daemon
     "test_throughput_levers.py",  # runs loadtests/depth_error.py and quant_error.py and bounds their errors
     "test_hardening_memory.py",  # runs loadtests/mem_peak.py and bounds the peaks it measures
