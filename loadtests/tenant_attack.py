@@ -242,6 +242,9 @@ def pct(xs: list[float], q: float) -> float:
     return round(s[min(len(s) - 1, int(q * len(s)))] * 1000, 1) if s else float("nan")
 
 
+STREAM_JOB: dict[str, str] = {}  # keyA's job whose event stream its 200 connections follow
+
+
 def attacks(base: str, bomb_url: str, tally: Tally) -> list[tuple[Callable[[], None], bool]]:
     """keyA's repros as (one pass, repeat it): every pass but the mask fan-out (a chat that waits for
     an answer no worker gives) runs again (every --attack-period) until the phase ends, so keyB is
@@ -292,11 +295,9 @@ def attacks(base: str, bomb_url: str, tally: Tally) -> list[tuple[Callable[[], N
             sock_status(s, 10, tally, "1 MiB head")
 
     def streams() -> None:
-        r = req("submit", "POST", "/v1/spatial-qa", files={"image": ("a.png", png(), "image/png")},
-                data={"question": "<region0>?", "regions": '[{"frame":0,"box":[1,1,8,8]}]'})
-        if r is None or r.status_code != 202:
-            return
-        url = f"{base}/v1/spatial-qa/{r.json()['job_id']}/events"
+        # One job for every pass and window, submitted before the attacks (main): a new one per pass was
+        # refused once the upload or job flood held keyA's quotas, and the streams then did not run at all.
+        url = f"{base}/v1/spatial-qa/{STREAM_JOB['id']}/events"
         with contextlib.ExitStack() as stack:
             c = stack.enter_context(httpx.Client(timeout=30, limits=httpx.Limits(max_connections=300)))
             for _ in range(200):
@@ -499,6 +500,12 @@ def main() -> None:
                 return {"records": records, "late": late, "window": (w0, w1), "seconds": t1 - t0,
                         "cpu": {k: cpu1[k] - cpu0[k] for k in cpu0}, "load": (load0, os.getloadavg()[0])}
 
+            # keyA's job for the 200 streams, before anything fills keyA's quotas (its upload flood fills
+            # the bytes it may hold, its job flood the jobs), so that repro runs in every pass of every window.
+            r = httpx.post(f"{base}/v1/spatial-qa", headers={"Authorization": f"Bearer {KEY_A}"}, timeout=30,
+                           files={"image": ("a.png", png(), "image/png")},
+                           data={"question": "<region0>?", "regions": '[{"frame":0,"box":[1,1,8,8]}]'})
+            STREAM_JOB["id"] = r.json()["job_id"]
             # Warm-up, not counted: first-use costs of the gateway process (imports on first use,
             # connection pools, the TLS context of the first remote fetch) are paid once per process.
             window(attack=False, first=False)
