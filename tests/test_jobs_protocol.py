@@ -24,11 +24,10 @@ from service import metrics
 from service.jobs import JobHandle, Jobs
 from service.jobs.view import final_state
 from service.keys import events_key
-from service.redis_conn import redis_client
 from service.schemas import JobStatus
-from service.settings import Settings
 from tests.conftest import run_gateway
 from tests.test_gateway_api import image_form
+from tests.test_gateway_sse import Driver
 from tests.test_queue_redis import run, spec
 
 pytestmark = pytest.mark.timeout(120)
@@ -152,22 +151,8 @@ DONE = {"answer": "about 2 m", "usage": {"prompt_tokens": 7, "completion_tokens"
         "timings": {"total_s": 0.5, "pointmaps_backend": "multiview"}, "region_mode": "marks", "answer_mode": "grounded"}
 
 
-class _Worker:
+class _Worker(Driver):
     """Jobs calls on a private event loop in a thread, as a worker process would make them."""
-
-    def __init__(self, redis_url: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.redis = self.call(self._client(redis_url))
-        self.jobs = Jobs(self.redis, Settings(redis_url=redis_url))
-
-    @staticmethod
-    async def _client(url: str) -> Any:
-        return redis_client(url)
-
-    def call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
 
     def take(self, job_id: str) -> JobHandle:
         [h] = self.call(self.jobs.claim("w1", 1, 1000))
@@ -177,12 +162,6 @@ class _Worker:
     def legacy_done(self, job_id: str) -> None:
         """The `done` event alone, as an older worker wrote it before dying ahead of the record's state."""
         self.call(self.redis.xadd(events_key(job_id), {"type": "done", "data": json.dumps({**DONE, "job_id": job_id})}))
-
-    def close(self) -> None:
-        self.call(self.jobs.aclose())
-        self.call(self.redis.aclose())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 def _waiting_submit(base: str, key: str, worker: _Worker) -> tuple[threading.Thread, dict[str, httpx.Response], str]:
