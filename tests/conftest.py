@@ -80,9 +80,10 @@ import time as _time
 
 
 @_contextlib.contextmanager
-def run_gateway(redis_url: str, **overrides: object) -> Iterator[str]:
+def run_gateway(redis_url: str, *, uvicorn_options: dict[str, object] | None = None, **overrides: object) -> Iterator[str]:
     """Start `create_app(Settings(REDIS_URL=redis_url, **overrides))` under uvicorn in a thread on a
-    free loopback port; yields the base URL and stops the server afterwards."""
+    free loopback port; yields the base URL and stops the server afterwards. `uvicorn_options`
+    replace the default quiet logging (`log_level="warning"`)."""
     import uvicorn
 
     from service.api.app import create_app
@@ -92,7 +93,8 @@ def run_gateway(redis_url: str, **overrides: object) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     settings = Settings(redis_url=redis_url, **overrides)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    options = {"log_level": "warning"} if uvicorn_options is None else uvicorn_options
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, **options))  # type: ignore[arg-type]
     thread = _threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = _time.monotonic() + 20

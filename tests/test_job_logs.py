@@ -14,7 +14,6 @@ import asyncio
 import io
 import json
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -30,6 +29,7 @@ from PIL import Image
 from service.logging import JsonFormatter
 from service.schemas import BoxRegion, GenerationOptions, JobSpec, JobStatus
 from service.settings import Settings
+from tests.conftest import run_gateway
 from tests.test_gateway_api import image_form, png_bytes
 from tests.test_worker_loop import Harness, _run, data_dir  # noqa: F401 - fixture
 
@@ -152,30 +152,10 @@ def uvicorn_lines_to_root() -> Iterator[None]:
             lg.setLevel(level)
 
 
-@contextmanager
-def gateway_with_access_log(redis_url: str, **overrides: Any) -> Iterator[str]:
+def gateway_with_access_log(redis_url: str, **overrides: Any) -> Any:
     """The gateway as `sr3d gateway` runs it: uvicorn's own logging off (log_config=None), so its access
     lines go through the root logger like every other line."""
-    import uvicorn
-
-    from service.api.app import create_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(Settings(redis_url=redis_url, **overrides))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=True))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "gateway did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
+    return run_gateway(redis_url, uvicorn_options={"log_config": None, "access_log": True}, **overrides)
 
 
 def _chat_body() -> dict[str, Any]:
