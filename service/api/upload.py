@@ -16,7 +16,7 @@ from service.schemas import MaskRegion, parse_json_field
 from service.settings import Settings
 
 TEXT_FIELDS = {"question", "regions", "options"}
-# Containers the worker's decoder takes (service/media.py); PyAV probes codecs, sizes and durations there.
+# Containers the worker's decoder takes (service/media/probe.py); PyAV probes codecs, sizes and durations there.
 VIDEO_EXT = FAMILY_EXT["mp4"] | FAMILY_EXT["matroska"]
 IMAGE_EXT = FAMILY_EXT["png"] | FAMILY_EXT["jpeg"]
 MASK_EXT = FAMILY_EXT["png"]
