@@ -1,13 +1,12 @@
 """Parity of the in-house Depth Anything 3 METRIC port (model/geometry/da3/metric_net.py) with the official network.
 
 The numbers in tests/data/da3_metric_parity.json were computed once, outside this repository, by the
-upstream code (repository, commit, environment and command in the file's `official` entry): its `src/`
-on PYTHONPATH in a throwaway directory, the official `DepthAnything3Net` built with the official `DinoV2`
-backbone and `DPT` head at the tiny sizes of the checkpoint `build_tiny_da3_metric(dir, seed=0)` writes,
-loaded from that checkpoint with `load_state_dict(strict=True)` (so the key names are exactly the
-official ones), run on seeded random frames. None of that code is in this repository. The official forward
-includes the sky fill (sky pixels -> 99th percentile of the rest), which every case exercises; the metres
-check uses the official `apply_metric_scaling` (focal = mean of fx and fy, / 300).
+official Depth Anything 3 code (repository, commit, environment and how it ran in the file's `official`
+entry), built at the tiny sizes of the checkpoint `build_tiny_da3_metric(dir, seed=0)` writes and loaded
+from that checkpoint strictly (so the key names are exactly the official ones), run on seeded random
+frames. None of that code is in this repository. The official forward includes the sky fill (sky pixels
+-> 99th percentile of the rest), which every case exercises; the metres check uses the official metric
+scaling (focal = mean of fx and fy, / 300).
 """
 from __future__ import annotations
 
