@@ -107,11 +107,20 @@ async def check_redis_room(redis: aioredis.Redis, size: int, high_water: float) 
     maxmemory. No maxmemory set (0) = no check: the operator chose an unbounded server. Everything
     large that lives in Redis checks it: uploads (RedisBlobStore.put) and finished jobs' 3D scenes
     (service/jobs/scenes.py), so queue, event and job-hash writes always keep the rest."""
-    info = await redis.info("memory")
-    limit = int(info.get("maxmemory", 0) or 0)
-    used = int(info.get("used_memory", 0) or 0)
-    if limit and used + size > high_water * limit:
+    used, limit = await redis_memory(redis)
+    if over_high_water(used, size, limit, high_water):
         raise BlobStoreFull(used, limit)
+
+
+async def redis_memory(redis: aioredis.Redis) -> tuple[int, int]:
+    """Redis's (used_memory, maxmemory) in bytes; maxmemory 0 = unbounded."""
+    info = await redis.info("memory")
+    return int(info.get("used_memory", 0) or 0), int(info.get("maxmemory", 0) or 0)
+
+
+def over_high_water(used: int, size: int, limit: int, high_water: float) -> bool:
+    """Whether `size` more bytes take Redis past high_water x maxmemory (never with no maxmemory)."""
+    return bool(limit) and used + size > high_water * limit
 
 
 class MemoryGauge:
@@ -131,17 +140,18 @@ class MemoryGauge:
         self._used = self._limit = 0
 
     async def _read(self) -> None:
-        info = await self.redis.info("memory")
-        self._limit = int(info.get("maxmemory", 0) or 0)
-        self._used = int(info.get("used_memory", 0) or 0)
+        self._used, self._limit = await redis_memory(self.redis)
         self._read_at = time.monotonic()
+
+    def _over(self, size: int) -> bool:
+        return over_high_water(self._used, size, self._limit, self.high_water)
 
     async def check(self, size: int) -> None:
         if time.monotonic() - self._read_at > self.max_age_s:
             await self._read()
-        if self._limit and self._used + size > self.high_water * self._limit:
+        if self._over(size):
             await self._read()  # refuse on a fresh value only
-            if self._limit and self._used + size > self.high_water * self._limit:
+            if self._over(size):
                 raise BlobStoreFull(self._used, self._limit)
         self._used += size
 
