@@ -6,17 +6,20 @@
   callback of the event loop held it, plus any time the OS did not run the process);
 * request timing: per HTTP request, the time from the ASGI call to the last body byte sent, with
   the path and the key's last 4 characters (server-side latency, without the client's own delays);
+* garbage collections: each one's generation and duration (a full collection stops the loop for as
+  long as it takes to walk every tracked object that is not frozen);
 * a stack sampler: a thread that looks at the event loop thread's Python stack every 2 ms and
   records its innermost frame and the innermost frame of the project's own code (what the loop was
   busy with when a request waited); nothing when the loop waits for I/O.
 
 Everything goes to PROBE_OUT as JSON lines ({"t": wall time, "lag": s} / {"t", "req": path, "key",
-"s", "status"} / {"t", "busy": "service/...:function", "leaf": "package:function"}), flushed every 250 ms, so a reader can split them
+"s", "status"} / {"t", "gc": generation, "s"} / {"t", "busy": "service/...:function", "leaf": "package:function"}), flushed every 250 ms, so a reader can split them
 by the phases of its run. The gateway itself is `service.commands.gateway`'s, unchanged.
 """
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -109,6 +112,19 @@ def stack_sampler(sink: Sink, loop_thread: int, stop: threading.Event) -> None:
         sink.write({"t": time.time(), "busy": ours, "leaf": leaf})
 
 
+def gc_probe(sink: Sink) -> None:
+    """Record every garbage collection's generation and duration (gc.callbacks run on the collecting thread)."""
+    started: list[float] = [0.0]
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            sink.write({"t": time.time(), "gc": info["generation"], "s": round(time.perf_counter() - started[0], 6)})
+
+    gc.callbacks.append(on_gc)
+
+
 def _where(filename: str, root: str) -> str:
     """A short place: the package of a library file, the path of a project file, else the file's name."""
     if "site-packages/" in filename:
@@ -127,6 +143,7 @@ class ProbedServer(uvicorn.Server):
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
         self._lag = asyncio.create_task(lag_probe(self.sink))
+        gc_probe(self.sink)
         threading.Thread(target=stack_sampler, args=(self.sink, threading.get_ident(), self.stop_sampler),
                          daemon=True).start()
 

@@ -386,6 +386,7 @@ def keyb_report(records: list[tuple[str, float, float, int, str]], late: list[fl
 def probe_report(path: Path, windows: list[tuple[float, float]]) -> dict[str, Any]:
     """The gateway probe's records (loadtests/gateway_probe.py) inside the given wall-time windows."""
     lags: list[float] = []
+    collections: dict[int, list[float]] = {}
     server: dict[str, list[float]] = {}
     busy: Counter[str] = Counter()
     leaf: Counter[str] = Counter()
@@ -397,6 +398,8 @@ def probe_report(path: Path, windows: list[tuple[float, float]]) -> dict[str, An
                     continue
                 if "lag" in rec:
                     lags.append(rec["lag"])
+                elif "gc" in rec:
+                    collections.setdefault(rec["gc"], []).append(rec["s"])
                 elif "req" in rec and rec["key"] == KEY_B[-4:]:
                     server.setdefault(rec["req"].split("/file-")[0].split("/spatial-qa/")[0], []).append(rec["s"])
                 elif "busy" in rec:
@@ -406,6 +409,8 @@ def probe_report(path: Path, windows: list[tuple[float, float]]) -> dict[str, An
     samples = sum(busy.values())
     return {
         "loop_lag_ms": {**stats(lags), "over_5ms": sum(1 for x in lags if x > 0.005)},
+        # Garbage collections by generation: count and pause (a full one holds the loop for its whole walk).
+        "gc_pause_ms": {f"gen{g}": {**stats(v), "total": round(sum(v) * 1000, 1)} for g, v in sorted(collections.items())},
         "keyB_server_ms": {k: stats(v) for k, v in sorted(server.items())},
         "keyB_server_all_ms": stats([x for v in server.values() for x in v]),
         # Share of the 2 ms samples in which the loop thread was not waiting for I/O, and where it was.

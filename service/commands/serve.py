@@ -42,6 +42,7 @@ def main(args: argparse.Namespace) -> int:
 async def serve(settings: Settings, host: str, port: int) -> None:
     from service.api.app import create_app
     from service.consumer_name import consumer_name
+    from service.heap import freeze_startup_heap
     from service.http_timeouts import uvicorn_config
     from service.redis_conn import redis_client, start_embedded_redis
     from service.runtime import QuietServer, banner_if_demo, build_worker, install_stop_handlers
@@ -66,6 +67,7 @@ async def serve(settings: Settings, host: str, port: int) -> None:
         await asyncio.wait([build, stop_wait, http_task], return_when=asyncio.FIRST_COMPLETED)
         if build.done() and not stopping.is_set() and not http_task.done():
             runtime = build.result()
+            freeze_startup_heap()  # the engine is loaded: its objects need no more collecting
             log.info("sr3d serve ready on http://%s:%d", host, port)
             print(f"sr3d serve: ready on http://{host}:{port}", flush=True)
             run_task = asyncio.create_task(runtime.worker.run())

@@ -115,6 +115,7 @@ async def run_worker(settings: WorkerSettings, sock: socket.socket, consumer: st
             return EXIT_REDIS
         import uvicorn  # the heavy imports (torch, the engine) only once the cheap checks passed
 
+        from service.heap import freeze_startup_heap
         from service.runtime import QuietServer, build_worker, install_stop_handlers
         from service.worker_http import create_worker_app
         from service.worker_registry import keep_registered, registration, unregister
@@ -143,6 +144,7 @@ async def run_worker(settings: WorkerSettings, sock: socket.socket, consumer: st
                 build.cancel()
                 return EXIT_OK
             runtime = build.result()
+            freeze_startup_heap()  # the engine is loaded: its objects need no more collecting
             run_task = asyncio.create_task(runtime.worker.run())
             await asyncio.wait([run_task, stop_wait, http_task], return_when=asyncio.FIRST_COMPLETED)
             runtime.worker.stop()
