@@ -8,7 +8,7 @@
   the path and the key's last 4 characters (server-side latency, without the client's own delays);
 * garbage collections: each one's generation and duration (a full collection stops the loop for as
   long as it takes to walk every tracked object that is not frozen);
-* a stack sampler: a thread that looks at the event loop thread's Python stack every 2 ms and
+* a stack sampler (unless PROBE_STACKS=0): a thread that looks at the event loop thread's Python stack every 2 ms and
   records its innermost frame and the innermost frame of the project's own code (what the loop was
   busy with when a request waited); nothing when the loop waits for I/O.
 
@@ -135,17 +135,19 @@ def _where(filename: str, root: str) -> str:
 
 
 class ProbedServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, sink: Sink) -> None:
+    def __init__(self, config: uvicorn.Config, sink: Sink, sample_stacks: bool) -> None:
         super().__init__(config)
         self.sink = sink
+        self.sample_stacks = sample_stacks
         self.stop_sampler = threading.Event()
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
         self._lag = asyncio.create_task(lag_probe(self.sink))
         gc_probe(self.sink)
-        threading.Thread(target=stack_sampler, args=(self.sink, threading.get_ident(), self.stop_sampler),
-                         daemon=True).start()
+        if self.sample_stacks:
+            threading.Thread(target=stack_sampler, args=(self.sink, threading.get_ident(), self.stop_sampler),
+                             daemon=True).start()
 
     async def shutdown(self, sockets: Any = None) -> None:
         self.stop_sampler.set()
@@ -157,13 +159,17 @@ class ProbedServer(uvicorn.Server):
 def main() -> int:
     settings = Settings()
     setup_logging(settings.log_level)
-    # The sampler thread takes the GIL when the loop thread releases it (a syscall) or at the switch
-    # interval (5 ms by default): samples would pile up at syscalls. At 0.5 ms they follow the time spent.
-    sys.setswitchinterval(0.0005)
+    # PROBE_STACKS=0 leaves the sampler out: it takes the GIL every 2 ms and forces a switch interval of
+    # 0.5 ms, costs that fall on the loop thread more when it is busier (under attack more than idle).
+    sample_stacks = os.environ.get("PROBE_STACKS", "1") != "0"
+    if sample_stacks:
+        # The sampler thread takes the GIL when the loop thread releases it (a syscall) or at the switch
+        # interval (5 ms by default): samples would pile up at syscalls. At 0.5 ms they follow the time spent.
+        sys.setswitchinterval(0.0005)
     sink = Sink(os.environ["PROBE_OUT"])
     config = uvicorn_config(Timing(create_app(settings), sink), settings, settings.host, settings.port,
                             log_config=None, timeout_graceful_shutdown=10)
-    ProbedServer(config, sink).run()
+    ProbedServer(config, sink, sample_stacks).run()
     return 0
 
 

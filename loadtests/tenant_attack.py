@@ -436,7 +436,14 @@ def main() -> None:
     ap.add_argument("--isolate", action="store_true",
                     help="the gateway, Redis and keyB at niceness -10 (needs root): keyA's client and whatever else "
                          "runs on the machine cannot take their CPU, as if the attacker ran on another machine")
+    ap.add_argument("--no-stacks", action="store_true",
+                    help="run the gateway without the probe's stack sampler (its GIL hand-offs every 2 ms weigh "
+                         "more on a busier loop): latency as a user gets it, without 'where the loop was busy'")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated repros to leave out (function names in attacks(), e.g. streams,huge_chat): "
+                         "which part of the attack costs keyB what")
     args = ap.parse_args()
+    skip = {x for x in args.skip.split(",") if x}
     tally = Tally()
     srv, bomb_url = media_server()
     ncpu = os.cpu_count() or 1
@@ -453,7 +460,8 @@ def main() -> None:
                                            check=False).stdout.strip()
             port = free_port()
             proc = st.start_module("gateway", "loadtests.gateway_probe", {
-                "SR3D_HOST": "127.0.0.1", "SR3D_PORT": str(port), "PROBE_OUT": str(probe_out)})
+                "SR3D_HOST": "127.0.0.1", "SR3D_PORT": str(port), "PROBE_OUT": str(probe_out),
+                "PROBE_STACKS": "0" if args.no_stacks else "1"})
             base = f"http://127.0.0.1:{port}"
             st.wait_ready(base, proc)
             if args.pin:
@@ -484,7 +492,7 @@ def main() -> None:
                                 return
                     # The mask fan-out's chat waits for an answer no worker gives: once, not joined.
                     threads = [threading.Thread(target=loop, args=a, daemon=True, name="repeat" if a[1] else "once")
-                               for a in attacks(base, bomb_url, tally) if a[1] or first]
+                               for a in attacks(base, bomb_url, tally) if (a[1] or first) and a[0].__name__ not in skip]
                     for t in threads:
                         t.start()
                     time.sleep(2)  # every repro under way before keyB's clock starts
@@ -545,6 +553,7 @@ def main() -> None:
         tally.status.update({int(k): v for k, v in ph["status_counts"].items()})
     report = {
         "settings": {"seconds_per_window": args.seconds, "cycles": args.cycles, "rate_rounds_per_s": args.rate,
+                     "skipped": sorted(skip), "stack_sampler": not args.no_stacks,
                      "attack_period_s": args.attack_period, "pinned": args.pin, "isolated": args.isolate,
                      "quota_env": ENV},
         "requests_tried": sum(tally.status.values()),

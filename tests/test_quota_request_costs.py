@@ -20,7 +20,7 @@ from service.keys import tenant_bytes_key
 from tests.conftest import run_gateway
 from tests.test_gateway_api import image_form
 from tests.test_openai_api import png_bytes
-from tests.test_tenant_quotas import KEY_A, KEY_B, assert_quota, auth, upload
+from tests.test_tenant_quotas import KEY_A, KEY_B, assert_quota, auth, submit, upload
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -107,14 +107,17 @@ def test_chunked_uploads_are_still_counted_and_the_exact_size_is_held(redis_url:
 
 
 @contextlib.contextmanager
-def counting_round_trips() -> Iterator[list[int]]:
+def counting_round_trips(sent: list[bytes] | None = None) -> Iterator[list[int]]:
     """Counts what the gateway's redis.asyncio clients send (one send = one round trip: a command, a
-    pipeline or a script call) in this process."""
+    pipeline or a script call) in this process; `sent` collects each send's bytes (its head, 256 bytes)."""
     count = [0]
     original = AbstractConnection.send_packed_command
 
     async def counted(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
         count[0] += 1
+        if sent is not None:
+            parts = [command] if isinstance(command, (bytes, str)) else list(command)
+            sent.append(b"".join(p.encode() if isinstance(p, str) else bytes(p) for p in parts)[:256])
         await original(self, command, check_health)
 
     AbstractConnection.send_packed_command = counted  # type: ignore[method-assign]
@@ -188,3 +191,21 @@ def test_the_upload_stores_memory_check_is_cached_and_never_refuses_on_a_stale_v
             await r.aclose()
 
     asyncio.run(go())
+
+
+def test_a_stream_refused_for_its_keys_quota_reads_nothing_from_redis(redis_url: str) -> None:
+    """A key at its stream quota that keeps asking for streams costs the gateway a counter check per
+    request, not the job's record, spec and resume reads (four round trips each before)."""
+    with run_gateway(redis_url, api_keys=[KEY_A, KEY_B], quota_streams=1) as base:
+        job = submit(base, KEY_A).json()["job_id"]
+        url = f"{base}/v1/spatial-qa/{job}/events"
+        with httpx.Client(timeout=30) as client, client.stream("GET", url, headers=auth(KEY_A)) as held:
+            assert held.status_code == 200
+            sent: list[bytes] = []
+            with counting_round_trips(sent):
+                for _ in range(5):
+                    assert_quota(client.get(url, headers=auth(KEY_A)), "streams_quota_exceeded")
+            # The hub's own polling for the held stream (and its connections' set-up) is the gateway's, not
+            # the refused requests'.
+            names = [c.split(b"\r\n")[2].upper() for c in sent]
+            assert [n for n in names if n not in (b"XREAD", b"CLIENT", b"HELLO", b"AUTH", b"SELECT", b"PING")] == []

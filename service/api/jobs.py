@@ -101,6 +101,9 @@ async def job_events(
     gw: GatewayState = Depends(state),
 ) -> Response:
     after = parse_event_id(request.headers.get("last-event-id") or last_event_id or "0-0")
+    # Room first: a key at its stream quota (or a full gateway) is refused before any Redis read, so
+    # a tenant repeating refused streams costs the gateway one check, not four round trips each.
+    check_stream_room(gw.hub, caller.tenant)
     await owned_job(gw, job_id, caller)
     if await gw.hub.check_resume(job_id, after) == "ended":
         return Response(status_code=204)
