@@ -153,3 +153,33 @@ def test_remote_fetches_share_one_tls_context(monkeypatch: pytest.MonkeyPatch) -
     # Built at most once per process (earlier tests may have built it already), not once per fetch.
     assert len(made) <= 1, f"{len(made)} TLS contexts for 3 fetches"
     assert media_fetch._tls() is media_fetch._tls()
+
+
+def test_authenticated_routes_make_no_thread_hop(redis_url: str) -> None:
+    """Authentication and the gateway's state are resolved on the event loop: a plain `def` dependency
+    runs in the shared thread pool, one hop each per request, which under load queue behind other
+    tenants' hops and wait for the GIL."""
+    import anyio.to_thread
+    import httpx
+
+    hops: list[str] = []
+    original = anyio.to_thread.run_sync
+
+    async def counted(func, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hops.append(getattr(func, "__name__", repr(func)))
+        return await original(func, *args, **kwargs)
+
+    with run_gateway(redis_url, api_keys=["key-one"]) as base:
+        headers = {"Authorization": "Bearer key-one"}
+        with httpx.Client(base_url=base, headers=headers, timeout=30) as c:
+            job = c.post("/v1/spatial-qa", files={"image": ("a.png", png_bytes(), "image/png")},
+                         data={"question": "<region0>?", "regions": json.dumps([REGION])})
+            assert job.status_code == 202, job.text
+            anyio.to_thread.run_sync = counted  # type: ignore[assignment]
+            try:
+                for _ in range(3):
+                    assert c.get("/v1/models").status_code == 200
+                    assert c.get(f"/v1/spatial-qa/{job.json()['job_id']}").status_code == 200
+            finally:
+                anyio.to_thread.run_sync = original  # type: ignore[assignment]
+    assert hops == []

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.api.deps import authenticate
+from service.api.deps import caller_of
 from service.api.errors import error_body, openai_error_body, status_for
 from service.errors import ApiError
 from service.settings import Settings
@@ -79,7 +79,7 @@ class KeyGate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self._gated(scope.get("path", "")):
             try:
-                authenticate(Request(scope))
+                caller_of(Request(scope))
             except ApiError as e:
                 payload = json.dumps(error_body(e.code, e.message)).encode()
                 await send({"type": "http.response.start", "status": status_for(e.code), "headers": [
