@@ -54,6 +54,9 @@ def answer_before_body(base: str, head: bytes) -> tuple[int, dict[str, str], dic
             if not chunk:
                 break
             body += chunk
+        # And then the server closes: kept alive, it would read and discard the MiBs still to come.
+        assert headers.get("connection") == "close", headers
+        assert s.recv(65536) == b"", "the connection stayed open after an answer to an unread body"
     import json
 
     return int(lines[0].split()[1]), headers, json.loads(body)

@@ -1,5 +1,6 @@
-"""ASGI middleware of the gateway: the request-body cap (enforced while the body streams in), the API-key
-gate of /metrics and the API reference, and the HTTP request metrics."""
+"""ASGI middleware of the gateway: the request-body cap (enforced while the body streams in), closing the
+connection after an answer to an unread body, the API-key gate of /metrics and the API reference, and the
+HTTP request metrics."""
 from __future__ import annotations
 
 import json
@@ -52,6 +53,45 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+class CloseAfterUnreadBody:
+    """A response that starts before its request's body was read to the end (a refusal from the head,
+    e.g. a quota 429 from Content-Length) says `Connection: close`, and the server closes after it.
+    Kept alive, the connection would have the server read and discard the rest of the body to reach the
+    next request: 21 ms of the event loop for a refused 8 MiB upload, per refusal, at the client's pace."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _has_body(scope):
+            return await self.app(scope, receive, send)
+        read_all = False
+
+        async def noting_receive() -> Message:
+            nonlocal read_all
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                read_all = True
+            return message
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not read_all:
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"connection" for name, _ in headers):
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, noting_receive, closing_send)
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope.get("headers", []):
+        if (name == b"content-length" and value.strip() not in (b"", b"0")) or \
+                (name == b"transfer-encoding" and b"chunked" in value.lower()):
+            return True
+    return False
 
 
 class KeyGate:
