@@ -138,6 +138,7 @@ class GatewaySettings(StoreSettings):
     quota_jobs: int = Field(64, ge=1, description="jobs queued or running per key (a quarter of queue_max's default)")
     quota_streams: int = Field(1024, ge=1, description="event streams (SSE, ?wait=true, chat answers) per key, per gateway process (a quarter of sse_max_clients' default)")
     quota_uploads: int = Field(4, ge=1, description="request bodies being received at once per key, per gateway process")
+    quota_upload_mib_s: float = Field(32, ge=0, description="request-body MiB per second per key, per gateway process, after a burst of one second's worth; a key's bodies past it are read more slowly (TCP pushes back), other keys' not at all; 0 = unpaced")
 
     @field_validator("api_keys", "cors_origins", "trusted_proxies", "remote_media_domains", mode="before")
     @classmethod

@@ -223,3 +223,32 @@ def test_scenes_leave_the_uploads_room(redis_url: str) -> None:
 
     with redis_maxmemory(redis_url, lambda used: int(used / 0.5)):  # the store is half full
         asyncio.run(run())
+
+
+def test_a_keys_bodies_are_paced_and_the_other_keys_are_not(redis_url: str) -> None:
+    """SR3D_QUOTA_UPLOAD_MIB_S: past one second's burst, a key's request bodies are read at its rate
+    (no refusal: the client's TCP is pushed back); meanwhile another key's upload goes through at once."""
+    import threading
+
+    mib = 1 << 20
+    with run_gateway(redis_url, api_keys=[KEY_A, KEY_B], quota_upload_mib_s=1) as base:
+        payload = png_bytes() + b"\0" * mib  # one MiB a file: the first fills the burst
+        first_done = threading.Event()
+        a_codes: list[int] = []
+
+        def key_a() -> None:
+            for k in range(5):
+                a_codes.append(upload(base, KEY_A, payload).status_code)
+                first_done.set()
+
+        started = time.monotonic()
+        t = threading.Thread(target=key_a)
+        t.start()
+        assert first_done.wait(30)
+        r = upload(base, KEY_B, payload)
+        assert r.status_code == 200, r.text
+        assert t.is_alive(), "keyB's upload should have finished while keyA's bodies were still being paced"
+        t.join(60)
+        # 5 MiB at 1 MiB/s with a 1 MiB burst: at least 4 s, whatever the machine's speed.
+        assert time.monotonic() - started >= 3.9
+        assert a_codes == [200] * 5

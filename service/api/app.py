@@ -9,7 +9,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from service.api import errors, jobs, openai, ops, page, scene
 from service.api.deps import open_state
-from service.api.middleware import BodySizeLimit, CloseAfterUnreadBody, KeyGate, RequestMetrics
+from service.api.middleware import BodySizeLimit, CloseAfterUnreadBody, KeyGate, PaceBodies, RequestMetrics
 from service.heap import freeze_startup_heap
 from service.settings import GatewaySettings
 
@@ -55,6 +55,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         )
     # Body cap: multipart overhead on top of the media cap (masks, fields, boundaries).
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 1024 * 1024)
+    app.add_middleware(PaceBodies, mib_per_s=settings.quota_upload_mib_s)
     app.add_middleware(CloseAfterUnreadBody)  # outside the cap: its own 413s close too
     app.add_middleware(KeyGate, settings=settings)  # /metrics and the API reference with keys on (middleware.py)
     app.add_middleware(RequestMetrics)

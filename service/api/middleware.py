@@ -14,6 +14,7 @@ from service import metrics
 from service.api.deps import caller_of
 from service.api.errors import error_body, openai_error_body, status_for
 from service.errors import ApiError
+from service.quotas import BodyPacer
 from service.settings import Settings
 
 
@@ -84,6 +85,34 @@ class CloseAfterUnreadBody:
             await send(message)
 
         await self.app(scope, noting_receive, closing_send)
+
+
+class PaceBodies:
+    """Hands a request's body to the app at most at its key's rate (`service.quotas.BodyPacer`,
+    SR3D_QUOTA_UPLOAD_MIB_S). The key is read here from the same headers as the routes read it; a
+    request without a valid key goes on unpaced and the route refuses it before reading its body."""
+
+    def __init__(self, app: ASGIApp, mib_per_s: float) -> None:
+        self.app = app
+        self.pacer = BodyPacer(mib_per_s)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.pacer.rate <= 0 or not _has_body(scope):
+            return await self.app(scope, receive, send)
+        try:
+            tenant = caller_of(Request(scope)).tenant
+        except ApiError:
+            tenant = None
+        if tenant is None:
+            return await self.app(scope, receive, send)
+
+        async def paced_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                await self.pacer.take(tenant, len(message.get("body", b"")))
+            return message
+
+        await self.app(scope, paced_receive, send)
 
 
 def _has_body(scope: Scope) -> bool:
