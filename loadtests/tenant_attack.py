@@ -1,7 +1,7 @@
 """Issue 30's adversarial set, re-run against a real gateway process with two API keys.
 
     python -m loadtests.tenant_attack [--out loadtests/results/tenant_attack.json] [--cycles 4] [--seconds 8]
-                                      [--rate 8] [--attack-period 2] [--pin | --isolate]
+                                      [--rate 8] [--attack-period 2] [--pin | --apart] [--isolate]
 
 Starts redis-server and the gateway (`sr3d gateway` with loadtests/gateway_probe.py's probes; no
 worker: jobs stay queued, which is the worst case for the per-key job and byte quotas) on loopback,
@@ -26,7 +26,8 @@ temp disk (its TMPDIR every 100 ms); per phase keyB's n and p50/p95/p99 overall 
 kind (client side, and server side from the probe), its refusals by code, the event loop's lag,
 where the loop thread was busy, the CPU share of the gateway (and of its loop thread), Redis, keyB
 and this process (keyA), and the 1-minute load average at each window's ends. `--pin` puts the
-gateway alone on CPU 0 and everything this tool starts on the others; `--isolate` runs the gateway,
+gateway alone on CPU 0 and everything this tool starts on the others; `--apart` keyA's client on the upper
+half of the CPUs and the gateway, Redis and keyB on the lower half; `--isolate` runs the gateway,
 Redis and keyB at niceness -10, so that neither keyA's client nor anything else on the machine
 takes their CPU (as if the attacker ran elsewhere): together with the default run they tell the
 gateway's design from the machine's contention. `SR3D_ALLOW_PRIVATE_FETCH` is on only so that the
@@ -433,6 +434,10 @@ def main() -> None:
                          "0 = back to back, a flood bounded only by this process's CPU")
     ap.add_argument("--pin", action="store_true",
                     help="the gateway alone on CPU 0; Redis, keyA, keyB and this tool on the other CPUs")
+    ap.add_argument("--apart", action="store_true",
+                    help="keyA's client (this process) on the upper half of the CPUs, the gateway, Redis and keyB on "
+                         "the lower half: the attacker cannot take the service's CPU, as if it ran on another "
+                         "machine, while keyB shares the gateway's CPUs in both phases alike")
     ap.add_argument("--isolate", action="store_true",
                     help="the gateway, Redis and keyB at niceness -10 (needs root): keyA's client and whatever else "
                          "runs on the machine cannot take their CPU, as if the attacker ran on another machine")
@@ -450,6 +455,10 @@ def main() -> None:
     if args.pin:
         assert ncpu >= 2, "--pin needs 2 CPUs"
         os.sched_setaffinity(0, set(range(1, ncpu)))  # this process; keyB's and the attack's threads inherit it
+    service_cpus, attacker_cpus = set(range(ncpu // 2)), set(range(ncpu // 2, ncpu))
+    if args.apart:
+        assert ncpu >= 2 and not args.pin, "--apart needs 2 CPUs and excludes --pin"
+        os.sched_setaffinity(0, attacker_cpus)
     with tempfile.TemporaryDirectory(prefix="sr3d-attack-") as work:
         tmp = Path(work) / "tmp"
         tmp.mkdir()
@@ -467,6 +476,9 @@ def main() -> None:
             if args.pin:
                 pin(proc.pid, {0})
                 pin(redis_proc.pid, set(range(1, ncpu)))
+            if args.apart:
+                pin(proc.pid, service_cpus)
+                pin(redis_proc.pid, service_cpus)
             if args.isolate:
                 boost(proc.pid)
                 boost(redis_proc.pid)
@@ -479,6 +491,8 @@ def main() -> None:
                 go, out = ctx.Event(), ctx.Queue()
                 p = ctx.Process(target=keyb_probe, args=(base, args.seconds, args.rate, go, out))
                 p.start()
+                if args.apart:
+                    pin(p.pid, service_cpus)
                 if args.isolate:
                     boost(p.pid)
                 stop = threading.Event()
@@ -554,7 +568,7 @@ def main() -> None:
     report = {
         "settings": {"seconds_per_window": args.seconds, "cycles": args.cycles, "rate_rounds_per_s": args.rate,
                      "skipped": sorted(skip), "stack_sampler": not args.no_stacks,
-                     "attack_period_s": args.attack_period, "pinned": args.pin, "isolated": args.isolate,
+                     "attack_period_s": args.attack_period, "pinned": args.pin, "apart": args.apart, "isolated": args.isolate,
                      "quota_env": ENV},
         "requests_tried": sum(tally.status.values()),
         "status_counts": {str(k): v for k, v in sorted(tally.status.items())},
