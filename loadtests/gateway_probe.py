@@ -31,6 +31,7 @@ import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.app import create_app
+from service.heap import freeze_startup_heap
 from service.http_timeouts import uvicorn_config
 from service.logging import setup_logging
 from service.settings import Settings
@@ -167,7 +168,9 @@ def main() -> int:
         # interval (5 ms by default): samples would pile up at syscalls. At 0.5 ms they follow the time spent.
         sys.setswitchinterval(0.0005)
     sink = Sink(os.environ["PROBE_OUT"])
-    config = uvicorn_config(Timing(create_app(settings), sink), settings, settings.host, settings.port,
+    app = create_app(settings)
+    freeze_startup_heap()  # as `sr3d gateway` does
+    config = uvicorn_config(Timing(app, sink), settings, settings.host, settings.port,
                             log_config=None, timeout_graceful_shutdown=10)
     ProbedServer(config, sink, sample_stacks).run()
     return 0

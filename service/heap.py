@@ -7,7 +7,9 @@ collection walked ~90 k of them and took 50-75 ms, and a tenant sending many req
 every ~10 s, stalling every other tenant's requests for that long (loadtests/RESULTS.md, "Two tenants,
 one attacking"). `gc.freeze()` moves everything alive at that point to the permanent generation, so
 later collections walk only what was allocated since. The cost is that start-up objects that become
-garbage in cycles later are never freed: start-up objects live as long as the process.
+garbage in cycles later are never freed: start-up objects live as long as the process. So it is the
+serving commands that freeze (`sr3d gateway`, `sr3d serve`, `sr3d worker`), not `create_app`: a
+process that embeds the app (tests start hundreds) keeps collecting as usual.
 """
 from __future__ import annotations
 

@@ -10,7 +10,6 @@ from fastapi.middleware.cors import CORSMiddleware
 from service.api import errors, jobs, openai, ops, page, scene
 from service.api.deps import open_state
 from service.api.middleware import BodySizeLimit, CloseAfterUnreadBody, KeyGate, PaceBodies, RequestMetrics
-from service.heap import freeze_startup_heap
 from service.settings import GatewaySettings
 
 
@@ -22,7 +21,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_state(settings) as gw:
             app.state.gw = gw
-            freeze_startup_heap()  # everything imported and connected: keep full collections short
             yield
 
     app = FastAPI(

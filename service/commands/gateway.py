@@ -18,13 +18,16 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.api.app import create_app
+    from service.heap import freeze_startup_heap
     from service.http_timeouts import uvicorn_config
     from service.logging import setup_logging
 
     settings = settings_or_exit(GatewaySettings, "gateway")  # worker-only variables are not read
     setup_logging(settings.log_level)
+    app = create_app(settings)
+    freeze_startup_heap()  # everything is imported and the routes built: keep full collections short
     config = uvicorn_config(
-        create_app(settings),
+        app,
         settings,
         args.host or settings.host,
         args.port if args.port is not None else settings.port,
