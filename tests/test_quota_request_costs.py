@@ -157,8 +157,9 @@ def test_a_tenants_requests_take_few_redis_round_trips(redis_url: str) -> None:
     print("redis round trips per keyB request:", trips)
     # Upload: rate limit, one ledger call (check + reserve + prune), the blob's chunk and its rename,
     # the metadata with the exact size. Submit: rate limit, the ledger, 2 per stored blob, the job's
-    # script (queue room included), the bind. The blob store's memory check is cached.
-    assert trips["upload"] <= 5 and trips["submit"] <= 6, trips
+    # script (queue room included), the bind. The blob store's memory check is cached. Cancel: the job's
+    # record and spec in one read, the cancel script, its uploads deleted, the new state.
+    assert trips["upload"] <= 5 and trips["submit"] <= 6 and trips["cancel"] <= 4, trips
 
 
 def test_the_upload_stores_memory_check_is_cached_and_never_refuses_on_a_stale_value(redis_url: str) -> None:

@@ -22,7 +22,7 @@ from service.logging import bind_job
 from service.quotas import Ledger, UploadSlots
 from service.ratelimit import RateLimiter
 from service.redis_conn import EmbeddedRedis, redis_client, resolve_redis_url
-from service.schemas import JobView
+from service.schemas import JobSpec, JobView
 from service.settings import Settings
 from service.stream_hub import StreamHub
 
@@ -148,16 +148,19 @@ async def rate_limited(request: Request, caller: Caller = Depends(authenticate))
 
 
 async def owned_job(gw: GatewayState, job_id: str, caller: Caller) -> JobView:
-    """The job, or 404 when unknown, expired, or not provably the caller's: with API keys on, a job
-    whose spec cannot be read names no owner, so no key sees it."""
+    """The job, or 404 when unknown, expired, or not provably the caller's."""
+    return (await owned_job_and_spec(gw, job_id, caller))[0]
+
+
+async def owned_job_and_spec(gw: GatewayState, job_id: str, caller: Caller) -> tuple[JobView, JobSpec | None]:
+    """The job and its spec (one Redis read), or 404 when unknown, expired, or not provably the
+    caller's: with API keys on, a job whose spec cannot be read names no owner, so no key sees it."""
     if not JOB_ID.match(job_id):
         raise ApiError("job_not_found", f"no job {job_id!r}")
     bind_job(job_id)  # the rest of this request logs with the job's id
-    view = await gw.jobs.get(job_id)
-    if view is not None and caller.key_id is not None:
-        spec = await gw.jobs.get_spec(job_id)
-        if spec is None or spec.api_key_id != caller.key_id:
-            view = None
+    view, spec = await gw.jobs.get_with_spec(job_id)
+    if view is not None and caller.key_id is not None and (spec is None or spec.api_key_id != caller.key_id):
+        view = None
     if view is None:
         raise ApiError("job_not_found", f"no job {job_id!r} (unknown or expired)")
-    return view
+    return view, spec

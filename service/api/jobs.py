@@ -6,7 +6,7 @@ import asyncio
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from service.api.deps import Caller, GatewayState, authenticate, owned_job, rate_limited, state
+from service.api.deps import Caller, GatewayState, authenticate, owned_job, owned_job_and_spec, rate_limited, state
 from service.api.errors import ERROR_RESPONSES
 from service.api.submission import replayed_job, request_hash, store_and_submit, wait_for_terminal
 from service.api.upload import SUBMIT_BODY, parse_submit
@@ -104,10 +104,9 @@ async def job_events(
     # Room first: a key at its stream quota (or a full gateway) is refused before any Redis read, so
     # a tenant repeating refused streams costs the gateway one check, not four round trips each.
     check_stream_room(gw.hub, caller.tenant)
-    await owned_job(gw, job_id, caller)
+    _, spec = await owned_job_and_spec(gw, job_id, caller)
     if await gw.hub.check_resume(job_id, after) == "ended":
         return Response(status_code=204)
-    spec = await gw.jobs.get_spec(job_id)
     cancel = bool(spec and spec.options.cancel_on_disconnect)
     return sse_response(gw.jobs, subscribe(gw.hub, job_id, after, caller.tenant), ping_s=gw.settings.sse_ping_s,
                         cancel_on_disconnect=cancel)

@@ -198,6 +198,6 @@ async def file_meta(gw: GatewayState, caller: Caller, file_id: str) -> dict[str,
 
 async def delete_file(gw: GatewayState, caller: Caller, file_id: str) -> None:
     await file_meta(gw, caller, file_id)
-    await gw.redis.delete(keys.file_key(file_id))
-    await gw.blobs.delete(keys.file_blob(file_id))
-    await gw.ledger.release(caller.tenant, f"file:{file_id}")
+    # Three independent deletes, sent together: one wait for Redis instead of three in a row.
+    await asyncio.gather(gw.redis.delete(keys.file_key(file_id)), gw.blobs.delete(keys.file_blob(file_id)),
+                         gw.ledger.release(caller.tenant, f"file:{file_id}"))

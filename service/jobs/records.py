@@ -155,6 +155,11 @@ class JobRecords:
         """The job's spec; None when unknown, expired or unreadable."""
         return spec_or_none(await self.redis.hget(job_key(job_id), "spec"))
 
+    async def get_with_spec(self, job_id: str) -> tuple[JobView | None, JobSpec | None]:
+        """The record and the spec from one read (the spec is a field of the record's hash)."""
+        h = await self.redis.hgetall(job_key(job_id))
+        return view_of(job_id, h), spec_or_none(h.get("spec"))
+
     async def start(self, job_id: str, consumer: str, now: float) -> Start:
         res = await self._start(keys=[job_key(job_id), events_key(job_id), WAITING], args=[repr(now), consumer])
         if res[0] == "started":

@@ -75,6 +75,10 @@ class Jobs:
     async def get_spec(self, job_id: str) -> JobSpec | None:
         return await self.records.spec(job_id)
 
+    async def get_with_spec(self, job_id: str) -> tuple[JobView | None, JobSpec | None]:
+        """`get` and `get_spec` in one Redis round trip."""
+        return await self.records.get_with_spec(job_id)
+
     async def view_at(self, job_id: str, terminal: Event) -> JobView | None:
         """The job once `terminal` (its terminal event, e.g. from `?wait=true`) is known: what GET
         shows. The record is finished in the same script as the event; one left unfinished by an
