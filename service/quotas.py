@@ -266,7 +266,6 @@ class UploadSlots:
                 del self._open[bucket]
 
 
-
 class BodyPacer:
     """Request-body bytes per key per second in this gateway process. Parsing a body costs the event
     loop for every byte (multipart: 18 ms of CPU per 8 MiB), and one key sending bodies back to back

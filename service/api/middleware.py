@@ -1,6 +1,6 @@
-"""ASGI middleware of the gateway: the request-body cap (enforced while the body streams in), closing the
-connection after an answer to an unread body, the API-key gate of /metrics and the API reference, and the
-HTTP request metrics."""
+"""ASGI middleware of the gateway: the request-body cap (enforced while the body streams in), a key's
+request bodies read at most at its rate, closing the connection after an answer to an unread body, the
+API-key gate of /metrics and the API reference, and the HTTP request metrics."""
 from __future__ import annotations
 
 import json
