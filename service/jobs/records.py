@@ -151,10 +151,6 @@ class JobRecords:
         """The job as GET /v1/spatial-qa/{id} shows it; None if unknown or expired."""
         return view_of(job_id, await self.redis.hgetall(job_key(job_id)))
 
-    async def spec(self, job_id: str) -> JobSpec | None:
-        """The job's spec; None when unknown, expired or unreadable."""
-        return spec_or_none(await self.redis.hget(job_key(job_id), "spec"))
-
     async def get_with_spec(self, job_id: str) -> tuple[JobView | None, JobSpec | None]:
         """The record and the spec from one read (the spec is a field of the record's hash)."""
         h = await self.redis.hgetall(job_key(job_id))

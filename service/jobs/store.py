@@ -72,11 +72,8 @@ class Jobs:
         """The job as GET /v1/spatial-qa/{id} shows it; None if unknown or expired."""
         return await self.records.get(job_id)
 
-    async def get_spec(self, job_id: str) -> JobSpec | None:
-        return await self.records.spec(job_id)
-
     async def get_with_spec(self, job_id: str) -> tuple[JobView | None, JobSpec | None]:
-        """`get` and `get_spec` in one Redis round trip."""
+        """`get` and the job's spec (None when unreadable) in one Redis round trip."""
         return await self.records.get_with_spec(job_id)
 
     async def view_at(self, job_id: str, terminal: Event) -> JobView | None:
