@@ -422,11 +422,21 @@ def test_a_dropped_stream_is_resumed_with_last_event_id(browser: Any, service: s
     page.fill("#question", "What is <region0>?")
     page.click(".options summary")
     page.fill("#opt-max-tokens", "32")
-    with page.expect_request("**/events", timeout=200_000) as resumed:
-        page.click("#ask")
+    resumes: list[Any] = []
+    page.on("request", lambda r: resumes.append(r) if r.url.endswith("/events") else None)
+    page.click("#ask")
+    # First the cut (the first token reached the page), else whatever ended the ask without one.
+    wait_in_page(page, "window.__delivered || document.querySelector('#answer[data-status], #answer[data-notice]')",
+                 "the first token to reach the page", timeout_s=180)
     delivered = page.evaluate("window.__delivered")
+    assert delivered, ("the ask ended before any token event: "
+                       f"{page.get_attribute('#answer', 'data-status')!r} {page.text_content('#answer')!r}")
+    deadline = time.monotonic() + 30  # the page's first retry waits 0.5 s
+    while not resumes:
+        assert time.monotonic() < deadline, "the page did not resume the dropped stream within 30 s"
+        next_frame(page)  # lets Playwright deliver the page's request events
     last_id = [line[4:] for line in delivered.split("\n") if line.startswith("id: ")][-1]
-    assert resumed.value.headers["last-event-id"] == last_id
+    assert resumes[0].headers.get("last-event-id") == last_id
     page.wait_for_selector("#answer[data-status]", timeout=180_000)
     job_id = page.get_attribute("#answer", "data-job-id")
     view = httpx.get(f"{service}/v1/spatial-qa/{job_id}", timeout=10).json()
