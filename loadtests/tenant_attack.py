@@ -59,6 +59,7 @@ import redis as redis_sync
 from PIL import Image
 
 from loadtests.gateway_probe import SAMPLE_S
+from loadtests.tenant_attack_plot import run_figure
 from service.keys import JOBS
 from service.local_stack import Stack, free_port, redis_server_binary, rss_bytes
 
@@ -594,6 +595,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
+        print(run_figure(report, args.out.with_suffix(".png")))
 
 
 if __name__ == "__main__":
