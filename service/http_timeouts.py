@@ -9,7 +9,9 @@ or an upload body were held forever (each stalled upload also holding a spooled 
   when a response completes (keep-alive); if no complete request head arrived by then, the
   connection is closed. Trickling bytes does not extend it.
 * Header bytes (issue 30 item 5): the same protocol counts the bytes of a request head while it is
-  incomplete; past `max_head_bytes` it answers 431 and closes the connection. httptools keeps every
+  incomplete; a read whose bytes pass `max_head_bytes` without the head's end among those allowed is
+  answered 431 before the parser sees it, and the connection is closed (checked after parsing, a
+  head past the limit that arrived whole in one read used to pass). httptools keeps every
   header in memory with no limit of its own (a 32 MiB header got a 200; 20 connections x 50 MiB of
   unfinished header added 750 MB RSS); h11 gets the same bound through h11_max_incomplete_event_size.
 * Bodies: `BodyTimeouts` (ASGI middleware) bounds every wait for the next body chunk (`idle_s`) and
@@ -41,6 +43,18 @@ log = logging.getLogger("sr3d.http")
 DEFAULT_MAX_HEAD_BYTES = 64 * 1024
 
 
+def _ends_head(data: bytes) -> bool:
+    """Whether `data` holds the blank line that ends a request head (CRLF CRLF, or bare LFs)."""
+    return b"\n\r\n" in data or b"\n\n" in data
+
+
+def _head_too_large(max_head_bytes: int) -> bytes:
+    body = json.dumps({"error": {"code": "request_header_too_large",
+                                 "message": f"the request line and headers are over {max_head_bytes} bytes"}}).encode()
+    return (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+            b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
 def header_timeout_protocol(timeout_s: float, base: type[asyncio.Protocol] | None = None,
                             max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class with a request-head deadline of `timeout_s` and a head size
@@ -49,14 +63,16 @@ def header_timeout_protocol(timeout_s: float, base: type[asyncio.Protocol] | Non
         from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
         base = AutoHTTPProtocol
+    HEAD_TOO_LARGE = _head_too_large(max_head_bytes)
 
     class HeaderDeadlineProtocol(base):  # type: ignore[misc, valid-type]
         _header_deadline: asyncio.TimerHandle | None = None
         _head_cycle: Any = None  # the cycle current when the deadline was armed: unchanged = head incomplete
         _head_bytes = 0
+        _head_tail = b""  # the last bytes of the head so far: a blank line may straddle two reads
 
         def _arm_header_deadline(self) -> None:
-            self._head_cycle, self._head_bytes = self.cycle, 0
+            self._head_cycle, self._head_bytes, self._head_tail = self.cycle, 0, b""
             if self._header_deadline is not None:
                 self._header_deadline.cancel()
             # `cycle` is the protocol's current request; a new one means a full head was parsed.
@@ -73,20 +89,24 @@ def header_timeout_protocol(timeout_s: float, base: type[asyncio.Protocol] | Non
             self._arm_header_deadline()
 
         def data_received(self, data: bytes) -> None:
-            counting = self.cycle is self._head_cycle
-            if counting:
+            # `cycle` unchanged since the deadline was armed: this request's head is still incomplete.
+            if self.cycle is self._head_cycle and not self.transport.is_closing():
+                room = max_head_bytes - self._head_bytes
+                # Decided before the parser sees the chunk: a head that does not end within the room left
+                # is refused unparsed (httptools would scan and copy up to 256 KiB of it first), and one that
+                # arrives whole in one read cannot pass the limit. The blank line that ends a head (CRLF or
+                # bare LF) may straddle the previous chunk: its last bytes are searched with this one.
+                if len(data) > room and not _ends_head(self._head_tail + data[:max(room, 0)]):
+                    self._refuse_head()
+                    return
                 self._head_bytes += len(data)
+                self._head_tail = data[-2:]
             super().data_received(data)
-            # Still the same cycle after parsing: the head is not complete yet (a chunk that completes
-            # it may carry body bytes too; those are not held against the head).
-            if counting and self.cycle is self._head_cycle and self._head_bytes > max_head_bytes \
-                    and not self.transport.is_closing():
-                log.info("closing a connection whose request head is over %d bytes", max_head_bytes)
-                body = json.dumps({"error": {"code": "request_header_too_large", "message":
-                                             f"the request line and headers are over {max_head_bytes} bytes"}}).encode()
-                self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-                                     b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-                self.transport.close()
+
+        def _refuse_head(self) -> None:
+            log.info("closing a connection whose request head is over %d bytes", max_head_bytes)
+            self.transport.write(HEAD_TOO_LARGE)
+            self.transport.close()
 
         def on_response_complete(self) -> None:
             self._arm_header_deadline()  # before super(): a pipelined request it starts counts
