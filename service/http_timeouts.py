@@ -92,10 +92,10 @@ def header_timeout_protocol(timeout_s: float, base: type[asyncio.Protocol] | Non
             # `cycle` unchanged since the deadline was armed: this request's head is still incomplete.
             if self.cycle is self._head_cycle and not self.transport.is_closing():
                 room = max_head_bytes - self._head_bytes
-                # Decided before the parser sees the chunk: a head that does not end within the room left
-                # is refused unparsed (httptools would scan and copy up to 256 KiB of it first), and one that
-                # arrives whole in one read cannot pass the limit. The blank line that ends a head (CRLF or
-                # bare LF) may straddle the previous chunk: its last bytes are searched with this one.
+                # Decided before the parser sees the chunk, so a head that arrives whole in one read cannot
+                # pass the limit: one that does not end within the room left is refused unparsed. The blank
+                # line that ends a head (CRLF or bare LF) may straddle the previous chunk: its last bytes
+                # are searched with this one.
                 if len(data) > room and not _ends_head(self._head_tail + data[:max(room, 0)]):
                     self._refuse_head()
                     return
