@@ -37,6 +37,7 @@ BENCH_TESTS = {
     "test_throughput_levers.py",  # runs loadtests/depth_error.py and quant_error.py and bounds their errors
     "test_hardening_memory.py",  # runs loadtests/mem_peak.py and bounds the peaks it measures
     "test_geometry_pose_recovery.py",  # runs loadtests/eval_pose_recovery.py on the TUM frames
+    "test_tenant_attack_plot.py",  # loadtests/tenant_attack_plot.py, the tenant_attack tool's figures
 }
 # Packages whose import graph must have no cycle.
 PACKAGES = ("model", "service", "loadtests", "tests")
