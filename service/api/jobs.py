@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from service.api.deps import Caller, GatewayState, authenticate, owned_job, owned_job_and_spec, rate_limited, state
 from service.api.errors import ERROR_RESPONSES
 from service.api.submission import replayed_job, request_hash, store_and_submit, wait_for_terminal
-from service.api.upload import SUBMIT_BODY, parse_submit
+from service.api.upload import SUBMIT_BODY, closing_form, parse_submit
 from service.errors import ApiError
 from service.quotas import declared_length, files_size
 from service.schemas import JobStatus, JobView, SubmitResponse
@@ -43,7 +43,8 @@ async def submit(
     # Per-key quotas (service/quotas.py): jobs in flight and bytes held, reserved before storing; against
     # the body's Content-Length before it is read (not for an Idempotency-Key: a replay needs no room).
     declared = None if idem is not None else declared_length(request.headers)
-    async with gw.ledger.job_slot(caller.tenant) as slot:
+    # The uploads' temp files are closed once stored (or refused), not when the stream below ends.
+    async with gw.ledger.job_slot(caller.tenant) as slot, closing_form(request):
         with gw.uploads.hold(caller.tenant):  # per-key bodies in flight (SR3D_QUOTA_UPLOADS)
             if declared is not None:
                 await slot.reserve(declared, declared=True)

@@ -63,6 +63,7 @@ from service.api.openai_schemas import (
     inline_schema,
 )
 from service.api.submission import Submission, check_fields, replayed_job, store_and_submit, wait_for_terminal
+from service.api.upload import closing_form
 from service import metrics
 from service.errors import ApiError
 from service.quotas import declared_length
@@ -161,27 +162,29 @@ async def upload_file(request: Request, caller: Caller = Depends(rate_limited), 
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise OpenAIError("unsupported_media_type", "send multipart/form-data with `file` and `purpose`")
     file_id, reserved = new_file_id(), False
-    try:
-        with gw.uploads.hold(caller.tenant):  # per-key bodies in flight (SR3D_QUOTA_UPLOADS)
-            # The key's quotas against the body's Content-Length before it is read: an upload past them
-            # is answered before its bytes arrive (service/quotas.py).
-            declared = declared_length(request.headers)
-            if declared is not None:
-                reserved = await reserve_declared(gw, caller, file_id, declared)
-            form = await request.form(max_files=1, max_fields=1, max_part_size=1024)
-        unknown = set(form.keys()) - {"file", "purpose"}
-        if unknown:
-            raise OpenAIError("unsupported_parameter", f"unsupported fields {sorted(unknown)}", param=sorted(unknown)[0])
-        upload, purpose = form.get("file"), form.get("purpose")
-        if upload is None or isinstance(upload, str):
-            raise OpenAIError("invalid_parameter", "a `file` part is required", param="file")
-        if purpose not in FILE_PURPOSES:
-            raise OpenAIError("invalid_parameter", f"purpose must be one of {list(FILE_PURPOSES)}", param="purpose")
-    except BaseException:
-        if reserved:
-            await gw.ledger.release(caller.tenant, f"file:{file_id}")
-        raise
-    return FileObject.model_validate(await store_file(gw, caller, upload, str(purpose), file_id, reserved))
+    async with closing_form(request):  # the upload's temp file, closed once stored or refused
+        try:
+            with gw.uploads.hold(caller.tenant):  # per-key bodies in flight (SR3D_QUOTA_UPLOADS)
+                # The key's quotas against the body's Content-Length before it is read: an upload past them
+                # is answered before its bytes arrive (service/quotas.py).
+                declared = declared_length(request.headers)
+                if declared is not None:
+                    reserved = await reserve_declared(gw, caller, file_id, declared)
+                form = await request.form(max_files=1, max_fields=1, max_part_size=1024)
+            unknown = set(form.keys()) - {"file", "purpose"}
+            if unknown:
+                raise OpenAIError("unsupported_parameter", f"unsupported fields {sorted(unknown)}",
+                                  param=sorted(unknown)[0])
+            upload, purpose = form.get("file"), form.get("purpose")
+            if upload is None or isinstance(upload, str):
+                raise OpenAIError("invalid_parameter", "a `file` part is required", param="file")
+            if purpose not in FILE_PURPOSES:
+                raise OpenAIError("invalid_parameter", f"purpose must be one of {list(FILE_PURPOSES)}", param="purpose")
+        except BaseException:
+            if reserved:
+                await gw.ledger.release(caller.tenant, f"file:{file_id}")
+            raise
+        return FileObject.model_validate(await store_file(gw, caller, upload, str(purpose), file_id, reserved))
 
 
 @router.get("/files/{file_id}", response_model=FileObject, summary="An uploaded file's metadata")

@@ -4,6 +4,8 @@ file types by extension AND content) before anything is stored (storing: service
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Request
@@ -64,8 +66,20 @@ async def _check_type(upload: UploadFile, part: str, allowed_ext: frozenset[str]
                        f"(extension and content must agree; content looks like {family or 'unknown'})")
 
 
+@asynccontextmanager
+async def closing_form(request: Request) -> AsyncIterator[None]:
+    """Closes the form `request.form()` parsed (its uploads' spooled temp files) when the block ends.
+    FastAPI closes only forms it parsed for declared parameters; left to the request object, a streamed
+    submit's media file stayed open on temp disk for as long as the job's event stream lasted."""
+    try:
+        yield
+    finally:
+        await request.close()
+
+
 async def parse_submit(request: Request, settings: Settings) -> Submission:
-    """The multipart request as a checked Submission (its files are the uploads' spooled files)."""
+    """The multipart request as a checked Submission (its files are the uploads' spooled files: read
+    them inside the caller's `closing_form(request)`)."""
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         raise ApiError("unsupported_media_type", "send multipart/form-data (video or image, question, regions, ...)")
