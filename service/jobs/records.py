@@ -12,7 +12,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from service.jobs.events import Event, entry_fields, event_from_entry
-from service.jobs.view import spec_or_none, view_of
+from service.jobs.view import view_and_spec, view_of
 from service.jobs.work_queue import QueueFull
 from service.keys import JOBS, OUTSTANDING, WAITING, events_key, idem_key, job_key
 from service.schemas import JobSpec, JobView
@@ -153,8 +153,7 @@ class JobRecords:
 
     async def get_with_spec(self, job_id: str) -> tuple[JobView | None, JobSpec | None]:
         """The record and the spec from one read (the spec is a field of the record's hash)."""
-        h = await self.redis.hgetall(job_key(job_id))
-        return view_of(job_id, h), spec_or_none(h.get("spec"))
+        return view_and_spec(job_id, await self.redis.hgetall(job_key(job_id)))
 
     async def start(self, job_id: str, consumer: str, now: float) -> Start:
         res = await self._start(keys=[job_key(job_id), events_key(job_id), WAITING], args=[repr(now), consumer])

@@ -62,8 +62,14 @@ def spec_or_none(raw: str | None) -> JobSpec | None:
 
 def view_of(job_id: str, h: dict[str, str]) -> JobView | None:
     """The record as GET shows it; None for a missing (expired) or half-written hash."""
+    return view_and_spec(job_id, h)[0]
+
+
+def view_and_spec(job_id: str, h: dict[str, str]) -> tuple[JobView | None, JobSpec | None]:
+    """`view_of` and the job's spec (None when unreadable), the spec parsed once for both; (None, None)
+    for a missing or half-written hash."""
     if not h or "status" not in h:
-        return None
+        return None, None
     spec = spec_or_none(h.get("spec"))
     return JobView(
         job_id=job_id,
@@ -85,4 +91,4 @@ def view_of(job_id: str, h: dict[str, str]) -> JobView | None:
         finished_at=float(h["finished_at"]) if h.get("finished_at") else None,
         attempts=int(h.get("attempts", 0)),
         cancel_requested=h.get("cancel") == "1",
-    )
+    ), spec
